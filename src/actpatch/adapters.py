@@ -1,0 +1,154 @@
+"""Architecture adapters: where a model keeps its blocks, heads and projections.
+
+One short declarative ``Architecture`` per model family says where the block list, the attention
+output projection (whose *input* holds the per-head outputs), the MLP and the final norm live,
+and how to read n_heads and d_head from the config. Everything else in actpatch is
+architecture-agnostic and talks to a bound ``Adapter``::
+
+    adapter = get_adapter(model)            # picks the Architecture from config.model_type
+    adapter.attn_out(5)                     # the o_proj / c_proj module of layer 5
+    adapter.head_weights(5)                 # W_O split per head, (H, Dh, D)
+
+Unknown architectures raise ``UnsupportedArchitectureError`` listing the supported ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from .errors import UnsupportedArchitectureError
+
+
+def _attr_path(root: nn.Module, path: str) -> nn.Module:
+    """Follow a dotted attribute path such as ``"transformer.h"``."""
+    obj = root
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _d_head(config) -> int:
+    # Gemma 3 has head_dim 256 != d_model / n_heads, so the config's head_dim wins when present.
+    head_dim = getattr(config, "head_dim", None)
+    return int(head_dim) if head_dim else config.hidden_size // config.num_attention_heads
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Where one model family keeps its parts (paths are relative to the *CausalLM* model)."""
+
+    name: str
+    model_types: tuple[str, ...]
+    blocks: str                 # the ModuleList of decoder blocks
+    attn_out: str               # attention output projection, relative to a block (its input = heads)
+    mlp: str                    # MLP module, relative to a block
+    n_heads: Callable[[object], int]
+    d_head: Callable[[object], int]
+    conv1d: bool = False        # GPT-2's Conv1D stores W as (in, out) instead of Linear's (out, in)
+
+
+ARCHITECTURES: tuple[Architecture, ...] = (
+    Architecture(
+        name="gpt2", model_types=("gpt2",), blocks="transformer.h", attn_out="attn.c_proj",
+        mlp="mlp", n_heads=lambda c: c.n_head, d_head=lambda c: c.n_embd // c.n_head, conv1d=True,
+    ),
+    Architecture(
+        name="llama", model_types=("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2"),
+        blocks="model.layers", attn_out="self_attn.o_proj", mlp="mlp",
+        n_heads=lambda c: c.num_attention_heads, d_head=_d_head,
+    ),
+    Architecture(
+        name="gemma", model_types=("gemma", "gemma2", "gemma3", "gemma3_text"),
+        blocks="model.layers", attn_out="self_attn.o_proj", mlp="mlp",
+        n_heads=lambda c: c.num_attention_heads, d_head=_d_head,
+    ),
+    Architecture(
+        name="gpt_neox", model_types=("gpt_neox",), blocks="gpt_neox.layers",
+        attn_out="attention.dense", mlp="mlp",
+        n_heads=lambda c: c.num_attention_heads, d_head=lambda c: c.hidden_size // c.num_attention_heads,
+    ),
+    Architecture(
+        name="gpt_neo", model_types=("gpt_neo",), blocks="transformer.h",
+        attn_out="attn.attention.out_proj", mlp="mlp",
+        n_heads=lambda c: c.num_heads, d_head=lambda c: c.hidden_size // c.num_heads,
+    ),
+)
+
+
+def supported_model_types() -> tuple[str, ...]:
+    """Every ``config.model_type`` that has an adapter."""
+    return tuple(t for arch in ARCHITECTURES for t in arch.model_types)
+
+
+class Adapter:
+    """An ``Architecture`` bound to one loaded model, with its dimensions read and checked."""
+
+    def __init__(self, model: nn.Module, arch: Architecture) -> None:
+        self.model = model
+        self.arch = arch
+        config = model.config
+        self.blocks: nn.ModuleList = _attr_path(model, arch.blocks)
+        self.n_layers = len(self.blocks)
+        self.n_heads = int(arch.n_heads(config))
+        self.d_head = int(arch.d_head(config))
+        in_features = self._in_features(self.attn_out(0))
+        if in_features != self.n_heads * self.d_head:
+            raise UnsupportedArchitectureError(
+                f"{arch.name} adapter: expected the attention output projection to take n_heads * d_head = "
+                f"{self.n_heads} * {self.d_head} = {self.n_heads * self.d_head} features, got {in_features}. "
+                "The config does not describe this checkpoint; please report the model id."
+            )
+
+    def _in_features(self, proj: nn.Module) -> int:
+        return proj.weight.shape[0] if self.arch.conv1d else proj.weight.shape[1]
+
+    def block(self, layer: int) -> nn.Module:
+        return self.blocks[layer]
+
+    def attn_out(self, layer: int) -> nn.Module:
+        """The attention output projection of ``layer``; its forward input is the concatenated heads."""
+        return _attr_path(self.blocks[layer], self.arch.attn_out)
+
+    def mlp(self, layer: int) -> nn.Module:
+        return _attr_path(self.blocks[layer], self.arch.mlp)
+
+    def head_weights(self, layer: int) -> Float[Tensor, "head d_head d_model"]:
+        """W_O split per head, so that o_proj(z) = sum_h z_h @ W_O[h] + b_O."""
+        weight = self.attn_out(layer).weight
+        w_in_out = weight if self.arch.conv1d else weight.T  # (H*Dh, D)
+        return w_in_out.reshape(self.n_heads, self.d_head, -1)  # (H, Dh, D)
+
+    def head_bias(self, layer: int) -> Float[Tensor, "d_model"] | None:
+        return self.attn_out(layer).bias
+
+    def unembed(self, hidden: Float[Tensor, "batch d_model"]) -> Float[Tensor, "batch vocab"]:
+        """Final-normed hidden states -> logits, including Gemma-style final logit soft-capping."""
+        logits = self.model.get_output_embeddings()(hidden)
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "architecture": self.arch.name, "model_type": self.model.config.model_type,
+            "n_layers": self.n_layers, "n_heads": self.n_heads, "d_head": self.d_head,
+            "attn_out": f"{self.arch.blocks}[i].{self.arch.attn_out}",
+        }
+
+
+def get_adapter(model: nn.Module) -> Adapter:
+    """Bind the matching ``Architecture`` to ``model`` (a HF *ForCausalLM)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    for arch in ARCHITECTURES:
+        if model_type in arch.model_types:
+            return Adapter(model, arch)
+    raise UnsupportedArchitectureError(
+        f"no adapter for model_type {model_type!r}; supported: {', '.join(supported_model_types())}. "
+        "Add an Architecture entry to actpatch/adapters.py (blocks, attn_out, mlp, n_heads, d_head)."
+    )

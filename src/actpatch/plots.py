@@ -1,0 +1,79 @@
+"""Figures from an ``IOIResult`` (plots only read results; matplotlib with the Agg backend).
+
+    fig = plot_layers(result)          # hidden-state vs all-heads logit difference per layer
+    fig = plot_heads(result, "abc")    # layer x head heatmap of the single-head sweep
+    save_plots(result, "runs/demo")    # writes layers.png and heads_<design>.png
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .results import IOIResult  # noqa: E402
+
+STYLES = {
+    ("hidden", "all"): dict(color="tab:blue", ls="-", marker="o", label="hidden state, all positions"),
+    ("hidden", "last"): dict(color="tab:blue", ls="--", marker="s", label="hidden state, END only"),
+    ("all_heads", "all"): dict(color="tab:red", ls="-", marker="o", label="all heads of the layer, all positions"),
+    ("all_heads", "last"): dict(color="tab:red", ls="--", marker="s", label="all heads of the layer, END only"),
+}
+
+
+def plot_layers(result: IOIResult) -> plt.Figure:
+    """One panel per donor design: mean logit difference after each layer's patch."""
+    designs = result.designs
+    fig, axes = plt.subplots(1, len(designs), figsize=(6.5 * len(designs), 4.2), squeeze=False, sharey=True)
+    df = result.to_dataframe()
+    for ax, design in zip(axes[0], designs):
+        base = result.baseline["designs"][design]
+        for (experiment, position), style in STYLES.items():
+            sel = df[(df.design == design) & (df.experiment == experiment) & (df.position == position)].sort_values("layer")
+            ax.plot(sel.layer, sel.logit_diff, markersize=3, lw=1.4, **style)
+        ax.axhline(base["recipient"]["mean_logit_diff"], color="green", lw=1, ls=":", label="recipient (unpatched)")
+        ax.axhline(base["donor"]["mean_logit_diff"], color="black", lw=1, ls=":", label="donor")
+        ax.axhline(0, color="grey", lw=0.6)
+        ax.set_title(f"donor design: {design}  (n={int(result.baseline['n_pairs'])} pairs)")
+        ax.set_xlabel("layer")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("mean logit(IO) - logit(S) after patching")
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.suptitle(f"{result.model.get('model_id')}: hidden-state vs attention-head patching (below 0 = answer flipped)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_heads(result: IOIResult, design: str, metric: str = "delta_logit_diff") -> plt.Figure:
+    """Heatmap of the single-head sweep: change in logit difference per (layer, head)."""
+    grid = result.head_grid(design, metric)
+    lim = float(np.nanmax(np.abs(grid.values))) or 1.0
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * result.n_heads + 2), max(3.0, 0.22 * len(grid.layers) + 1.5)))
+    im = ax.imshow(grid.values, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
+    ax.set_yticks(range(len(grid.layers)), [str(L) for L in grid.layers], fontsize=7)
+    ax.set_xticks(range(result.n_heads), [str(h) for h in range(result.n_heads)], fontsize=7)
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    fig.colorbar(im, ax=ax, label="Δ logit diff (patched - recipient)")
+    ax.set_title(f"single-head patching, all positions, donor: {design}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def save_plots(result: IOIResult, out_dir: str | Path) -> list[Path]:
+    """Write every figure as PNG into ``out_dir``; returns the paths."""
+    out = Path(out_dir)
+    paths = []
+    figures = [("layers.png", plot_layers(result))]
+    for design in result.designs:
+        if any(c["experiment"] == "head" and c["design"] == design for c in result.cells):
+            figures.append((f"heads_{design}.png", plot_heads(result, design)))
+    for name, fig in figures:
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+        paths.append(out / name)
+    return paths

@@ -1,0 +1,136 @@
+"""The result of an IOI patching run: a dataclass with named axes, saved as JSON + CSV.
+
+    result.to_dataframe()                    # one row per cell: experiment, design, layer, head, position, ...
+    result.head_grid("abc")                  # HeadGrid(values (layer, head), layers, metric)
+    result.save("runs/x"); IOIResult.load("runs/x")
+
+``results.json`` has the top-level keys ``baseline``, ``layers`` (one record per layer),
+``heads`` (the layer x head grid per design), ``sanity``, ``config``, plus ``model``,
+``environment`` and ``examples``; ``results.csv`` has every cell. Writes are atomic (temp file +
+rename), so an interrupted save never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+CELL_COLUMNS = [
+    "experiment", "design", "layer", "head", "position", "depth", "logit_diff", "delta_logit_diff",
+    "normalised_effect", "flip_rate", "p_io", "p_s", "n_pairs",
+]
+LAYER_METRICS = ("logit_diff", "normalised_effect", "flip_rate", "p_io")
+
+
+@dataclass(frozen=True)
+class HeadGrid:
+    """A metric over (layer, head); ``layers`` labels the rows (a sweep may cover a subset)."""
+
+    values: np.ndarray
+    layers: tuple[int, ...]
+    metric: str
+    axes: tuple[str, str] = ("layer", "head")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class IOIResult:
+    config: dict
+    model: dict
+    environment: dict
+    baseline: dict
+    cells: list[dict]
+    sanity: dict
+    n_layers: int
+    n_heads: int
+    layers: list[int]
+    examples: list[dict] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        """True when every sanity check passed."""
+        return all(check["passed"] for check in self.sanity.values())
+
+    @property
+    def designs(self) -> list[str]:
+        return list(self.baseline["designs"])
+
+    def to_dataframe(self) -> pd.DataFrame:
+        df = pd.DataFrame(self.cells, columns=CELL_COLUMNS)
+        return df.astype({"head": "Int64"})
+
+    def head_grid(self, design: str, metric: str = "delta_logit_diff") -> HeadGrid:
+        """The single-head sweep of ``design`` as a (layer, head) array of ``metric``."""
+        grid = np.full((len(self.layers), self.n_heads), np.nan)
+        row = {L: i for i, L in enumerate(self.layers)}
+        for c in self.cells:
+            if c["experiment"] == "head" and c["design"] == design:
+                grid[row[c["layer"]], c["head"]] = c[metric]
+        return HeadGrid(grid, tuple(self.layers), metric)
+
+    def layer_records(self) -> list[dict]:
+        """One record per swept layer: hidden-state and all-heads effects per design and position."""
+        records = {L: {"layer": L, "depth": L / self.n_layers, "hidden": {}, "all_heads": {}} for L in self.layers}
+        for c in self.cells:
+            if c["experiment"] in ("hidden", "all_heads"):
+                by_pos = records[c["layer"]][c["experiment"]].setdefault(c["design"], {})
+                by_pos[c["position"]] = {m: c[m] for m in LAYER_METRICS}
+        return list(records.values())
+
+    def top_heads(self, design: str, k: int = 10) -> list[dict]:
+        """The ``k`` heads whose patch moves the logit difference most (largest |delta|)."""
+        heads = [c for c in self.cells if c["experiment"] == "head" and c["design"] == design]
+        return sorted(heads, key=lambda c: -abs(c["delta_logit_diff"]))[:k]
+
+    def to_json(self) -> dict:
+        heads = {
+            "position": "all", "layers": self.layers, "n_heads": self.n_heads,
+            "designs": {
+                d: {m: self.head_grid(d, m).values.tolist() for m in ("logit_diff", "delta_logit_diff", "normalised_effect")}
+                for d in self.designs if any(c["experiment"] == "head" and c["design"] == d for c in self.cells)
+            },
+        }
+        return {
+            "baseline": self.baseline, "layers": self.layer_records(), "heads": heads, "sanity": self.sanity,
+            "config": self.config, "model": self.model, "environment": self.environment,
+            "examples": self.examples, "n_layers": self.n_layers, "n_heads": self.n_heads,
+        }
+
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        """Write ``results.json`` and ``results.csv`` into ``out_dir`` (created if needed)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        _atomic_write(out / "results.json", json.dumps(self.to_json(), indent=2, allow_nan=True) + "\n")
+        _atomic_write(out / "results.csv", self.to_dataframe().to_csv(index=False))
+        return out
+
+    @classmethod
+    def load(cls, out_dir: str | os.PathLike) -> "IOIResult":
+        out = Path(out_dir)
+        data = json.loads((out / "results.json").read_text(encoding="utf-8"))
+        df = pd.read_csv(out / "results.csv").astype({"head": "Int64"})
+        cells = [{k: (None if pd.isna(v) else v) for k, v in row.items()} for row in df.to_dict("records")]
+        for c in cells:
+            c["layer"] = int(c["layer"])
+            c["head"] = None if c["head"] is None else int(c["head"])
+        return cls(
+            config=data["config"], model=data["model"], environment=data["environment"], baseline=data["baseline"],
+            cells=cells, sanity=data["sanity"], n_layers=data["n_layers"], n_heads=data["n_heads"],
+            layers=data["heads"]["layers"], examples=data.get("examples", []),
+        )

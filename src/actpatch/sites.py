@@ -1,0 +1,149 @@
+"""Patch sites: small frozen dataclasses naming *where* an activation is read or overwritten.
+
+    HiddenSite(layer=10)                  # block output (residual stream after layer 10), all positions
+    HeadSite(layer=9, head=6, pos="END")  # head 9.6's output (o_proj input) at the final token
+    HeadSite(layer=9)                     # all heads of layer 9
+    MlpOutSite(layer=3, pos=-1)           # MLP output at the last real token
+
+A position is ``None`` (all positions), an int (an index into the real tokens; negative counts from
+the last real token, so -1 is END) or a named IOI position ("IO", "S1", "S1+1", "S2", "END";
+"last" is an alias of "END"). Sites only describe; ``Adapter`` says which module each one hooks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Union
+
+import torch
+from jaxtyping import Int
+from torch import Tensor, nn
+
+from .adapters import Adapter
+from .errors import SiteError
+
+Position = Union[None, int, str]
+POSITION_ALIASES = {"last": "END"}
+
+
+def _check_layer(layer: int, adapter: Adapter) -> None:
+    if not isinstance(layer, int) or not 0 <= layer < adapter.n_layers:
+        raise SiteError(f"layer must be an int in [0, {adapter.n_layers - 1}] for this model, got {layer!r}")
+
+
+@dataclass(frozen=True)
+class _Site:
+    layer: int
+    pos: Position = None
+
+    kind = "abstract"
+    reads_input = False  # True: the site is the module's *input* (forward pre-hook)
+
+    def module(self, adapter: Adapter) -> nn.Module:
+        raise NotImplementedError
+
+    def validate(self, adapter: Adapter) -> None:
+        _check_layer(self.layer, adapter)
+        if not (self.pos is None or isinstance(self.pos, (int, str))) or isinstance(self.pos, bool):
+            raise SiteError(f"pos must be None, an int or a position name, got {self.pos!r}")
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """What a cache stores for this site: one full activation per (kind, layer)."""
+        return (self.kind, self.layer)
+
+
+@dataclass(frozen=True)
+class HiddenSite(_Site):
+    """Output of block ``layer``: the whole residual stream after that layer."""
+
+    kind = "hidden"
+
+    def module(self, adapter: Adapter) -> nn.Module:
+        return adapter.block(self.layer)
+
+
+@dataclass(frozen=True)
+class AttnOutSite(_Site):
+    """Output of the attention output projection (all heads mixed by W_O, plus b_O)."""
+
+    kind = "attn"
+
+    def module(self, adapter: Adapter) -> nn.Module:
+        return adapter.attn_out(self.layer)
+
+
+@dataclass(frozen=True)
+class MlpOutSite(_Site):
+    """Output of the MLP of block ``layer``."""
+
+    kind = "mlp"
+
+    def module(self, adapter: Adapter) -> nn.Module:
+        return adapter.mlp(self.layer)
+
+
+@dataclass(frozen=True)
+class HeadSite(_Site):
+    """Per-head outputs: the attention output projection's input viewed as (B, T, H, Dh).
+
+    ``head`` is one head index, a tuple of them, or None for every head of the layer.
+    """
+
+    head: int | tuple[int, ...] | None = None
+
+    kind = "head"
+    reads_input = True
+
+    def __init__(self, layer: int, head: int | tuple[int, ...] | None = None, pos: Position = None) -> None:
+        object.__setattr__(self, "layer", layer)
+        object.__setattr__(self, "pos", pos)
+        if isinstance(head, (list, range)):
+            head = tuple(head)
+        object.__setattr__(self, "head", head)
+
+    def module(self, adapter: Adapter) -> nn.Module:
+        return adapter.attn_out(self.layer)
+
+    def heads(self, adapter: Adapter) -> tuple[int, ...]:
+        if self.head is None:
+            return tuple(range(adapter.n_heads))
+        return (self.head,) if isinstance(self.head, int) else tuple(self.head)
+
+    def validate(self, adapter: Adapter) -> None:
+        super().validate(adapter)
+        heads = self.heads(adapter)
+        bad = [h for h in heads if not isinstance(h, int) or isinstance(h, bool) or not 0 <= h < adapter.n_heads]
+        if bad or not heads:
+            raise SiteError(
+                f"head must be an int in [0, {adapter.n_heads - 1}] (or a tuple of them) for layer {self.layer}, got {self.head!r}"
+            )
+
+
+Site = Union[HiddenSite, AttnOutSite, MlpOutSite, HeadSite]
+
+
+def resolve_pos(
+    pos: Position,
+    positions: Mapping[str, Int[Tensor, "batch"]],
+    lengths: Int[Tensor, "batch"],
+) -> Int[Tensor, "batch"] | None:
+    """Per-row token index of ``pos`` (None = all positions); ``lengths`` are the real token counts."""
+    if pos is None:
+        return None
+    if isinstance(pos, str):
+        name = POSITION_ALIASES.get(pos, pos)
+        if name not in positions:
+            raise SiteError(
+                f"position {pos!r} is not known for this batch; available: {', '.join(sorted(positions))}, "
+                "an int index, or None for all positions"
+            )
+        return positions[name]
+    idx = torch.as_tensor(pos, device=lengths.device).expand_as(lengths)
+    idx = torch.where(idx < 0, lengths + idx, idx)
+    if bool(((idx < 0) | (idx >= lengths)).any()):
+        raise SiteError(
+            f"position {pos} is outside the prompt for some pair (real lengths {int(lengths.min())}-{int(lengths.max())}); "
+            "use an index valid for every pair, a negative index from the end, or a named position"
+        )
+    return idx

