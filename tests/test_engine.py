@@ -127,7 +127,10 @@ def test_batched_variants_equal_one_at_a_time(tiny_lm, batch, donor):
     batched = patch_variants(tiny_lm, batch, cache, variants, scores)["logit_diff"]
     one_by_one = patch_variants(tiny_lm, batch, cache, variants, scores, max_rows=1)["logit_diff"]
     chunked = patch_variants(tiny_lm, batch, cache, variants, scores, max_rows=3 * len(batch))["logit_diff"]
+    reference = torch.stack([  # one plain full forward pass per variant: the simple path
+        scores(run_chunk(tiny_lm, batch, cache, [v]))["logit_diff"][0] for v in variants])
     assert batched.shape == (len(variants), len(batch))
+    torch.testing.assert_close(batched, reference, rtol=BATCH_RTOL, atol=BATCH_ATOL)
     torch.testing.assert_close(batched, one_by_one, rtol=BATCH_RTOL, atol=BATCH_ATOL)
     torch.testing.assert_close(chunked, one_by_one, rtol=BATCH_RTOL, atol=BATCH_ATOL)
 

@@ -25,7 +25,8 @@ def test_result_structure(result, tiny_lm):
     a = tiny_lm.adapter
     assert result.passed, result.sanity
     expected_checks = {"hooks_transparent", "self_patch_identity", "head_patch_exact", "hidden_patch_reproduces_donor",
-                       "head_decomposition", "end_logits_match_full_forward", "no_hooks_left"}
+                       "head_decomposition", "end_logits_match_full_forward", "fast_path_matches_reference",
+                       "no_hooks_left"}
     assert set(result.sanity) == expected_checks
     df = result.to_dataframe()
     # per design: 2 experiments x 2 positions per layer + one cell per head

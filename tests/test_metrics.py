@@ -23,7 +23,7 @@ def test_logit_diff_broadcasts_over_variants():
     ld = logit_diff(stacked, IO, S)
     assert ld.shape == (2, 2)
     assert torch.equal(ld[0], torch.tensor([2.0, -1.5]))
-    assert torch.equal(ld[1], torch.tensor([0.0 - 1.0, 0.5 - 1.0]))
+    assert torch.equal(ld[1], torch.tensor([1.0 - 3.0, 2.5 - 1.0]))  # flipped rows: [-1, 1, 3, 0], [0.5, 2.5, 1, 0]
 
 
 def test_probabilities_match_hand_softmax():

@@ -47,6 +47,7 @@ class Architecture:
     blocks: str                 # the ModuleList of decoder blocks
     attn_out: str               # attention output projection, relative to a block (its input = heads)
     mlp: str                    # MLP module, relative to a block
+    final_norm: str             # norm applied after the last block (before the LM head)
     n_heads: Callable[[object], int]
     d_head: Callable[[object], int]
     conv1d: bool = False        # GPT-2's Conv1D stores W as (in, out) instead of Linear's (out, in)
@@ -55,26 +56,26 @@ class Architecture:
 ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture(
         name="gpt2", model_types=("gpt2",), blocks="transformer.h", attn_out="attn.c_proj",
-        mlp="mlp", n_heads=lambda c: c.n_head, d_head=lambda c: c.n_embd // c.n_head, conv1d=True,
+        mlp="mlp", final_norm="transformer.ln_f", n_heads=lambda c: c.n_head, d_head=lambda c: c.n_embd // c.n_head, conv1d=True,
     ),
     Architecture(
         name="llama", model_types=("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2"),
-        blocks="model.layers", attn_out="self_attn.o_proj", mlp="mlp",
+        blocks="model.layers", attn_out="self_attn.o_proj", mlp="mlp", final_norm="model.norm",
         n_heads=lambda c: c.num_attention_heads, d_head=_d_head,
     ),
     Architecture(
         name="gemma", model_types=("gemma", "gemma2", "gemma3", "gemma3_text"),
-        blocks="model.layers", attn_out="self_attn.o_proj", mlp="mlp",
+        blocks="model.layers", attn_out="self_attn.o_proj", mlp="mlp", final_norm="model.norm",
         n_heads=lambda c: c.num_attention_heads, d_head=_d_head,
     ),
     Architecture(
         name="gpt_neox", model_types=("gpt_neox",), blocks="gpt_neox.layers",
-        attn_out="attention.dense", mlp="mlp",
+        attn_out="attention.dense", mlp="mlp", final_norm="gpt_neox.final_layer_norm",
         n_heads=lambda c: c.num_attention_heads, d_head=lambda c: c.hidden_size // c.num_attention_heads,
     ),
     Architecture(
         name="gpt_neo", model_types=("gpt_neo",), blocks="transformer.h",
-        attn_out="attn.attention.out_proj", mlp="mlp",
+        attn_out="attn.attention.out_proj", mlp="mlp", final_norm="transformer.ln_f",
         n_heads=lambda c: c.num_heads, d_head=lambda c: c.hidden_size // c.num_heads,
     ),
 )
@@ -116,6 +117,9 @@ class Adapter:
 
     def mlp(self, layer: int) -> nn.Module:
         return _attr_path(self.blocks[layer], self.arch.mlp)
+
+    def final_norm(self) -> nn.Module:
+        return _attr_path(self.model, self.arch.final_norm)
 
     def head_weights(self, layer: int) -> Float[Tensor, "head d_head d_model"]:
         """W_O split per head, so that o_proj(z) = sum_h z_h @ W_O[h] + b_O."""

@@ -80,3 +80,69 @@ def capture(
     with torch.inference_mode(), hooks(specs):
         logits = last_logits(lm, input_ids.to(lm.device), batch.attention_mask.to(lm.device), batch.position("END"))
     return cache, logits
+
+
+class BlockInputs:
+    """What every block of one recipient run received (hidden states + the other call arguments).
+
+    Patching layer L cannot change anything before block L, so a patched run can start at block L
+    from these recorded inputs ("prefix reuse") instead of recomputing layers 0..L-1.
+
+        prefix = BlockInputs.record(lm, batch)
+        logits = prefix.run(lm, batch, start=20, copies=8)   # (8*B, V), hooks on blocks >= 20 fire
+    """
+
+    def __init__(self, hidden: list[Tensor], calls: list[tuple[tuple, dict]], n_rows: int) -> None:
+        self.hidden = hidden  # per layer: (B, T, D) input hidden states
+        self.calls = calls    # per layer: the remaining positional and keyword arguments
+        self.n_rows = n_rows
+
+    @classmethod
+    def record(cls, lm: LoadedModel, batch: PairBatch) -> "BlockInputs":
+        a = lm.adapter
+        hidden: list = [None] * a.n_layers
+        calls: list = [None] * a.n_layers
+        handles = []
+
+        def recorder(layer: int):
+            def hook(module, args, kwargs):
+                if args:
+                    hidden[layer], rest = args[0], args[1:]
+                else:
+                    kwargs = dict(kwargs)
+                    hidden[layer], rest = kwargs.pop("hidden_states"), ()
+                calls[layer] = (rest, kwargs)
+
+            return hook
+
+        try:
+            for L in range(a.n_layers):
+                handles.append(a.block(L).register_forward_pre_hook(recorder(L), with_kwargs=True))
+            with torch.inference_mode():
+                last_logits(lm, batch.recipient_ids.to(lm.device), batch.attention_mask.to(lm.device), batch.position("END"))
+        finally:
+            for handle in reversed(handles):
+                handle.remove()
+        return cls(hidden, calls, len(batch))
+
+    def _repeat(self, x, copies: int):
+        """Stack ``copies`` of every per-row tensor in a call argument (broadcastable ones stay)."""
+        if isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == self.n_rows and self.n_rows > 1:
+            return x.repeat(copies, *([1] * (x.dim() - 1)))  # (B, ...) -> (copies*B, ...)
+        if isinstance(x, (tuple, list)):
+            return type(x)(self._repeat(v, copies) for v in x)
+        if isinstance(x, dict):
+            return {k: self._repeat(v, copies) for k, v in x.items()}
+        return x
+
+    def run(self, lm: LoadedModel, end: Int[Tensor, "batch"], start: int, copies: int) -> Float[Tensor, "rows vocab"]:
+        """Blocks ``start``.. on ``copies`` stacked recipient copies, then the final norm and END logits."""
+        a = lm.adapter
+        h = self.hidden[start].repeat(copies, 1, 1)  # (copies*B, T, D), variant-major
+        for L in range(start, a.n_layers):
+            rest, kwargs = self._repeat(self.calls[L], copies)
+            out = a.block(L)(h, *rest, **kwargs)
+            h = out[0] if isinstance(out, tuple) else out
+        h = a.final_norm()(h)
+        rows = torch.arange(h.shape[0], device=h.device)
+        return a.unembed(h[rows, end.to(h.device).repeat(copies)])  # (copies*B, V)

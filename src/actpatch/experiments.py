@@ -30,7 +30,7 @@ from .metrics import ioi_scores, normalised_effect
 from .models import DEFAULT_MODEL, LoadedModel, load_model
 from .patching import patch_variants
 from .results import IOIResult
-from .sanity import check_no_hooks_left, run_sanity_checks
+from .sanity import check_fast_path, check_no_hooks_left, run_sanity_checks
 from .sites import AttnOutSite, HeadSite, HiddenSite
 
 
@@ -137,6 +137,7 @@ def run_design(lm: LoadedModel, batch: PairBatch, design: str, cfg: IOIConfig, l
             "p_s": float(scores["p_s"][k].mean()), "n_pairs": len(batch),
         })
     checks = run_sanity_checks(lm, batch, rec_cache, don_cache, rec_logits, don_logits, layers)
+    checks.append(check_fast_path(lm, batch, don_cache, [sites for _, sites in cells], scores["logit_diff"]))
     return baseline, rows, checks
 
 

@@ -28,7 +28,7 @@ STYLES = {
 def plot_layers(result: IOIResult) -> plt.Figure:
     """One panel per donor design: mean logit difference after each layer's patch."""
     designs = result.designs
-    fig, axes = plt.subplots(1, len(designs), figsize=(6.5 * len(designs), 4.2), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(designs), figsize=(6.5 * len(designs), 4.8), squeeze=False, sharey=True)
     df = result.to_dataframe()
     for ax, design in zip(axes[0], designs):
         base = result.baseline["designs"][design]
@@ -42,9 +42,10 @@ def plot_layers(result: IOIResult) -> plt.Figure:
         ax.set_xlabel("layer")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("mean logit(IO) - logit(S) after patching")
-    axes[0][-1].legend(fontsize=7, loc="best")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
     fig.suptitle(f"{result.model.get('model_id')}: hidden-state vs attention-head patching (below 0 = answer flipped)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     return fig
 
 

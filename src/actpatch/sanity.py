@@ -23,8 +23,9 @@ from .capture import ActivationCache, last_logits
 from .hooks import count_hooks, hooks
 from .ioi import PairBatch
 from .models import LoadedModel
+from .metrics import logit_diff
 from .patching import patched, run_chunk
-from .sites import AttnOutSite, HeadSite, HiddenSite
+from .sites import AttnOutSite, HeadSite, HiddenSite, Site
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,23 @@ def check_last_logits_parity(lm: LoadedModel, batch: PairBatch, rec_logits: Tens
     d = _diff(full[rows, batch.position("END").to(full.device)], rec_logits)
     tol = 1e-4 * max(1.0, float(rec_logits.abs().max()))
     return SanityCheck("end_logits_match_full_forward", d <= tol, f"max abs dlogit vs model(...).logits = {d:.3g} (row-subset matmul)", d, tol)
+
+
+def check_fast_path(
+    lm: LoadedModel, batch: PairBatch, donor_cache: ActivationCache, variants: Sequence[Sequence[Site]], fast_ld: Tensor,
+) -> SanityCheck:
+    """The sweep's fast path (stacked variants + prefix reuse) equals one full forward pass per patch."""
+    picks = sorted({0, len(variants) // 3, 2 * len(variants) // 3, len(variants) - 1}) if variants else []
+    d = 0.0
+    for i in picks:
+        ref = logit_diff(run_chunk(lm, batch, donor_cache, [variants[i]])[0], batch.answer_ids, batch.wrong_ids)
+        d = max(d, _diff(ref.cpu(), fast_ld[i]))
+    tol = 1e-4 if next(lm.model.parameters()).dtype == torch.float32 else 5e-2
+    return SanityCheck(
+        "fast_path_matches_reference", d <= tol,
+        f"{len(picks)} sweep cells recomputed with one full forward each: max abs dLD = {d:.3g} "
+        "(batch shape changes float summation order)", d, tol,
+    )
 
 
 def check_no_hooks_left(lm: LoadedModel, hooks_before: int) -> SanityCheck:
