@@ -32,8 +32,8 @@ def tiny_model(arch: str, vocab_size: int = 50257):
     """A tiny randomly initialised causal LM of the given family (seeded locally, no downloads)."""
     import torch
     from transformers import (
-        GPT2Config, GPT2LMHeadModel, GPTNeoConfig, GPTNeoForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM,
-        LlamaConfig, LlamaForCausalLM,
+        Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, GPTNeoConfig, GPTNeoForCausalLM,
+        GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM,
     )
 
     common = dict(vocab_size=vocab_size)
@@ -52,6 +52,12 @@ def tiny_model(arch: str, vocab_size: int = 50257):
         cfg = GPTNeoConfig(num_layers=2, num_heads=4, hidden_size=32, attention_types=[[["global", "local"], 1]],
                            max_position_embeddings=64, **common)
         cls = GPTNeoForCausalLM
+    elif arch == "gemma3":  # head_dim 16 != hidden 32 / 4 heads, one KV head, sliding + full layers, soft-capping
+        cfg = Gemma3TextConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                               hidden_size=32, intermediate_size=64, max_position_embeddings=64, sliding_window=4,
+                               layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=30.0,
+                               **common)
+        cls = Gemma3ForCausalLM
     else:
         raise ValueError(arch)
     cfg._attn_implementation = "eager"

@@ -32,7 +32,7 @@ def donor(tiny_lm, batch):
 
 
 @pytest.mark.parametrize("arch,n_layers,n_heads,d_head", [
-    ("gpt2", 3, 4, 8), ("llama", 3, 4, 8), ("gpt_neox", 2, 4, 8), ("gpt_neo", 2, 4, 8)])
+    ("gpt2", 3, 4, 8), ("llama", 3, 4, 8), ("gpt_neox", 2, 4, 8), ("gpt_neo", 2, 4, 8), ("gemma3", 2, 4, 16)])
 def test_adapter_dimensions_and_head_decomposition(arch, n_layers, n_heads, d_head):
     model = tiny_model(arch)
     a = get_adapter(model)

@@ -36,6 +36,15 @@ def test_result_structure(result, tiny_lm):
     assert count_hooks(tiny_lm.model) == 0
 
 
+@pytest.mark.parametrize("arch", ["gpt_neox", "gpt_neo", "gemma3"])
+def test_every_architecture_passes_the_sanity_checks(arch, gpt2_tokenizer):
+    """NeoX (parallel residual), Neo (blocks return tuples) and Gemma 3 (head_dim != d/H, soft-capped logits)."""
+    lm = wrap_model(tiny_model(arch), gpt2_tokenizer)
+    res = run_ioi(lm=lm, n_pairs=4, designs=("abc",), progress=False)
+    assert res.passed, {k: v["detail"] for k, v in res.sanity.items() if not v["passed"]}
+    assert count_hooks(lm.model) == 0
+
+
 def test_hidden_all_positions_is_donor_in_numbers(result):
     df = result.to_dataframe()
     for design, base in result.baseline["designs"].items():

@@ -102,10 +102,9 @@ class BlockInputs:
         a = lm.adapter
         hidden: list = [None] * a.n_layers
         calls: list = [None] * a.n_layers
-        handles = []
 
         def recorder(layer: int):
-            def hook(module, args, kwargs):
+            def record_call(args: tuple, kwargs: dict) -> None:
                 if args:
                     hidden[layer], rest = args[0], args[1:]
                 else:
@@ -113,16 +112,10 @@ class BlockInputs:
                     hidden[layer], rest = kwargs.pop("hidden_states"), ()
                 calls[layer] = (rest, kwargs)
 
-            return hook
+            return record_call
 
-        try:
-            for L in range(a.n_layers):
-                handles.append(a.block(L).register_forward_pre_hook(recorder(L), with_kwargs=True))
-            with torch.inference_mode():
-                last_logits(lm, batch.recipient_ids.to(lm.device), batch.attention_mask.to(lm.device), batch.position("END"))
-        finally:
-            for handle in reversed(handles):
-                handle.remove()
+        with torch.inference_mode(), hooks([(a.block(L), "call", recorder(L)) for L in range(a.n_layers)]):
+            last_logits(lm, batch.recipient_ids.to(lm.device), batch.attention_mask.to(lm.device), batch.position("END"))
         return cls(hidden, calls, len(batch))
 
     def _repeat(self, x, copies: int):

@@ -8,6 +8,7 @@
 transformers >= 5 decoder blocks return a plain tensor); ``"input"`` hooks are forward *pre*-hooks
 and see the module's first positional input (for the attention output projection: the heads).
 A hook function returns the replacement tensor, or None to leave the activation untouched.
+``"call"`` hooks only observe: ``fn(args, kwargs)`` sees every argument of the module's call.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Callable, Iterator, Literal, Sequence
 from torch import Tensor, nn
 
 HookFn = Callable[[Tensor], "Tensor | None"]
-HookSpec = tuple[nn.Module, Literal["input", "output"], HookFn]
+HookSpec = tuple[nn.Module, Literal["input", "output", "call"], Callable]
 
 
 def _output_hook(fn: HookFn):
@@ -39,6 +40,13 @@ def _input_hook(fn: HookFn):
     return hook
 
 
+def _call_hook(fn: Callable[[tuple, dict], None]):
+    def hook(module, args, kwargs):
+        fn(args, kwargs)  # observe only: the call goes ahead unchanged
+
+    return hook
+
+
 @contextmanager
 def hooks(specs: Sequence[HookSpec]) -> Iterator[None]:
     """Register ``specs`` on entry; remove them all in reverse order on exit, whatever happens."""
@@ -49,8 +57,10 @@ def hooks(specs: Sequence[HookSpec]) -> Iterator[None]:
                 handles.append(module.register_forward_hook(_output_hook(fn)))
             elif where == "input":
                 handles.append(module.register_forward_pre_hook(_input_hook(fn)))
+            elif where == "call":
+                handles.append(module.register_forward_pre_hook(_call_hook(fn), with_kwargs=True))
             else:
-                raise ValueError(f"hook kind must be 'input' or 'output', got {where!r}")
+                raise ValueError(f"hook kind must be 'input', 'output' or 'call', got {where!r}")
         yield
     finally:
         for handle in reversed(handles):
