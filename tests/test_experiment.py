@@ -29,8 +29,11 @@ def test_result_structure(result, tiny_lm):
                        "no_hooks_left"}
     assert set(result.sanity) == expected_checks
     df = result.to_dataframe()
+    exact = df[df.experiment.isin(["hidden", "all_heads", "head"])]
     # per design: 2 experiments x 2 positions per layer + one cell per head
-    assert len(df) == 3 * (4 * a.n_layers + a.n_layers * a.n_heads)
+    assert len(exact) == 3 * (4 * a.n_layers + a.n_layers * a.n_heads)
+    # attribution (default method "both"): every head and hidden state, all positions + 5 named positions
+    assert len(df) - len(exact) == 3 * 6 * (a.n_layers * a.n_heads + a.n_layers)
     assert set(df.design) == {"swap", "abc", "s2io"}
     assert result.head_grid("abc").values.shape == (a.n_layers, a.n_heads)
     assert count_hooks(tiny_lm.model) == 0
@@ -43,6 +46,23 @@ def test_every_architecture_passes_the_sanity_checks(arch, gpt2_tokenizer):
     res = run_ioi(lm=lm, n_pairs=4, designs=("abc",), progress=False)
     assert res.passed, {k: v["detail"] for k, v in res.sanity.items() if not v["passed"]}
     assert count_hooks(lm.model) == 0
+
+
+def test_attribution_method_rechecks_top_k_and_by_position(tiny_lm):
+    res = run_ioi(lm=tiny_lm, n_pairs=4, designs=("swap",), method="attribution", top_k=3, by_position=True,
+                  progress=False)
+    assert res.passed
+    df = res.to_dataframe()
+    exact_heads = df[(df.experiment == "head") & (df.position == "all")]
+    assert len(exact_heads) == 3
+    att = res.head_grid("swap", experiment="head_attribution").values
+    top3 = sorted(abs(att.ravel()))[-3:]
+    assert sorted(abs(att[int(r.layer), int(r.head)]) for r in exact_heads.itertuples()) == top3
+    # by position: every named position of every exact head and layer
+    assert set(df[df.experiment == "head"].position) == {"all", "IO", "S1", "S1+1", "S2", "END"}
+    assert set(df[df.experiment == "hidden"].position) == {"all", "last", "IO", "S1", "S1+1", "S2"}
+    cmp = res.attribution_vs_exact("swap")
+    assert cmp["n_heads"] == 3
 
 
 def test_hidden_all_positions_is_donor_in_numbers(result):
@@ -147,7 +167,7 @@ def test_cli_bad_pairs_file_line_number(gpt2_dir, tmp_path, capsys):
 def test_help_documents_every_option():
     out = subprocess.run([sys.executable, "-m", "actpatch.cli", "ioi", "--help"], capture_output=True, text=True, check=True).stdout
     for opt in ("--model", "--n-pairs", "--pairs-file", "--donor", "--seed", "--out", "--device", "--dtype", "--layers",
-                "--no-head-sweep", "--max-batch", "--quiet", "--overwrite"):
+                "--no-head-sweep", "--max-batch", "--quiet", "--overwrite", "--method", "--top-k", "--by-position"):
         assert opt in out
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from . import __version__
 from .adapters import ARCHITECTURES
 from .errors import ActpatchError, ConfigError
-from .experiments import IOIConfig, run_ioi
+from .experiments import METHODS, IOIConfig, run_ioi
 from .ioi import DESIGNS
 from .models import BUNDLED, DEFAULT_MODEL, DTYPES, bundled_gguf
 from .plots import save_plots
@@ -57,6 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
                      "metrics are always computed in float32")
     ioi.add_argument("--layers", type=int, nargs="+", metavar="L", help="sweep only these layers (default: all)")
     ioi.add_argument("--no-head-sweep", action="store_true", help="skip the layer x head single-head sweep")
+    ioi.add_argument("--method", choices=METHODS, default="both",
+                     help="exact: patch every head; attribution: gradient estimate for every head and position "
+                     "(2 forwards + 1 backward), then exact patching of the top-k heads; both (default): the full "
+                     "exact sweep plus attribution, compared in the report")
+    ioi.add_argument("--top-k", type=int, default=20, metavar="K",
+                     help="with --method attribution: heads re-checked by exact patching (default: 20)")
+    ioi.add_argument("--by-position", action="store_true",
+                     help="also patch hidden states, all heads and single heads at each named IOI position "
+                     "(IO, S1, S1+1, S2, END); about 5x the single-head sweep's cost")
     ioi.add_argument("--max-batch", type=int, metavar="ROWS",
                      help="max rows (patch variants x pairs) per forward pass (default: automatic, ~8k tokens)")
     ioi.add_argument("--quiet", action="store_true", help="no progress bars or summary, only errors")
@@ -84,7 +93,8 @@ def cmd_ioi(args: argparse.Namespace, argv: list[str]) -> int:
     cfg = IOIConfig(
         model=args.model, n_pairs=args.n_pairs, pairs_file=args.pairs_file, designs=tuple(dict.fromkeys(args.donor)),
         seed=args.seed, device=args.device, dtype=args.dtype, layers=tuple(args.layers) if args.layers else None,
-        head_sweep=not args.no_head_sweep, max_rows=args.max_batch, progress=False if args.quiet else None,
+        head_sweep=not args.no_head_sweep, method=args.method, top_k=args.top_k, by_position=args.by_position,
+        max_rows=args.max_batch, progress=False if args.quiet else None,
         command=shlex.join(["actpatch", *argv]),
     )
     result = run_ioi(cfg)

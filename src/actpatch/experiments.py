@@ -22,6 +22,7 @@ from importlib import metadata
 
 import torch
 
+from .attribution import Attribution, attribute
 from .capture import capture
 from .errors import ConfigError, DataError
 from .hooks import count_hooks
@@ -32,6 +33,9 @@ from .patching import patch_variants
 from .results import IOIResult
 from .sanity import check_fast_path, check_no_hooks_left, run_sanity_checks
 from .sites import AttnOutSite, HeadSite, HiddenSite
+
+
+METHODS = ("exact", "attribution", "both")
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,9 @@ class IOIConfig:
     dtype: str = "float32"
     layers: tuple[int, ...] | None = None   # sweep only these layers (None: all)
     head_sweep: bool = True           # run the layer x head sweep
+    method: str = "both"              # exact | attribution | both (attribution = gradient estimate, 2 fwd + 1 bwd)
+    top_k: int = 20                   # with method="attribution": heads re-checked by exact patching
+    by_position: bool = False         # also patch at each named IOI position (IO, S1, S1+1, S2, END)
     max_rows: int | None = None       # rows per forward pass (None: automatic)
     progress: bool | None = None      # None: progress bars only on a terminal
     command: str | None = None        # the command line, when run from the CLI
@@ -54,9 +61,13 @@ class IOIConfig:
     def validate(self) -> None:
         if self.pairs_file is None and (not isinstance(self.n_pairs, int) or self.n_pairs < 1):
             raise ConfigError(f"n_pairs must be a positive int, got {self.n_pairs!r}")
-        bad = [d for d in self.designs if d not in DESIGNS]
+        bad = [d for d in self.designs if d not in DESIGNS and not (d == "file" and self.pairs_file)]
         if bad or not self.designs:
             raise ConfigError(f"donor designs must be among {', '.join(DESIGNS)}, got {list(self.designs)!r}")
+        if self.method not in METHODS:
+            raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 1:
+            raise ConfigError(f"top_k must be a positive int, got {self.top_k!r}")
         if self.max_rows is not None and self.max_rows < 1:
             raise ConfigError(f"max_rows must be >= 1, got {self.max_rows}")
 
@@ -94,22 +105,53 @@ def _layers(cfg: IOIConfig, n_layers: int) -> list[int]:
     return sorted(set(cfg.layers))
 
 
-def _variants(layers: list[int], n_heads: int, head_sweep: bool) -> list[tuple[dict, list]]:
-    """(cell description, sites patched together) for every cell of the three sweeps."""
+NAMED = ("IO", "S1", "S1+1", "S2", "END")
+
+
+def _variants(layers: list[int], heads: list[tuple[int, int]], positions: tuple[str, ...]) -> list[tuple[dict, list]]:
+    """(cell description, sites patched together) for every exact cell: layer sweeps, then single heads."""
     cells = []
+    layer_positions = [("all", None), ("last", "END")] + [(p, p) for p in positions if p != "END"]
     for L in layers:
-        for pos_name, pos in (("all", None), ("last", "END")):
+        for pos_name, pos in layer_positions:
             cells.append(({"experiment": "hidden", "layer": L, "head": None, "position": pos_name}, [HiddenSite(L, pos)]))
             cells.append(({"experiment": "all_heads", "layer": L, "head": None, "position": pos_name}, [HeadSite(L, None, pos)]))
-    if head_sweep:
-        for L in layers:
-            for h in range(n_heads):
-                cells.append(({"experiment": "head", "layer": L, "head": h, "position": "all"}, [HeadSite(L, h)]))
+    for L, h in heads:
+        for pos_name, pos in [("all", None)] + [(p, p) for p in positions]:
+            cells.append(({"experiment": "head", "layer": L, "head": h, "position": pos_name}, [HeadSite(L, h, pos)]))
     return cells
 
 
+def _attribution_cells(att: Attribution, batch: PairBatch, n_heads: int) -> list[dict]:
+    """Attribution estimates as cells: every head and hidden state, all positions and each named position."""
+    positions = [("all", None)] + [(p, batch.positions[p]) for p in NAMED if p in batch.positions]
+    cells = []
+    for pos_name, index in positions:
+        head = att.head_effect() if index is None else att.at_positions(att.heads, index)  # (L, H)
+        hidden = att.hidden.sum(dim=(1, 2)) if index is None else att.at_positions(att.hidden, index)  # (L,)
+        for i, L in enumerate(att.layers):
+            cells.append({"experiment": "hidden_attribution", "layer": L, "head": None, "position": pos_name,
+                          "delta_logit_diff": float(hidden[i])})
+            for h in range(n_heads):
+                cells.append({"experiment": "head_attribution", "layer": L, "head": h, "position": pos_name,
+                              "delta_logit_diff": float(head[i, h])})
+    return cells
+
+
+def _exact_heads(cfg: IOIConfig, layers: list[int], n_heads: int, att: Attribution | None) -> list[tuple[int, int]]:
+    """Which (layer, head) pairs get an exact single-head patch: all, or attribution's top-k."""
+    if not cfg.head_sweep:
+        return []
+    every = [(L, h) for L in layers for h in range(n_heads)]
+    if cfg.method != "attribution":
+        return every
+    effect = att.head_effect()
+    ranked = sorted(every, key=lambda lh: -abs(float(effect[att.layers.index(lh[0]), lh[1]])))
+    return sorted(ranked[: cfg.top_k])
+
+
 def run_design(lm: LoadedModel, batch: PairBatch, design: str, cfg: IOIConfig, layers: list[int]) -> tuple[dict, list[dict], list]:
-    """Baseline, sweeps and sanity checks for one donor design."""
+    """Baseline, sweeps (exact and/or attribution) and sanity checks for one donor design."""
     a = lm.adapter
     sites = [HeadSite(L) for L in layers] + [HiddenSite(L) for L in layers]
     rec_cache, rec_logits = capture(lm, batch.recipient_ids, batch, sites + [AttnOutSite(L) for L in layers])
@@ -119,7 +161,9 @@ def run_design(lm: LoadedModel, batch: PairBatch, design: str, cfg: IOIConfig, l
     don = _summary(ioi_scores(don_logits.cpu(), ans, wrong))
     baseline = {"recipient": rec, "donor": don}
 
-    cells = _variants(layers, a.n_heads, cfg.head_sweep)
+    att = attribute(lm, batch, don_cache, layers) if cfg.method in ("attribution", "both") else None
+    positions = tuple(p for p in NAMED if p in batch.positions) if cfg.by_position else ()
+    cells = _variants(layers, _exact_heads(cfg, layers, a.n_heads, att), positions)
     scores = patch_variants(
         lm, batch, don_cache, [sites for _, sites in cells],
         reduce=lambda logits: ioi_scores(logits, ans, wrong),
@@ -130,12 +174,15 @@ def run_design(lm: LoadedModel, batch: PairBatch, design: str, cfg: IOIConfig, l
         ld = scores["logit_diff"][k]
         mean_ld = float(ld.mean())
         rows.append({
-            **cell, "design": design, "depth": cell["layer"] / a.n_layers,
-            "logit_diff": mean_ld, "delta_logit_diff": mean_ld - rec["mean_logit_diff"],
-            "normalised_effect": float(normalised_effect(mean_ld, rec["mean_logit_diff"], don["mean_logit_diff"])),
-            "flip_rate": float((ld < 0).float().mean()), "p_io": float(scores["p_io"][k].mean()),
-            "p_s": float(scores["p_s"][k].mean()), "n_pairs": len(batch),
+            **cell, "logit_diff": mean_ld, "flip_rate": float((ld < 0).float().mean()),
+            "p_io": float(scores["p_io"][k].mean()), "p_s": float(scores["p_s"][k].mean()),
         })
+    if att is not None:
+        rows += [{**c, "logit_diff": rec["mean_logit_diff"] + c["delta_logit_diff"]} for c in _attribution_cells(att, batch, a.n_heads)]
+    for row in rows:
+        row.update(design=design, depth=row["layer"] / a.n_layers, n_pairs=len(batch),
+                   delta_logit_diff=row["logit_diff"] - rec["mean_logit_diff"],
+                   normalised_effect=float(normalised_effect(row["logit_diff"], rec["mean_logit_diff"], don["mean_logit_diff"])))
     checks = run_sanity_checks(lm, batch, rec_cache, don_cache, rec_logits, don_logits, layers)
     checks.append(check_fast_path(lm, batch, don_cache, [sites for _, sites in cells], scores["logit_diff"]))
     return baseline, rows, checks
@@ -149,9 +196,8 @@ def run_ioi(config: IOIConfig | None = None, *, lm: LoadedModel | None = None, *
     """
     cfg = replace(config or IOIConfig(), **overrides)
     if cfg.pairs_file is not None:
-        cfg = replace(cfg, designs=())
-    else:
-        cfg.validate()
+        cfg = replace(cfg, designs=("file",))
+    cfg.validate()
     lm = lm or load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     hooks_before = count_hooks(lm.model)
     layers = _layers(cfg, lm.adapter.n_layers)

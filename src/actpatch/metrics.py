@@ -5,7 +5,7 @@
 
 Logit difference is the headline metric. The seed's probability ratio P(IO) / P(S) equals
 exp(logit difference) exactly (the softmax normaliser cancels), so it is reported as a
-companion, not as an independent number. Every function computes in float32.
+companion, not as an independent number. Every function computes in at least float32.
 """
 
 from __future__ import annotations
@@ -15,9 +15,14 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 
+def _f32(x: Tensor) -> Tensor:
+    """At least float32: half-precision logits are promoted, float64 stays float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _pick(logits: Tensor, ids: Tensor) -> Tensor:
     ids = ids.to(logits.device)
-    return logits.float().gather(-1, ids.expand(*logits.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+    return _f32(logits).gather(-1, ids.expand(*logits.shape[:-1]).unsqueeze(-1)).squeeze(-1)
 
 
 def logit_diff(
@@ -29,7 +34,7 @@ def logit_diff(
 
 def token_prob(logits: Float[Tensor, "*batch vocab"], ids: Int[Tensor, "batch"]) -> Float[Tensor, "*batch"]:
     """Softmax probability of ``ids`` at each row."""
-    return torch.exp(_pick(logits, ids) - torch.logsumexp(logits.float(), dim=-1))
+    return torch.exp(_pick(logits, ids) - torch.logsumexp(_f32(logits), dim=-1))
 
 
 def prob_ratio(

@@ -49,9 +49,9 @@ def plot_layers(result: IOIResult) -> plt.Figure:
     return fig
 
 
-def plot_heads(result: IOIResult, design: str, metric: str = "delta_logit_diff") -> plt.Figure:
-    """Heatmap of the single-head sweep: change in logit difference per (layer, head)."""
-    grid = result.head_grid(design, metric)
+def plot_heads(result: IOIResult, design: str, metric: str = "delta_logit_diff", experiment: str = "head") -> plt.Figure:
+    """Heatmap of the single-head sweep (exact, or attribution's estimate): change in LD per (layer, head)."""
+    grid = result.head_grid(design, metric, experiment=experiment)
     lim = float(np.nanmax(np.abs(grid.values))) or 1.0
     fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * result.n_heads + 2), max(3.0, 0.22 * len(grid.layers) + 1.5)))
     im = ax.imshow(grid.values, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
@@ -60,7 +60,25 @@ def plot_heads(result: IOIResult, design: str, metric: str = "delta_logit_diff")
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     fig.colorbar(im, ax=ax, label="Δ logit diff (patched - recipient)")
-    ax.set_title(f"single-head patching, all positions, donor: {design}", fontsize=9)
+    what = "single-head patching" if experiment == "head" else "attribution estimate"
+    ax.set_title(f"{what}, all positions, donor: {design}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_attribution(result: IOIResult, design: str) -> plt.Figure:
+    """Scatter of attribution's estimate against the exact single-head effect, with Spearman's rho."""
+    cmp = result.attribution_vs_exact(design)
+    fig, ax = plt.subplots(figsize=(4.8, 4.4))
+    ax.scatter(cmp["exact"], cmp["attribution"], s=12, alpha=0.7, color="tab:purple")
+    both = np.concatenate([cmp["exact"], cmp["attribution"]]) if cmp["n_heads"] else np.zeros(1)
+    lo, hi = float(both.min()), float(both.max())
+    ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--", label="y = x")
+    ax.set_xlabel("exact Δ logit diff (patch one head, all positions)")
+    ax.set_ylabel("attribution estimate")
+    ax.set_title(f"donor {design}: {cmp['n_heads']} heads, Spearman ρ = {cmp['spearman']:.3f}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
 
@@ -71,8 +89,12 @@ def save_plots(result: IOIResult, out_dir: str | Path) -> list[Path]:
     paths = []
     figures = [("layers.png", plot_layers(result))]
     for design in result.designs:
-        if any(c["experiment"] == "head" and c["design"] == design for c in result.cells):
+        if result.has("head", design):
             figures.append((f"heads_{design}.png", plot_heads(result, design)))
+        if result.has("head_attribution", design):
+            figures.append((f"heads_attribution_{design}.png", plot_heads(result, design, experiment="head_attribution")))
+        if result.has("head_attribution", design) and result.attribution_vs_exact(design)["n_heads"] >= 3:
+            figures.append((f"attribution_vs_exact_{design}.png", plot_attribution(result, design)))
     for name, fig in figures:
         fig.savefig(out / name, dpi=120)
         plt.close(fig)

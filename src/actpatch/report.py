@@ -15,6 +15,10 @@ FLIP = 0.0    # a mean logit difference below this means the model now prefers S
 STRONG = 0.3  # |normalised effect| from which an all-heads patch counts as more than a nudge
 
 
+def _where(position: str) -> str:
+    return {"all": "all positions", "last": "END only"}.get(position, f"at {position} only")
+
+
 def _f(x: float) -> str:
     return f"{x:.2f}"
 
@@ -69,7 +73,7 @@ def _findings(result: IOIResult, design: str) -> list[str]:
     if strongest is not None:
         out.append(
             f"All-heads patching flips the answer at layers: {flips or 'none'}. Its strongest effect is at layer "
-            f"{int(strongest.layer)} ({'all positions' if strongest.position == 'all' else 'END only'}): LD {_f(strongest.logit_diff)}, normalised effect "
+            f"{int(strongest.layer)} ({_where(strongest.position)}): LD {_f(strongest.logit_diff)}, normalised effect "
             f"{_f(strongest.normalised_effect)} (1 = donor behaviour)."
         )
         median = float(heads.normalised_effect.abs().median())
@@ -82,8 +86,16 @@ def _findings(result: IOIResult, design: str) -> list[str]:
         )
     top = result.top_heads(design, 5)
     if top:
-        out.append("Top single heads (all positions, Δ LD): " + ", ".join(
+        out.append("Top single heads (exact, all positions, Δ LD): " + ", ".join(
             f"L{c['layer']}H{c['head']} {c['delta_logit_diff']:+.2f}" for c in top) + ".")
+    if result.has("head_attribution", design):
+        att = result.top_heads(design, 5, experiment="head_attribution")
+        out.append("Top heads by attribution patching (gradient estimate, all positions): " + ", ".join(
+            f"L{c['layer']}H{c['head']} {c['delta_logit_diff']:+.2f}" for c in att) + ".")
+        cmp = result.attribution_vs_exact(design)
+        if cmp["n_heads"] >= 3:
+            out.append(f"Attribution vs exact over the {cmp['n_heads']} heads patched both ways: Spearman ρ = "
+                       f"{cmp['spearman']:.3f}.")
     return out
 
 

@@ -28,6 +28,14 @@ CELL_COLUMNS = [
 LAYER_METRICS = ("logit_diff", "normalised_effect", "flip_rate", "p_io")
 
 
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman rank correlation (average ranks for ties); NaN with fewer than 3 points."""
+    if len(x) < 3:
+        return float("nan")
+    rx, ry = pd.Series(x).rank().to_numpy(), pd.Series(y).rank().to_numpy()
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
 @dataclass(frozen=True)
 class HeadGrid:
     """A metric over (layer, head); ``layers`` labels the rows (a sweep may cover a subset)."""
@@ -75,14 +83,29 @@ class IOIResult:
         df = pd.DataFrame(self.cells, columns=CELL_COLUMNS)
         return df.astype({"head": "Int64"})
 
-    def head_grid(self, design: str, metric: str = "delta_logit_diff") -> HeadGrid:
-        """The single-head sweep of ``design`` as a (layer, head) array of ``metric``."""
+    def head_grid(
+        self, design: str, metric: str = "delta_logit_diff", *, experiment: str = "head", position: str = "all"
+    ) -> HeadGrid:
+        """A (layer, head) array of ``metric``: the exact single-head sweep (``experiment="head"``) or
+        its gradient estimate (``"head_attribution"``), at all positions or one named position.
+        Heads that were not patched (e.g. outside attribution's top-k) are NaN."""
         grid = np.full((len(self.layers), self.n_heads), np.nan)
         row = {L: i for i, L in enumerate(self.layers)}
         for c in self.cells:
-            if c["experiment"] == "head" and c["design"] == design:
+            if c["experiment"] == experiment and c["design"] == design and c["position"] == position:
                 grid[row[c["layer"]], c["head"]] = c[metric]
         return HeadGrid(grid, tuple(self.layers), metric)
+
+    def has(self, experiment: str, design: str) -> bool:
+        return any(c["experiment"] == experiment and c["design"] == design for c in self.cells)
+
+    def attribution_vs_exact(self, design: str) -> dict[str, object]:
+        """Heads with both an exact and an attribution estimate (all positions), and their Spearman rank correlation."""
+        exact = self.head_grid(design).values.ravel()
+        approx = self.head_grid(design, experiment="head_attribution").values.ravel()
+        both = ~(np.isnan(exact) | np.isnan(approx))
+        return {"exact": exact[both], "attribution": approx[both], "n_heads": int(both.sum()),
+                "spearman": spearman(exact[both], approx[both])}
 
     def layer_records(self) -> list[dict]:
         """One record per swept layer: hidden-state and all-heads effects per design and position."""
@@ -93,17 +116,26 @@ class IOIResult:
                 by_pos[c["position"]] = {m: c[m] for m in LAYER_METRICS}
         return list(records.values())
 
-    def top_heads(self, design: str, k: int = 10) -> list[dict]:
-        """The ``k`` heads whose patch moves the logit difference most (largest |delta|)."""
-        heads = [c for c in self.cells if c["experiment"] == "head" and c["design"] == design]
+    def top_heads(self, design: str, k: int = 10, experiment: str = "head") -> list[dict]:
+        """The ``k`` heads whose patch at all positions moves the logit difference most (largest |delta|)."""
+        heads = [c for c in self.cells if c["experiment"] == experiment and c["design"] == design and c["position"] == "all"]
         return sorted(heads, key=lambda c: -abs(c["delta_logit_diff"]))[:k]
 
     def to_json(self) -> dict:
+        def grid(d: str, m: str, experiment: str = "head") -> list:
+            return [[None if np.isnan(v) else float(v) for v in row] for row in self.head_grid(d, m, experiment=experiment).values]
+
         heads = {
             "position": "all", "layers": self.layers, "n_heads": self.n_heads,
             "designs": {
-                d: {m: self.head_grid(d, m).values.tolist() for m in ("logit_diff", "delta_logit_diff", "normalised_effect")}
-                for d in self.designs if any(c["experiment"] == "head" and c["design"] == d for c in self.cells)
+                d: {
+                    **{m: grid(d, m) for m in ("logit_diff", "delta_logit_diff", "normalised_effect")},
+                    **({"attribution_delta_logit_diff": grid(d, "delta_logit_diff", "head_attribution")}
+                       if self.has("head_attribution", d) else {}),
+                    **({"spearman_attribution_vs_exact": self.attribution_vs_exact(d)["spearman"]}
+                       if self.has("head_attribution", d) and self.has("head", d) else {}),
+                }
+                for d in self.designs if self.has("head", d) or self.has("head_attribution", d)
             },
         }
         return {
