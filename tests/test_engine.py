@@ -123,6 +123,8 @@ def test_batched_variants_equal_one_at_a_time(tiny_lm, batch, donor):
     a = tiny_lm.adapter
     variants = [[HeadSite(L, h)] for L in range(a.n_layers) for h in range(a.n_heads)]
     variants += [[HiddenSite(L, "END")] for L in range(a.n_layers)] + [[MlpOutSite(1, "S2"), AttnOutSite(0, -1)]]
+    # by position: the fast path then also skips positions before the patch (recipient keys/values reused)
+    variants += [[HeadSite(L, h, p)] for L in range(a.n_layers) for h in (0, 3) for p in ("IO", "S1+1", "S2", 2)]
     scores = lambda lg: ioi_scores(lg, batch.answer_ids, batch.wrong_ids)  # noqa: E731
     batched = patch_variants(tiny_lm, batch, cache, variants, scores)["logit_diff"]
     one_by_one = patch_variants(tiny_lm, batch, cache, variants, scores, max_rows=1)["logit_diff"]

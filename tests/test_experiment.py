@@ -12,7 +12,7 @@ import torch
 from conftest import tiny_model
 
 import actpatch
-from actpatch import IOIResult, count_hooks, run_ioi, wrap_model
+from actpatch import HeadSite, HiddenSite, IOIResult, count_hooks, run_ioi, wrap_model
 from actpatch.cli import main
 
 
@@ -43,8 +43,23 @@ def test_result_structure(result, tiny_lm):
 def test_every_architecture_passes_the_sanity_checks(arch, gpt2_tokenizer):
     """NeoX (parallel residual), Neo (blocks return tuples) and Gemma 3 (head_dim != d/H, soft-capped logits)."""
     lm = wrap_model(tiny_model(arch), gpt2_tokenizer)
-    res = run_ioi(lm=lm, n_pairs=4, designs=("abc",), progress=False)
+    res = run_ioi(lm=lm, n_pairs=4, designs=("abc",), by_position=True, progress=False)
     assert res.passed, {k: v["detail"] for k, v in res.sanity.items() if not v["passed"]}
+    df = res.to_dataframe()
+    exact = df[df.experiment.isin(["hidden", "all_heads", "head"])]
+    # the sweep's numbers are recomputed here one full forward pass per cell (the simple reference path)
+    import actpatch
+
+    batch = actpatch.tokenize_pairs(gpt2_tokenizer, actpatch.generate_pairs(gpt2_tokenizer, 4, designs=("abc",))["abc"])
+    a = lm.adapter
+    donor, _ = actpatch.capture(lm, batch.donor_ids, batch, [HeadSite(L) for L in range(a.n_layers)] + [HiddenSite(L) for L in range(a.n_layers)])
+    for row in exact.sample(12, random_state=0).itertuples():
+        pos = {"all": None, "last": "END"}.get(row.position, row.position)
+        site = HiddenSite(row.layer, pos) if row.experiment == "hidden" else HeadSite(
+            row.layer, None if row.experiment == "all_heads" else int(row.head), pos)
+        ref = actpatch.logit_diff(actpatch.run_chunk(lm, batch, donor, [[site]])[0], batch.answer_ids, batch.wrong_ids)
+        # stacked variants + prefix reuse vs one plain forward: float32 summation order only
+        assert abs(float(ref.mean()) - row.logit_diff) < 1e-5
     assert count_hooks(lm.model) == 0
 
 

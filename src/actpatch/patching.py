@@ -24,10 +24,11 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .capture import ActivationCache, BlockInputs, last_logits
+from .capture import ActivationCache, last_logits
 from .hooks import HookSpec, hooks
 from .ioi import PairBatch
 from .models import LoadedModel
+from .prefix import RecipientState
 from .sites import Site, resolve_pos
 
 Reduce = Callable[[Float[Tensor, "k batch vocab"]], Mapping[str, Float[Tensor, "k batch"]]]
@@ -40,13 +41,17 @@ def _patch_fn(entries: list, k: int, n_rows: int, n_heads: int, d_head: int, is_
     def fn(act: Tensor) -> Tensor:
         new = act.clone()
         T = act.shape[1]
+        # a run that starts at position p (prefix reuse) sees only positions p..; donor values are full length
+        offset = entries[0][1].shape[1] - T if entries else 0
         if is_head:
             view = new.view(k, n_rows, T, n_heads, d_head)  # (k*B, T, H*Dh) -> (k, B, T, H, Dh)
         else:
             view = new.view(k, n_rows, *act.shape[1:])  # (k*B, T, D) -> (k, B, T, D)
         rows = torch.arange(n_rows, device=act.device)
         for j, src, idx, heads in entries:
-            src = src.to(device=act.device, dtype=act.dtype)
+            src = src[:, offset:].to(device=act.device, dtype=act.dtype)
+            if idx is not None:
+                idx = idx - offset
             if is_head:
                 hs = torch.as_tensor(heads, device=act.device)
                 if idx is None:
@@ -99,29 +104,36 @@ def patched(
 
 def run_chunk(
     lm: LoadedModel, batch: PairBatch, donor: ActivationCache, chunk: Sequence[Sequence[Site]],
-    prefix: BlockInputs | None = None,
+    state: RecipientState | None = None,
 ) -> Float[Tensor, "k batch vocab"]:
     """END logits of the recipient under each variant of ``chunk``, as (k, B, V).
 
-    Without ``prefix`` this is the reference path: one full forward pass over the stacked copies.
-    With the recipient's recorded ``BlockInputs`` it starts at the lowest patched layer instead.
+    Without ``state`` this is the reference path: one full forward pass over the stacked copies.
+    With the recipient's recorded ``RecipientState`` it runs only the layers and positions that
+    the chunk's patches can change (prefix reuse).
     """
     k = len(chunk)
     dev = lm.device
     end = batch.position("END").to(dev)
     with torch.inference_mode(), patched(lm, batch, donor, chunk):
-        if prefix is None:
+        if state is None:
             ids = batch.recipient_ids.to(dev).repeat(k, 1)  # (k*B, T), variant-major
             mask = batch.attention_mask.to(dev).repeat(k, 1)
             logits = last_logits(lm, ids, mask, end.repeat(k))  # (k*B, V)
         else:
-            logits = prefix.run(lm, end, start=min(_start(v) for v in chunk), copies=k)
+            starts = [_start(v, batch) for v in chunk]
+            start, pos = min(s[0] for s in starts), min(s[1] for s in starts)  # each bound on its own
+            logits = state.run(lm, end, start=start, pos=pos, copies=k)
     return logits.view(k, len(batch), -1)
 
 
-def _start(variant: Sequence[Site]) -> int:
-    """The first layer a variant touches: nothing before it can change."""
-    return min((site.layer for site in variant), default=0)
+def _start(variant: Sequence[Site], batch: PairBatch) -> tuple[int, int]:
+    """(first layer, first position) a variant can change: nothing before either needs recomputing."""
+    if not variant:
+        return (0, 0)
+    lengths = batch.attention_mask.sum(dim=1)
+    pos = min(0 if s.pos is None else int(resolve_pos(s.pos, batch.positions, lengths).min()) for s in variant)
+    return (min(s.layer for s in variant), pos)
 
 
 def patch_variants(
@@ -137,26 +149,27 @@ def patch_variants(
 ) -> dict[str, Float[Tensor, "variant batch"]]:
     """Run every variant and ``reduce`` its END logits; results are stacked as (K, B) per key.
 
-    Fast path: variants are sorted by their first patched layer and each chunk starts from the
-    recipient's recorded inputs at that layer (prefix reuse), so a patch at layer L costs only
-    layers >= L. ``max_rows`` caps the rows (variants x pairs) of one forward pass; by default it is
-    ``DEFAULT_MAX_TOKENS // padded_length``. Chunking and prefix reuse change results only through
-    float summation order (tested against ``run_chunk``'s reference path). ``progress=None`` shows a
-    bar only on a terminal.
+    Fast path: variants are sorted by the first layer and position they touch; each chunk starts
+    from the recipient's recorded state there (``RecipientState``), so a patch at layer L and
+    position p costs only layers >= L at positions >= p. ``max_rows`` caps the rows (variants x
+    pairs) of one forward pass; by default ``DEFAULT_MAX_TOKENS // padded_length``. Chunking and
+    prefix reuse change results only through float summation order (checked against
+    ``run_chunk``'s reference path). ``progress=None`` shows a bar only on a terminal.
     """
     if not variants:
         return {}
     n_rows, T = batch.recipient_ids.shape
     budget = max_rows if max_rows is not None else DEFAULT_MAX_TOKENS // T
     per_chunk = max(1, budget // n_rows)
-    prefix = BlockInputs.record(lm, batch)
-    order = sorted(range(len(variants)), key=lambda i: _start(variants[i]))
+    state = RecipientState.record(lm, batch)
+    starts = [_start(v, batch) for v in variants]
+    order = sorted(range(len(variants)), key=lambda i: starts[i])
     out: dict[str, list[Tensor]] = {}
     disable = {True: False, None: None, False: True}[progress]  # None: tqdm shows a bar only on a TTY
     with tqdm(total=len(variants), desc=desc, unit="patch", disable=disable, leave=False) as bar:
         for first in range(0, len(order), per_chunk):
             chunk = [variants[i] for i in order[first : first + per_chunk]]
-            for key, value in reduce(run_chunk(lm, batch, donor, chunk, prefix)).items():
+            for key, value in reduce(run_chunk(lm, batch, donor, chunk, state)).items():
                 out.setdefault(key, []).append(value.float().cpu())
             bar.update(len(chunk))
     inverse = torch.empty(len(order), dtype=torch.long)
