@@ -126,7 +126,7 @@ def test_batched_variants_equal_one_at_a_time(tiny_lm, batch, donor):
     # by position: the fast path then also skips positions before the patch (recipient keys/values reused)
     variants += [[HeadSite(L, h, p)] for L in range(a.n_layers) for h in (0, 3) for p in ("IO", "S1+1", "S2", 2)]
     scores = lambda lg: ioi_scores(lg, batch.answer_ids, batch.wrong_ids)  # noqa: E731
-    batched = patch_variants(tiny_lm, batch, cache, variants, scores)["logit_diff"]
+    batched = patch_variants(tiny_lm, batch, cache, variants, scores, donor_from_batch=True)["logit_diff"]
     one_by_one = patch_variants(tiny_lm, batch, cache, variants, scores, max_rows=1)["logit_diff"]
     chunked = patch_variants(tiny_lm, batch, cache, variants, scores, max_rows=3 * len(batch))["logit_diff"]
     reference = torch.stack([  # one plain full forward pass per variant: the simple path
@@ -135,6 +135,30 @@ def test_batched_variants_equal_one_at_a_time(tiny_lm, batch, donor):
     torch.testing.assert_close(batched, reference, rtol=BATCH_RTOL, atol=BATCH_ATOL)
     torch.testing.assert_close(batched, one_by_one, rtol=BATCH_RTOL, atol=BATCH_ATOL)
     torch.testing.assert_close(chunked, one_by_one, rtol=BATCH_RTOL, atol=BATCH_ATOL)
+
+
+def test_answer_columns_readout_equals_full_logits(tiny_lm, batch, donor):
+    cache, _ = donor
+    variants = [[HeadSite(1, 2)], [HiddenSite(0, "S2")], [HeadSite(2, None, "END")]]
+    cols = torch.stack([batch.answer_ids, batch.wrong_ids], dim=1)  # (B, 2)
+    full = patch_variants(tiny_lm, batch, cache, variants, lambda lg: {"lg": lg})["lg"]  # (K, B, V)
+    part = patch_variants(tiny_lm, batch, cache, variants, lambda lg: {"lg": lg}, columns=cols)["lg"]  # (K, B, 2)
+    expected = full.gather(-1, cols.expand(len(variants), -1, -1))
+    # a gathered dot product vs a row of the full matmul: float32 summation order (1e-5)
+    torch.testing.assert_close(part, expected, rtol=BATCH_RTOL, atol=1e-5)
+
+
+def test_chunk_plan_keeps_costs_close_to_each_variants_own():
+    from actpatch.patching import plan_chunks
+
+    starts = [(L, p) for L in range(12) for p in range(16)]
+    chunks = plan_chunks(starts, 12, (32, 16))
+    assert sorted(i for c in chunks for i in c) == list(range(len(starts)))
+    for c in chunks:
+        L, p = min(starts[i][0] for i in c), min(starts[i][1] for i in c)
+        own = sum((12 - starts[i][0]) * (16 - starts[i][1]) for i in c)
+        assert len(c) * (12 - L) * (16 - p) <= 1.15 * own
+        assert len(c) * 32 * (16 - p) <= 8192
 
 
 def test_variants_do_not_leak_into_each_other(tiny_lm, batch, donor):
@@ -171,3 +195,10 @@ def test_wrap_model_describes_gqa_query_heads(gpt2_tokenizer):
     lm = wrap_model(tiny_model("llama"), gpt2_tokenizer)
     # 4 query heads over 2 KV heads: o_proj takes n_heads * d_head = 32 features, patched per query head.
     assert lm.info["n_heads"] == 4 and lm.info["d_head"] == 8 and lm.adapter.attn_out(0).in_features == 32
+
+
+def test_shared_prefix_counts_identical_leading_tokens(batch):
+    from actpatch.patching import shared_prefix
+
+    first_diff = [int((d != r).nonzero()[0]) for d, r in zip(batch.donor_ids, batch.recipient_ids)]
+    assert shared_prefix(batch) == min(first_diff) > 0

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from .errors import UnsupportedArchitectureError
@@ -130,9 +130,21 @@ class Adapter:
     def head_bias(self, layer: int) -> Float[Tensor, "d_model"] | None:
         return self.attn_out(layer).bias
 
-    def unembed(self, hidden: Float[Tensor, "batch d_model"]) -> Float[Tensor, "batch vocab"]:
-        """Final-normed hidden states -> logits, including Gemma-style final logit soft-capping."""
-        logits = self.model.get_output_embeddings()(hidden)
+    def unembed(
+        self, hidden: Float[Tensor, "batch d_model"], columns: Int[Tensor, "batch n"] | None = None
+    ) -> Float[Tensor, "batch n"]:
+        """Final-normed hidden states -> logits, including Gemma-style final logit soft-capping.
+
+        With ``columns`` only those token ids are computed, per row: (batch, n) instead of (batch, vocab).
+        """
+        head = self.model.get_output_embeddings()
+        if columns is None:
+            logits = head(hidden)
+        else:
+            columns = columns.to(hidden.device)
+            logits = torch.einsum("bd,bnd->bn", hidden, head.weight[columns])  # (B, n)
+            if getattr(head, "bias", None) is not None:
+                logits = logits + head.bias[columns]
         cap = getattr(self.model.config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap

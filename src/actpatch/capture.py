@@ -43,12 +43,16 @@ def last_logits(
     input_ids: Int[Tensor, "batch pos"],
     attention_mask: Int[Tensor, "batch pos"],
     end: Int[Tensor, "batch"],
+    columns: Int[Tensor, "batch n"] | None = None,
 ) -> Float[Tensor, "batch vocab"]:
-    """Logits at each row's END token (right padding), computed from the base model's final hidden states."""
+    """Logits at each row's END token (right padding), computed from the base model's final hidden states.
+
+    ``columns`` restricts the unembedding to those token ids per row (e.g. IO and S): (B, n).
+    """
     out = lm.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     hidden = out.last_hidden_state  # (B, T, D), already final-normed
     rows = torch.arange(hidden.shape[0], device=hidden.device)
-    return lm.adapter.unembed(hidden[rows, end.to(hidden.device)])  # (B, V)
+    return lm.adapter.unembed(hidden[rows, end.to(hidden.device)], columns)  # (B, V) or (B, n)
 
 
 def capture(

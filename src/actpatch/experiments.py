@@ -167,7 +167,7 @@ def run_design(lm: LoadedModel, batch: PairBatch, design: str, cfg: IOIConfig, l
     scores = patch_variants(
         lm, batch, don_cache, [sites for _, sites in cells],
         reduce=lambda logits: ioi_scores(logits, ans, wrong),
-        max_rows=cfg.max_rows, progress=cfg.progress, desc=f"{design}: {len(cells)} patches",
+        max_rows=cfg.max_rows, progress=cfg.progress, desc=f"{design}: {len(cells)} patches", donor_from_batch=True,
     )
     rows = []
     for k, (cell, _) in enumerate(cells):

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -105,12 +105,15 @@ def patched(
 def run_chunk(
     lm: LoadedModel, batch: PairBatch, donor: ActivationCache, chunk: Sequence[Sequence[Site]],
     state: RecipientState | None = None,
+    columns: Int[Tensor, "batch n"] | None = None,
+    shared: int = 0,
 ) -> Float[Tensor, "k batch vocab"]:
     """END logits of the recipient under each variant of ``chunk``, as (k, B, V).
 
     Without ``state`` this is the reference path: one full forward pass over the stacked copies.
     With the recipient's recorded ``RecipientState`` it runs only the layers and positions that
-    the chunk's patches can change (prefix reuse).
+    the chunk's patches can change (prefix reuse). ``columns`` (B, n) computes only those token
+    ids' logits, (k, B, n): all a logit-difference metric needs.
     """
     k = len(chunk)
     dev = lm.device
@@ -119,21 +122,64 @@ def run_chunk(
         if state is None:
             ids = batch.recipient_ids.to(dev).repeat(k, 1)  # (k*B, T), variant-major
             mask = batch.attention_mask.to(dev).repeat(k, 1)
-            logits = last_logits(lm, ids, mask, end.repeat(k))  # (k*B, V)
+            cols = None if columns is None else columns.repeat(k, 1)  # (k*B, n)
+            logits = last_logits(lm, ids, mask, end.repeat(k), cols)  # (k*B, V)
         else:
-            starts = [_start(v, batch) for v in chunk]
+            starts = [_start(v, batch, shared) for v in chunk]
             start, pos = min(s[0] for s in starts), min(s[1] for s in starts)  # each bound on its own
-            logits = state.run(lm, end, start=start, pos=pos, copies=k)
+            logits = state.run(lm, end, start=start, pos=pos, copies=k, columns=columns)
     return logits.view(k, len(batch), -1)
 
 
-def _start(variant: Sequence[Site], batch: PairBatch) -> tuple[int, int]:
-    """(first layer, first position) a variant can change: nothing before either needs recomputing."""
+def _start(variant: Sequence[Site], batch: PairBatch, shared: int = 0) -> tuple[int, int]:
+    """(first layer, first position) a variant can change: nothing before either needs recomputing.
+
+    ``shared``: positions before it hold identical tokens in donor and recipient, so (causal model)
+    every donor activation there equals the recipient's and patching it changes nothing.
+    """
     if not variant:
         return (0, 0)
     lengths = batch.attention_mask.sum(dim=1)
     pos = min(0 if s.pos is None else int(resolve_pos(s.pos, batch.positions, lengths).min()) for s in variant)
-    return (min(s.layer for s in variant), pos)
+    return (min(s.layer for s in variant), max(pos, shared))
+
+
+def shared_prefix(batch: PairBatch) -> int:
+    """Number of leading positions where every donor row has the recipient's tokens."""
+    same = (batch.donor_ids == batch.recipient_ids).long().cumprod(dim=1)  # (B, T): 1 until the first difference
+    return int(same.sum(dim=1).min())
+
+
+def plan_chunks(
+    starts: Sequence[tuple[int, int]], n_layers: int, shape: tuple[int, int], max_rows: int | None = None,
+    slack: float = 1.15,
+) -> list[list[int]]:
+    """Group variants (by their (layer, position) starts) into forward passes.
+
+    A chunk runs from its lowest layer and position for every variant in it, so variants are
+    taken in (layer, position) order and a chunk is closed when adding the next one would cost
+    more than ``slack`` x the sum of their own minimal costs, or exceed the size cap: ``max_rows``
+    rows, or by default ``DEFAULT_MAX_TOKENS`` tokens (rows x computed positions).
+    """
+    n_rows, T = shape
+    chunks: list[list[int]] = []
+    cur: list[int] = []
+    lo_L = lo_p = ideal = 0
+    for i in sorted(range(len(starts)), key=lambda i: starts[i]):
+        L, p = starts[i]
+        if cur:
+            nL, np_, nideal = min(lo_L, L), min(lo_p, p), ideal + (n_layers - L) * (T - p)
+            rows = (len(cur) + 1) * n_rows
+            fits = rows <= max_rows if max_rows is not None else rows * (T - np_) <= DEFAULT_MAX_TOKENS
+            if fits and (len(cur) + 1) * (n_layers - nL) * (T - np_) <= slack * nideal:
+                cur.append(i)
+                lo_L, lo_p, ideal = nL, np_, nideal
+                continue
+            chunks.append(cur)
+        cur, lo_L, lo_p, ideal = [i], L, p, (n_layers - L) * (T - p)
+    if cur:
+        chunks.append(cur)
+    return chunks
 
 
 def patch_variants(
@@ -146,32 +192,35 @@ def patch_variants(
     max_rows: int | None = None,
     progress: bool | None = False,
     desc: str = "patching",
+    columns: Int[Tensor, "batch n"] | None = None,
+    donor_from_batch: bool = False,
 ) -> dict[str, Float[Tensor, "variant batch"]]:
     """Run every variant and ``reduce`` its END logits; results are stacked as (K, B) per key.
 
-    Fast path: variants are sorted by the first layer and position they touch; each chunk starts
-    from the recipient's recorded state there (``RecipientState``), so a patch at layer L and
-    position p costs only layers >= L at positions >= p. ``max_rows`` caps the rows (variants x
-    pairs) of one forward pass; by default ``DEFAULT_MAX_TOKENS // padded_length``. Chunking and
-    prefix reuse change results only through float summation order (checked against
-    ``run_chunk``'s reference path). ``progress=None`` shows a bar only on a terminal.
+    Fast path: variants are grouped by the first layer and position they touch (``plan_chunks``);
+    each chunk starts from the recipient's recorded state there (``RecipientState``), so a patch at
+    layer L and position p costs only layers >= L at positions >= p. ``max_rows`` caps the rows
+    (variants x pairs) of one forward pass. Chunking and prefix reuse change results only through
+    float summation order (checked against ``run_chunk``'s reference path). ``columns`` (B, n)
+    restricts the readout to those token ids. ``donor_from_batch=True`` promises that ``donor`` was
+    captured from ``batch.donor_ids``: positions before the first token where donor and recipient
+    differ then need no recomputation either. ``progress=None`` shows a bar only on a terminal.
     """
     if not variants:
         return {}
-    n_rows, T = batch.recipient_ids.shape
-    budget = max_rows if max_rows is not None else DEFAULT_MAX_TOKENS // T
-    per_chunk = max(1, budget // n_rows)
     state = RecipientState.record(lm, batch)
-    starts = [_start(v, batch) for v in variants]
-    order = sorted(range(len(variants)), key=lambda i: starts[i])
+    shared = shared_prefix(batch) if donor_from_batch else 0
+    starts = [_start(v, batch, shared) for v in variants]
+    chunks = plan_chunks(starts, lm.adapter.n_layers, batch.recipient_ids.shape, max_rows)
     out: dict[str, list[Tensor]] = {}
     disable = {True: False, None: None, False: True}[progress]  # None: tqdm shows a bar only on a TTY
     with tqdm(total=len(variants), desc=desc, unit="patch", disable=disable, leave=False) as bar:
-        for first in range(0, len(order), per_chunk):
-            chunk = [variants[i] for i in order[first : first + per_chunk]]
-            for key, value in reduce(run_chunk(lm, batch, donor, chunk, state)).items():
+        for idx in chunks:
+            chunk = [variants[i] for i in idx]
+            for key, value in reduce(run_chunk(lm, batch, donor, chunk, state, columns, shared)).items():
                 out.setdefault(key, []).append(value.float().cpu())
             bar.update(len(chunk))
+    order = [i for idx in chunks for i in idx]
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.tensor(order)] = torch.arange(len(order))
     return {key: torch.cat(parts)[inverse] for key, parts in out.items()}

@@ -98,6 +98,7 @@ class RecipientState:
 
     def run(
         self, lm: LoadedModel, end: Int[Tensor, "batch"], start: int, pos: int, copies: int,
+        columns: Int[Tensor, "batch n"] | None = None,
     ) -> Float[Tensor, "rows vocab"]:
         """Blocks ``start``.. on positions ``pos``.. of ``copies`` stacked recipient copies; END logits."""
         a = lm.adapter
@@ -111,4 +112,5 @@ class RecipientState:
             h = out[0] if isinstance(out, tuple) else out
         h = a.final_norm()(h)
         rows = torch.arange(h.shape[0], device=h.device)
-        return a.unembed(h[rows, (end.to(h.device) - pos).repeat(copies)])  # (copies*B, V)
+        cols = None if columns is None else columns.repeat(copies, 1)  # (copies*B, n)
+        return a.unembed(h[rows, (end.to(h.device) - pos).repeat(copies)], cols)  # (copies*B, V or n)
