@@ -149,7 +149,7 @@ def test_answer_columns_readout_equals_full_logits(tiny_lm, batch, donor):
 
 
 def test_chunk_plan_keeps_costs_close_to_each_variants_own():
-    from actpatch.patching import plan_chunks
+    from actpatch.patching import DEFAULT_MAX_TOKENS, plan_chunks
 
     starts = [(L, p) for L in range(12) for p in range(16)]
     chunks = plan_chunks(starts, 12, (32, 16))
@@ -158,7 +158,7 @@ def test_chunk_plan_keeps_costs_close_to_each_variants_own():
         L, p = min(starts[i][0] for i in c), min(starts[i][1] for i in c)
         own = sum((12 - starts[i][0]) * (16 - starts[i][1]) for i in c)
         assert len(c) * (12 - L) * (16 - p) <= 1.15 * own
-        assert len(c) * 32 * (16 - p) <= 8192
+        assert len(c) * 32 * (16 - p) <= DEFAULT_MAX_TOKENS
 
 
 def test_variants_do_not_leak_into_each_other(tiny_lm, batch, donor):

@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also patch hidden states, all heads and single heads at each named IOI position "
                      "(IO, S1, S1+1, S2, END); about 5x the single-head sweep's cost")
     ioi.add_argument("--max-batch", type=int, metavar="ROWS",
-                     help="max rows (patch variants x pairs) per forward pass (default: automatic, ~8k tokens)")
+                     help="max rows (patch variants x pairs) per forward pass (default: automatic, ~4k tokens)")
     ioi.add_argument("--quiet", action="store_true", help="no progress bars or summary, only errors")
 
     sub.add_parser("models", help="list supported architectures and whether the bundled model is installed")

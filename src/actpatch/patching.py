@@ -32,7 +32,7 @@ from .prefix import RecipientState
 from .sites import Site, resolve_pos
 
 Reduce = Callable[[Float[Tensor, "k batch vocab"]], Mapping[str, Float[Tensor, "k batch"]]]
-DEFAULT_MAX_TOKENS = 8192  # rows * padded length per forward pass; keeps CPU memory and latency modest
+DEFAULT_MAX_TOKENS = 4096  # rows x computed positions per forward pass; larger batches buy nothing on CPU and cost memory
 
 
 def _patch_fn(entries: list, k: int, n_rows: int, n_heads: int, d_head: int, is_head: bool):
