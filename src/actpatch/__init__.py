@@ -1,8 +1,8 @@
 """actpatch: activation patching for HuggingFace causal LMs, built around the IOI task.
 
 Data flows one way through small modules:
-adapters -> models -> sites -> hooks -> ioi -> capture -> patching -> metrics -> sanity
--> results -> experiments -> plots -> report -> cli.
+adapters -> models -> sites -> hooks -> ioi -> capture -> prefix -> patching -> metrics
+-> attribution -> sanity -> results -> experiments -> plots -> report -> cli.
 
     import actpatch
     result = actpatch.run_ioi(n_pairs=16)          # bundled SmolLM2-135M, offline
@@ -17,6 +17,7 @@ except _metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0"
 
 from .adapters import ARCHITECTURES, Adapter, Architecture, get_adapter, supported_model_types
+from .attribution import Attribution, attribute
 from .capture import ActivationCache, capture, last_logits
 from .errors import (
     ActpatchError, ConfigError, DataError, ModelLoadError, PairsFileError, SanityCheckError, SiteError,
@@ -27,13 +28,15 @@ from .hooks import count_hooks, hooks
 from .ioi import PairBatch, PromptPair, generate_pairs, load_pairs_file, tokenize_pairs
 from .metrics import ioi_scores, logit_diff, normalised_effect, prob_ratio, token_prob
 from .models import DEFAULT_MODEL, LoadedModel, load_model, wrap_model
-from .patching import patch_variants, patched, run_chunk
+from .patching import patch_variants, patched, plan_chunks, run_chunk
+from .prefix import RecipientState
 from .results import HeadGrid, IOIResult
 from .sanity import SanityCheck, run_sanity_checks
 from .sites import AttnOutSite, HeadSite, HiddenSite, MlpOutSite
 
 __all__ = [
-    "ARCHITECTURES", "ActivationCache", "ActpatchError", "Adapter", "Architecture", "AttnOutSite", "ConfigError",
+    "ARCHITECTURES", "ActivationCache", "ActpatchError", "Adapter", "Architecture", "Attribution", "AttnOutSite",
+    "ConfigError", "RecipientState", "attribute", "plan_chunks",
     "DEFAULT_MODEL", "DataError", "HeadGrid", "HeadSite", "HiddenSite", "IOIConfig", "IOIResult", "LoadedModel",
     "MlpOutSite", "ModelLoadError", "PairBatch", "PairsFileError", "PromptPair", "SanityCheck", "SanityCheckError",
     "SiteError", "UnsupportedArchitectureError", "capture", "count_hooks", "generate_pairs", "get_adapter", "hooks",
