@@ -13,7 +13,7 @@ TransformerLens is a benchmark-only dependency (pip install transformer_lens==3.
 environment); without it, or with --skip-tl, its rows are skipped. TL sweeps that would take
 longer than --tl-budget seconds are estimated from a random subset of their patches (marked
 "est."). The floor of a sweep is the layer-stack work its patches cannot avoid (layers >= L,
-positions >= p where causality allows), in FE, from the measured body share of a forward pass.
+positions >= p where causality allows), in FE, from the FLOP share of the layer stack in a forward pass.
 """
 
 from __future__ import annotations
@@ -110,6 +110,8 @@ def main() -> None:
     ap.add_argument("--tl-budget", type=float, default=600, help="seconds before a TL sweep is estimated from a subset")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     ap.add_argument("--bundled-pairs", type=int, default=16)
+    ap.add_argument("--bundled-python", default=".venv/bin/python" if Path(".venv/bin/python").exists() else sys.executable,
+                    help="interpreter with actpatch and the bundled model installed (default: the project's .venv)")
     ap.add_argument("--out", default="bench/results.json")
     args = ap.parse_args()
     if args.threads:
@@ -134,7 +136,12 @@ def main() -> None:
         t_full, _, _ = timed(lambda: model(ids, attention_mask=mask), repeat=7)
         t_keep1, _, _ = timed(lambda: model(ids, attention_mask=mask, logits_to_keep=1), repeat=7)
         t_body, _, _ = timed(lambda: model.transformer(ids, attention_mask=mask), repeat=7)
-    body_share = t_body / t_full
+    # the floor uses the FLOP share of the body (12 layers) in a full forward (body + unembedding at
+    # every position): a timing ratio moves 20 % between runs on a shared 2-core machine
+    d, v, f = model.config.n_embd, model.config.vocab_size, 4 * model.config.n_embd
+    per_token_layer = 2 * (4 * d * d + 2 * d * f) + 4 * N_TOKENS * d  # projections + MLP + attention scores
+    body_flops = model.config.n_layer * per_token_layer
+    body_share = body_flops / (body_flops + 2 * d * v)
     add("forward, full logits", "HF", t_full, t_full)
     add("forward, logits_to_keep=1", "HF", t_keep1, t_full)
 
@@ -251,11 +258,13 @@ def main() -> None:
     bundled = None
     if not args.skip_bundled:
         out_dir = Path("runs/bench-bundled")
-        cmd = [sys.executable, "-m", "actpatch.cli", "ioi", "--n-pairs", str(args.bundled_pairs), "--out", str(out_dir),
+        cmd = [args.bundled_python, "-m", "actpatch.cli", "ioi", "--n-pairs", str(args.bundled_pairs), "--out", str(out_dir),
                "--overwrite", "--quiet"]
         t = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         bundled = {"seconds": time.perf_counter() - t, "exit": proc.returncode, "command": " ".join(cmd[2:])}
+        if proc.returncode:
+            print(proc.stderr[-2000:])
         if proc.returncode == 0:
             res = json.loads((out_dir / "results.json").read_text())
             bundled["spearman_attribution_vs_exact"] = {
@@ -271,12 +280,13 @@ def main() -> None:
                     "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                     "actpatch": actpatch.__version__, "cuda": torch.cuda.is_available()},
         "workload": {"model": "GPT-2 small architecture, random init", "pairs": N_PAIRS, "tokens": N_TOKENS},
-        "forward_seconds": t_full, "body_share": body_share, "rows": record, "speedups": speedups,
+        "forward_seconds": t_full, "body_share_flops": body_share, "body_share_time": t_body / t_full, "rows": record, "speedups": speedups,
         "spearman_attribution_vs_exact_random_gpt2": rho, "bundled_ioi_run": bundled,
         "memory": {"model_mb": model_bytes / 2**20, "activation_cache_mb": cache_bytes / 2**20},
     }
     print(tabulate(rows, ["sweep", "tool", "seconds", "FE", "floor FE", "FE / floor", "peak +RSS MB", "note"], tablefmt="github"))
-    print(f"\none forward (full logits, {N_PAIRS} x {N_TOKENS}) = {t_full:.3f} s; body share {body_share:.2f}; "
+    print(f"\none forward (full logits, {N_PAIRS} x {N_TOKENS}) = {t_full:.3f} s; body share {body_share:.2f} by FLOPs, "
+          f"{t_body / t_full:.2f} by time; "
           f"threads {torch.get_num_threads()}")
     for name, x in speedups.items():
         print(f"speed-up of actpatch, {name}: {x:.1f}x")

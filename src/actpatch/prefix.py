@@ -86,15 +86,11 @@ class RecipientState:
             x = x.repeat(copies, *([1] * (x.dim() - 1)))  # (B, ...) -> (copies*B, ...), variant-major
         return x
 
-    def _cache(self, start: int, pos: int, copies: int) -> DynamicCache:
-        """Keys/values of positions < ``pos`` for layers >= ``start``; empty layers elsewhere."""
-        data = []
-        for L, (k, v) in enumerate(self.kv):
-            if L >= start and pos:
-                data.append((k[:, :, :pos].repeat(copies, 1, 1, 1), v[:, :, :pos].repeat(copies, 1, 1, 1)))
-            else:
-                data.append((None, None))
-        return DynamicCache(ddp_cache_data=data)
+    def _fill(self, cache: DynamicCache, layer: int, pos: int, copies: int) -> None:
+        """Put the recipient's keys/values of positions < ``pos`` into ``cache`` for ``layer`` only."""
+        if pos:
+            k, v = self.kv[layer]
+            cache.update(k[:, :, :pos].repeat(copies, 1, 1, 1), v[:, :, :pos].repeat(copies, 1, 1, 1), layer)
 
     def run(
         self, lm: LoadedModel, end: Int[Tensor, "batch"], start: int, pos: int, copies: int,
@@ -104,12 +100,14 @@ class RecipientState:
         a = lm.adapter
         if pos and int(end.min()) < pos:
             raise ValueError(f"pos {pos} is after some row's END token; nothing there to compute")
-        cache = self._cache(start, pos, copies)
+        cache = DynamicCache(ddp_cache_data=[(None, None)] * a.n_layers)  # empty full-attention layers
         h = self.hidden[start][:, pos:].repeat(copies, 1, 1)  # (copies*B, T-pos, D)
         for L in range(start, a.n_layers):
+            self._fill(cache, L, pos, copies)  # one layer's keys/values at a time: memory stays flat
             rest, kwargs = self._prepare(self.calls[L], copies, pos, cache)
             out = a.block(L)(h, *rest, **kwargs)
             h = out[0] if isinstance(out, tuple) else out
+            cache.layers[L] = type(cache.layers[L])()  # drop this layer's keys/values
         h = a.final_norm()(h)
         rows = torch.arange(h.shape[0], device=h.device)
         cols = None if columns is None else columns.repeat(copies, 1)  # (copies*B, n)
