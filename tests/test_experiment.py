@@ -207,3 +207,19 @@ def test_gpt2_shapes_with_real_tokenizer(gpt2_tokenizer, n_layer, n_head, n_embd
     res = run_ioi(lm=lm, n_pairs=2, designs=("swap",), layers=(0, n_layer // 2, n_layer - 1), head_sweep=False,
                   progress=False)
     assert res.passed, res.sanity
+
+
+def test_report_flags_heads_where_attribution_misses():
+    from actpatch.report import _attribution_misses
+
+    cells = []
+    for L in range(2):
+        for h in range(2):
+            exact = -4.0 if (L, h) == (1, 0) else 0.1 * h
+            approx = 0.2 if (L, h) == (1, 0) else 0.1 * h
+            for experiment, value in (("head", exact), ("head_attribution", approx)):
+                cells.append({"experiment": experiment, "design": "swap", "layer": L, "head": h, "position": "all",
+                              "delta_logit_diff": value})
+    res = IOIResult(config={}, model={}, environment={}, baseline={"designs": {"swap": {}}}, cells=cells, sanity={},
+                    n_layers=2, n_heads=2, layers=[0, 1])
+    assert _attribution_misses(res, "swap") == ["L1H0 (exact -4.00, attribution +0.20)"]

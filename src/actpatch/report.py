@@ -7,6 +7,7 @@ It reads only the ``IOIResult``. Tables are rendered with ``tabulate``.
 
 from __future__ import annotations
 
+import numpy as np
 from tabulate import tabulate
 
 from .results import IOIResult
@@ -96,7 +97,23 @@ def _findings(result: IOIResult, design: str) -> list[str]:
         if cmp["n_heads"] >= 3:
             out.append(f"Attribution vs exact over the {cmp['n_heads']} heads patched both ways: Spearman ρ = "
                        f"{cmp['spearman']:.3f}.")
+            misses = _attribution_misses(result, design)
+            if misses:
+                out.append("Attribution is a first-order estimate; it is furthest from exact patching at "
+                           + ", ".join(misses) + ". Trust exact patching for these heads.")
     return out
+
+
+def _attribution_misses(result: IOIResult, design: str, k: int = 3) -> list[str]:
+    """Heads where attribution and exact patching disagree by more than a quarter of the largest exact effect."""
+    exact = result.head_grid(design).values
+    approx = result.head_grid(design, experiment="head_attribution").values
+    gap = abs(exact - approx)
+    scale = float(np.nanmax(abs(exact))) if np.isfinite(exact).any() else 0.0
+    order = [i for i in np.argsort(-np.nan_to_num(gap, nan=-1.0), axis=None)[:k] if gap.flat[i] > 0.25 * scale > 0]
+    n_heads = result.n_heads
+    return [f"L{result.layers[i // n_heads]}H{i % n_heads} (exact {exact.flat[i]:+.2f}, attribution {approx.flat[i]:+.2f})"
+            for i in order]
 
 
 def render_report(result: IOIResult, plots: list[str] | None = None) -> str:
