@@ -120,7 +120,7 @@ def main() -> None:
     model, batch = workload()
     lm = wrap_model(model, tokenizer=None, info={"spec": "gpt2-small-random"})
     a = lm.adapter
-    ids, mask, end = batch.recipient_ids, batch.attention_mask, batch.position("END")
+    ids, mask = batch.recipient_ids, batch.attention_mask
     rows, record = [], {}
 
     def add(name, tool, seconds, fe_unit, floor=None, peak=None, note=""):

@@ -23,7 +23,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .capture import ActivationCache, last_logits, split_heads
+from .capture import ActivationCache, recipient_logits, split_heads
 from .hooks import hooks
 from .ioi import PairBatch
 from .metrics import logit_diff
@@ -83,7 +83,7 @@ def attribute(
         for p in params:  # only activation gradients are needed: skip weight gradients entirely
             p.requires_grad_(False)
         with torch.enable_grad(), hooks(specs):
-            logits = last_logits(lm, batch.recipient_ids.to(dev), batch.attention_mask.to(dev), batch.position("END"))
+            logits = recipient_logits(lm, batch)
             metric = logit_diff(logits, batch.answer_ids, batch.wrong_ids).mean()
             metric.backward()
     finally:

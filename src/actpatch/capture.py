@@ -55,6 +55,12 @@ def last_logits(
     return lm.adapter.unembed(hidden[rows, end.to(hidden.device)], columns)  # (B, V) or (B, n)
 
 
+def recipient_logits(lm: LoadedModel, batch: PairBatch) -> Float[Tensor, "batch vocab"]:
+    """END logits of the batch's recipient prompts (no hooks of its own; callers may install some)."""
+    dev = lm.device
+    return last_logits(lm, batch.recipient_ids.to(dev), batch.attention_mask.to(dev), batch.position("END"))
+
+
 def capture(
     lm: LoadedModel,
     input_ids: Int[Tensor, "batch pos"],

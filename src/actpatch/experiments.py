@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import platform
 import sys
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from importlib import metadata
 
 import torch
@@ -26,7 +26,7 @@ from .attribution import Attribution, attribute
 from .capture import capture
 from .errors import ConfigError, DataError
 from .hooks import count_hooks
-from .ioi import DESIGNS, PairBatch, generate_pairs, load_pairs_file, tokenize_pairs
+from .ioi import DESIGNS, POSITION_NAMES, PairBatch, generate_pairs, load_pairs_file, tokenize_pairs
 from .metrics import ioi_scores, normalised_effect
 from .models import DEFAULT_MODEL, LoadedModel, load_model
 from .patching import patch_variants
@@ -105,9 +105,6 @@ def _layers(cfg: IOIConfig, n_layers: int) -> list[int]:
     return sorted(set(cfg.layers))
 
 
-NAMED = ("IO", "S1", "S1+1", "S2", "END")
-
-
 def _variants(layers: list[int], heads: list[tuple[int, int]], positions: tuple[str, ...]) -> list[tuple[dict, list]]:
     """(cell description, sites patched together) for every exact cell: layer sweeps, then single heads."""
     cells = []
@@ -124,7 +121,7 @@ def _variants(layers: list[int], heads: list[tuple[int, int]], positions: tuple[
 
 def _attribution_cells(att: Attribution, batch: PairBatch, n_heads: int) -> list[dict]:
     """Attribution estimates as cells: every head and hidden state, all positions and each named position."""
-    positions = [("all", None)] + [(p, batch.positions[p]) for p in NAMED if p in batch.positions]
+    positions = [("all", None)] + [(p, batch.positions[p]) for p in POSITION_NAMES if p in batch.positions]
     cells = []
     for pos_name, index in positions:
         head = att.head_effect() if index is None else att.at_positions(att.heads, index)  # (L, H)
@@ -162,7 +159,7 @@ def run_design(lm: LoadedModel, batch: PairBatch, design: str, cfg: IOIConfig, l
     baseline = {"recipient": rec, "donor": don}
 
     att = attribute(lm, batch, don_cache, layers) if cfg.method in ("attribution", "both") else None
-    positions = tuple(p for p in NAMED if p in batch.positions) if cfg.by_position else ()
+    positions = tuple(p for p in POSITION_NAMES if p in batch.positions) if cfg.by_position else ()
     cells = _variants(layers, _exact_heads(cfg, layers, a.n_heads, att), positions)
     scores = patch_variants(
         lm, batch, don_cache, [sites for _, sites in cells],

@@ -143,7 +143,7 @@ def render_report(result: IOIResult, plots: list[str] | None = None) -> str:
     for design in result.designs:
         lines += ["", f"## Findings, donor design `{design}`", ""]
         lines += [f"- {s}" for s in _findings(result, design)]
-        lines += ["", f"Mean LD after patching each layer (bold: answer flipped):", "", _layer_table(result, design)]
+        lines += ["", "Mean LD after patching each layer (bold: answer flipped):", "", _layer_table(result, design)]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     lines += ["", "## Sanity checks", ""]
@@ -155,7 +155,7 @@ def render_report(result: IOIResult, plots: list[str] | None = None) -> str:
         "", "## Reproduce", "",
         f"- command: `{cfg.get('command') or 'actpatch.run_ioi(...)'}`",
         f"- model: {m.get('model_id')} (source {m.get('source')}, revision {m.get('revision')})",
-        f"- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v),
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v),
         f"- python {env['python']} on {env['platform']}",
         "- full config and environment: `results.json` (`config`, `model`, `environment`)",
         "",

@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .capture import ActivationCache, last_logits
+from .capture import ActivationCache, recipient_logits
 from .hooks import count_hooks, hooks
 from .ioi import PairBatch
 from .models import LoadedModel
@@ -58,7 +58,7 @@ def check_hooks_transparent(lm: LoadedModel, batch: PairBatch, rec_logits: Tenso
     specs = [(a.block(L), "output", lambda x: x.clone()) for L in range(a.n_layers)]
     specs += [(a.attn_out(L), "input", lambda x: x.clone()) for L in range(a.n_layers)]
     with torch.inference_mode(), hooks(specs):
-        logits = last_logits(lm, batch.recipient_ids.to(lm.device), batch.attention_mask.to(lm.device), batch.position("END"))
+        logits = recipient_logits(lm, batch)
     d, tol = _diff(logits, rec_logits), _exact_tol(lm)
     return SanityCheck("hooks_transparent", d <= tol, f"no-op hooks on all {a.n_layers} layers: max abs dlogit = {d:.3g}", d, tol)
 
@@ -86,7 +86,7 @@ def check_head_patch_exact(
 
         with torch.inference_mode(), patched(lm, batch, donor_cache, [[HeadSite(L, head)]]):
             with hooks([(a.attn_out(L), "input", observe)]):
-                last_logits(lm, batch.recipient_ids.to(lm.device), batch.attention_mask.to(lm.device), batch.position("END"))
+                recipient_logits(lm, batch)
         z, z_don, z_rec = seen[0].cpu(), donor_cache[HeadSite(L)].cpu(), rec_cache[HeadSite(L)].cpu()
         others = [h for h in range(a.n_heads) if h != head]
         if not torch.equal(z[:, :, head], z_don[:, :, head]):
