@@ -77,3 +77,12 @@ def tiny_lm(request, gpt2_tokenizer):
     from actpatch import wrap_model
 
     return wrap_model(tiny_model(request.param), gpt2_tokenizer, {"spec": f"tiny-{request.param}"})
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory, gpt2_tokenizer):
+    """A tiny random GPT-2 saved as a local checkpoint: exercises the real from_pretrained path."""
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    tiny_model("gpt2").save_pretrained(folder)
+    gpt2_tokenizer.save_pretrained(folder)
+    return folder

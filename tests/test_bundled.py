@@ -59,3 +59,12 @@ def test_bundled_attribution_ranks_heads_like_exact_patching(smollm):
     cmp = result.attribution_vs_exact("abc")
     assert cmp["n_heads"] == 16 * 9
     assert cmp["spearman"] >= 0.8
+
+
+def test_bundled_variable_length_batch_equals_one_pair_at_a_time(smollm):
+    """Prompts of different lengths in one right-padded batch give each pair's own numbers (1e-5)."""
+    from actpatch import HeadSite, HiddenSite
+    from test_hardening import batched_equals_single
+
+    variants = [[HeadSite(16)], [HeadSite(23, 3)], [HiddenSite(20, "S2")], [HeadSite(24, None, "END")], [HiddenSite(28)]]
+    batched_equals_single(smollm, 4, variants)

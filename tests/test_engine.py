@@ -149,16 +149,27 @@ def test_answer_columns_readout_equals_full_logits(tiny_lm, batch, donor):
 
 
 def test_chunk_plan_keeps_costs_close_to_each_variants_own():
-    from actpatch.patching import DEFAULT_MAX_TOKENS, plan_chunks
+    from actpatch.patching import plan_chunks
 
     starts = [(L, p) for L in range(12) for p in range(16)]
-    chunks = plan_chunks(starts, 12, (32, 16))
+    chunks = plan_chunks(starts, 12, (32, 16), max_tokens=2048)
     assert sorted(i for c in chunks for i in c) == list(range(len(starts)))
     for c in chunks:
         L, p = min(starts[i][0] for i in c), min(starts[i][1] for i in c)
         own = sum((12 - starts[i][0]) * (16 - starts[i][1]) for i in c)
         assert len(c) * (12 - L) * (16 - p) <= 1.15 * own
-        assert len(c) * 32 * (16 - p) <= DEFAULT_MAX_TOKENS
+        assert len(c) * 32 * (16 - p) <= 2048
+
+
+def test_token_budget_is_positive_and_sized_to_the_model(tiny_lm):
+    from actpatch.patching import token_budget
+
+    budget = token_budget(tiny_lm, 16)
+    assert 16 <= budget <= 10**7
+    cfg = tiny_lm.model.config
+    if tiny_lm.device.type == "cpu":  # the MLP's hidden activations of one chunk fit the cache budget
+        d_ff = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * cfg.hidden_size
+        assert budget * d_ff * 4 <= 12 * 2**20 or budget == 16
 
 
 def test_variants_do_not_leak_into_each_other(tiny_lm, batch, donor):

@@ -124,15 +124,6 @@ def test_silent_noop_patch_is_caught(tiny_lm, monkeypatch):
     assert not bad.sanity["hidden_patch_reproduces_donor"]["passed"]
 
 
-@pytest.fixture(scope="module")
-def gpt2_dir(tmp_path_factory, gpt2_tokenizer):
-    """A tiny random GPT-2 saved as a local checkpoint: exercises the real from_pretrained path."""
-    folder = tmp_path_factory.mktemp("tiny-gpt2")
-    tiny_model("gpt2").save_pretrained(folder)
-    gpt2_tokenizer.save_pretrained(folder)
-    return folder
-
-
 def test_cli_writes_report_folder(gpt2_dir, tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["ioi", "--model", str(gpt2_dir), "--n-pairs", "4", "--donor", "swap", "abc", "--out", str(out), "--quiet"])

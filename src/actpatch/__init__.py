@@ -1,7 +1,7 @@
 """actpatch: activation patching for HuggingFace causal LMs, built around the IOI task.
 
 Data flows one way through small modules:
-adapters -> models -> sites -> hooks -> ioi -> capture -> prefix -> patching -> metrics
+adapters -> models -> sites -> hooks -> ioi -> capture -> checkpoint -> prefix -> patching -> metrics
 -> attribution -> sanity -> results -> experiments -> plots -> report -> cli.
 
     import actpatch
@@ -20,15 +20,16 @@ from .adapters import ARCHITECTURES, Adapter, Architecture, get_adapter, support
 from .attribution import Attribution, attribute
 from .capture import ActivationCache, capture, last_logits
 from .errors import (
-    ActpatchError, ConfigError, DataError, ModelLoadError, PairsFileError, SanityCheckError, SiteError,
-    UnsupportedArchitectureError,
+    ActpatchError, ConfigError, DataError, ModelLoadError, NumericalError, PairsFileError, ResumeError,
+    SanityCheckError, SiteError, UnsupportedArchitectureError,
 )
+from .checkpoint import Checkpoint, sweep_fingerprint
 from .experiments import IOIConfig, run_ioi
 from .hooks import count_hooks, hooks
 from .ioi import PairBatch, PromptPair, generate_pairs, load_pairs_file, tokenize_pairs
 from .metrics import ioi_scores, logit_diff, normalised_effect, prob_ratio, token_prob
 from .models import DEFAULT_MODEL, LoadedModel, load_model, wrap_model
-from .patching import patch_variants, patched, plan_chunks, run_chunk
+from .patching import patch_variants, patched, plan_chunks, run_chunk, token_budget
 from .prefix import RecipientState
 from .results import HeadGrid, IOIResult
 from .sanity import SanityCheck, run_sanity_checks
@@ -36,7 +37,8 @@ from .sites import AttnOutSite, HeadSite, HiddenSite, MlpOutSite
 
 __all__ = [
     "ARCHITECTURES", "ActivationCache", "ActpatchError", "Adapter", "Architecture", "Attribution", "AttnOutSite",
-    "ConfigError", "RecipientState", "attribute", "plan_chunks",
+    "Checkpoint", "ConfigError", "NumericalError", "RecipientState", "ResumeError", "attribute", "plan_chunks",
+    "sweep_fingerprint", "token_budget",
     "DEFAULT_MODEL", "DataError", "HeadGrid", "HeadSite", "HiddenSite", "IOIConfig", "IOIResult", "LoadedModel",
     "MlpOutSite", "ModelLoadError", "PairBatch", "PairsFileError", "PromptPair", "SanityCheck", "SanityCheckError",
     "SiteError", "UnsupportedArchitectureError", "capture", "count_hooks", "generate_pairs", "get_adapter", "hooks",

@@ -51,17 +51,40 @@ class Attribution:
         return scores.gather(-1, idx).squeeze(-1).sum(-1)
 
 
+GRAD_TOKENS = 256  # tokens per backward pass: the autograd graph holds every layer's activations
+
+
 def attribute(
-    lm: LoadedModel, batch: PairBatch, donor: ActivationCache, layers: Sequence[int] | None = None
+    lm: LoadedModel, batch: PairBatch, donor: ActivationCache, layers: Sequence[int] | None = None,
+    max_rows: int | None = None,
 ) -> Attribution:
     """Gradient x (donor - recipient) for every head and hidden state of every layer and position.
 
-    Leaves the model unchanged: parameters keep ``requires_grad`` as they were and receive no
-    gradient (the graph starts at the embedding output, which is made a leaf that requires grad).
+    Pairs are independent (each pair's logit difference depends only on its own row), so the
+    backward pass runs over groups of ``max_rows`` pairs (default: about ``GRAD_TOKENS`` tokens),
+    which bounds the autograd graph's memory; the scores do not depend on the grouping beyond float
+    summation order. Leaves the model unchanged: parameters keep ``requires_grad`` as they were and
+    receive no gradient (the graph starts at the embedding output, made a leaf that requires grad).
     """
+    layers = tuple(range(lm.adapter.n_layers)) if layers is None else tuple(layers)
+    rows = max_rows or max(1, GRAD_TOKENS // batch.recipient_ids.shape[1])
+    heads, hidden, metric = [], [], 0.0
+    for lo in range(0, len(batch), rows):
+        part = slice(lo, lo + rows)
+        sub = ActivationCache({key: value[part] for key, value in donor.items()})
+        h, hd, m = _attribute_rows(lm, batch.select(part), sub, layers, len(batch))
+        heads.append(h)
+        hidden.append(hd)
+        metric += m
+    return Attribution(torch.cat(heads, dim=2), torch.cat(hidden, dim=1), layers, metric)
+
+
+def _attribute_rows(
+    lm: LoadedModel, batch: PairBatch, donor: ActivationCache, layers: tuple[int, ...], n_total: int,
+) -> tuple[Tensor, Tensor, float]:
+    """Scores (L, H, b, T) and (L, b, T) for one group of pairs, as parts of the mean over ``n_total`` pairs."""
     a = lm.adapter
     dev = lm.device
-    layers = tuple(range(a.n_layers)) if layers is None else tuple(layers)
     z_rec: dict[int, Tensor] = {}
     h_rec: dict[int, Tensor] = {}
 
@@ -84,7 +107,7 @@ def attribute(
             p.requires_grad_(False)
         with torch.enable_grad(), hooks(specs):
             logits = recipient_logits(lm, batch)
-            metric = logit_diff(logits, batch.answer_ids, batch.wrong_ids).mean()
+            metric = logit_diff(logits, batch.answer_ids, batch.wrong_ids).sum() / n_total  # this group's share of the mean
             metric.backward()
     finally:
         for p in params:
@@ -97,4 +120,4 @@ def attribute(
             heads.append((dz * grad_z.float()).sum(-1).permute(2, 0, 1))  # (H, B, T)
             dh = donor[HiddenSite(L)].to(dev).float() - h_rec[L].detach().float()
             hidden.append((dh * h_rec[L].grad.float()).sum(-1))  # (B, T)
-    return Attribution(torch.stack(heads).cpu(), torch.stack(hidden).cpu(), layers, float(metric.detach()))
+    return torch.stack(heads).cpu(), torch.stack(hidden).cpu(), float(metric.detach())

@@ -17,6 +17,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .errors import NumericalError
 from .hooks import hooks
 from .ioi import PairBatch
 from .models import LoadedModel
@@ -61,6 +62,45 @@ def recipient_logits(lm: LoadedModel, batch: PairBatch) -> Float[Tensor, "batch 
     return last_logits(lm, batch.recipient_ids.to(dev), batch.attention_mask.to(dev), batch.position("END"))
 
 
+def locate_nonfinite(
+    lm: LoadedModel, input_ids: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"]
+) -> str:
+    """Name the first module (embeddings, block L, final norm) whose output has NaN/inf at a real token."""
+    adapter, bad = lm.adapter, []
+    real = attention_mask.to(lm.device).bool()  # (B, T): padding may hold anything
+
+    def watch(name: str):
+        def fn(act: Tensor) -> None:
+            if not bad and not torch.isfinite(act[real]).all():
+                bad.append(name)
+        return fn
+
+    specs = [(lm.model.get_input_embeddings(), "output", watch("the token embeddings"))]
+    specs += [(adapter.block(L), "output", watch(f"layer {L} (its block output)")) for L in range(adapter.n_layers)]
+    specs.append((adapter.final_norm(), "output", watch("the final norm")))
+    with torch.inference_mode(), hooks(specs):
+        lm.model.base_model(input_ids=input_ids.to(lm.device), attention_mask=real.long(), use_cache=False)
+    return bad[0] if bad else "the unembedding (LM head)"
+
+
+def check_finite(
+    lm: LoadedModel, logits: Tensor, input_ids: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"],
+    what: str,
+) -> None:
+    """Raise ``NumericalError`` naming the first layer that produced NaN/inf if ``logits`` are not finite."""
+    if torch.isfinite(logits).all():
+        return
+    rows = (~torch.isfinite(logits)).flatten(1).any(dim=1).nonzero().flatten().tolist()
+    where = locate_nonfinite(lm, input_ids, attention_mask)
+    dtype = next(lm.model.parameters()).dtype
+    raise NumericalError(
+        f"the {what} logits contain NaN or inf (rows {rows[:8]}{' ...' if len(rows) > 8 else ''}); expected finite "
+        f"values. They first appear in {where}. " + (
+            f"The model runs in {str(dtype).removeprefix('torch.')}, which can overflow: try --dtype float32. "
+            if dtype != torch.float32 else "") + "Check the checkpoint's weights for NaN/inf."
+    )
+
+
 def capture(
     lm: LoadedModel,
     input_ids: Int[Tensor, "batch pos"],
@@ -89,5 +129,6 @@ def capture(
         specs.append((site.module(adapter), "input" if site.reads_input else "output", store))
     with torch.inference_mode(), hooks(specs):
         logits = last_logits(lm, input_ids.to(lm.device), batch.attention_mask.to(lm.device), batch.position("END"))
+    check_finite(lm, logits, input_ids, batch.attention_mask, "captured run's")
     return cache, logits
 

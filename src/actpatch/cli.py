@@ -12,9 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
+import shutil
 import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from . import __version__
 from .adapters import ARCHITECTURES
@@ -52,7 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     ioi.add_argument("--seed", type=int, default=0, help="seed of the pair generator's own RNG (default: 0)")
     ioi.add_argument("--out", default="runs/ioi", metavar="DIR", help="output folder (default: runs/ioi)")
     ioi.add_argument("--overwrite", action="store_true", help="allow writing into an existing non-empty --out folder")
+    ioi.add_argument("--resume", action="store_true",
+                     help="continue an interrupted run in --out: patches it already finished (saved in --out/.partial) "
+                     "are not run again; use the same options as the interrupted run")
     ioi.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N (default: auto)")
+    ioi.add_argument("--trust-remote-code", action="store_true",
+                     help="let transformers run Python code shipped with the checkpoint (off by default; only for "
+                     "models whose authors you trust)")
     ioi.add_argument("--dtype", default="float32", choices=list(DTYPES), help="model weights dtype (default: float32); "
                      "metrics are always computed in float32")
     ioi.add_argument("--layers", type=int, nargs="+", metavar="L", help="sweep only these layers (default: all)")
@@ -67,42 +78,84 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also patch hidden states, all heads and single heads at each named IOI position "
                      "(IO, S1, S1+1, S2, END); about 5x the single-head sweep's cost")
     ioi.add_argument("--max-batch", type=int, metavar="ROWS",
-                     help="max rows (patch variants x pairs) per forward pass (default: automatic, ~4k tokens)")
+                     help="max rows (patch variants x pairs) per forward pass (default: automatic, from the "
+                     "CPU cache size or free GPU memory)")
     ioi.add_argument("--quiet", action="store_true", help="no progress bars or summary, only errors")
 
     sub.add_parser("models", help="list supported architectures and whether the bundled model is installed")
     return parser
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
+PARTIAL = ".partial"  # finished patches of an unfinished run, for --resume
+
+
+def _prepare_out(out: Path, overwrite: bool, resume: bool) -> bool:
+    """Check that ``out`` may be written; create it. Returns True if this call created it."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder; choose another path")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"--out {out} already exists and is not empty; pass --overwrite or choose another folder")
+    if resume and not (out / PARTIAL).is_dir():
+        raise ConfigError(f"--resume: {out} holds no interrupted run (expected {out / PARTIAL}); run without --resume")
+    if not resume and out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"--out {out} already exists and is not empty; pass --overwrite, --resume (to continue an "
+                          "interrupted run) or choose another folder")
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / ".write-test").touch()
         (out / ".write-test").unlink()
     except OSError as exc:
         raise ConfigError(f"--out {out} is not writable ({exc.strerror}); choose a folder you can write to") from exc
+    if not resume:
+        shutil.rmtree(out / PARTIAL, ignore_errors=True)  # --overwrite: a stale partial run must not be resumed
+    return created
+
+
+def _write_outputs(result, out: Path) -> list[str]:
+    """Write every output file into a staging folder inside ``out``, then rename each into place.
+
+    Only fixed file names (and donor design names from a fixed list) are used: nothing from prompt
+    text becomes a path, and nothing is written outside ``out``.
+    """
+    stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
+    try:
+        result.save(stage)
+        plots = [p.name for p in save_plots(result, stage)]
+        (stage / "report.md").write_text(render_report(result, plots), encoding="utf-8")
+        (stage / "config.json").write_text(json.dumps(
+            {"config": result.config, "model": result.model, "environment": result.environment}, indent=2) + "\n",
+            encoding="utf-8")
+        for f in stage.iterdir():
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return plots
 
 
 def cmd_ioi(args: argparse.Namespace, argv: list[str]) -> int:
     out = Path(args.out)
-    _prepare_out(out, args.overwrite)
+    created = _prepare_out(out, args.overwrite, args.resume)
     cfg = IOIConfig(
         model=args.model, n_pairs=args.n_pairs, pairs_file=args.pairs_file, designs=tuple(dict.fromkeys(args.donor)),
-        seed=args.seed, device=args.device, dtype=args.dtype, layers=tuple(args.layers) if args.layers else None,
+        seed=args.seed, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+        layers=tuple(args.layers) if args.layers else None,
         head_sweep=not args.no_head_sweep, method=args.method, top_k=args.top_k, by_position=args.by_position,
         max_rows=args.max_batch, progress=False if args.quiet else None,
         command=shlex.join(["actpatch", *argv]),
     )
-    result = run_ioi(cfg)
-    result.save(out)
-    plots = [p.name for p in save_plots(result, out)]
-    (out / "report.md").write_text(render_report(result, plots), encoding="utf-8")
-    (out / "config.json").write_text(json.dumps(
-        {"config": result.config, "model": result.model, "environment": result.environment}, indent=2) + "\n", encoding="utf-8")
+    try:
+        result = run_ioi(cfg, checkpoint_dir=out / PARTIAL, resume=args.resume)
+        plots = _write_outputs(result, out)
+    except KeyboardInterrupt:
+        if (out / PARTIAL).is_dir():
+            print(f"actpatch: interrupted; the finished patches are saved in {out / PARTIAL}. Rerun the same command "
+                  "with --resume to continue.", file=sys.stderr)
+        raise
+    except BaseException:  # bad input or a failed run: leave no partial output behind
+        shutil.rmtree(out / PARTIAL, ignore_errors=True)
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    shutil.rmtree(out / PARTIAL, ignore_errors=True)
     if not args.quiet:
         b = result.baseline
         print(f"{result.model.get('model_id')}: recipients accuracy {b['accuracy']:.2f}, mean LD {b['mean_logit_diff']:.2f} "
@@ -129,16 +182,35 @@ def cmd_models() -> int:
     return 0
 
 
+@contextmanager
+def _quiet_transformers(quiet: bool) -> Iterator[None]:
+    """--quiet also silences transformers' own loading bars (restored afterwards)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if quiet and was:
+            hf_logging.enable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
-        return cmd_ioi(args, argv) if args.command == "ioi" else cmd_models()
+        if args.command == "models":
+            return cmd_models()
+        with _quiet_transformers(args.quiet):
+            return cmd_ioi(args, argv)
     except ActpatchError as exc:
         print(f"actpatch: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("actpatch: interrupted; hooks were removed and nothing further was written", file=sys.stderr)
+        print("actpatch: interrupted; hooks were removed, the model was left as loaded, and no results were "
+              "written", file=sys.stderr)
         return 130
 
 

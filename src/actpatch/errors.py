@@ -9,6 +9,8 @@ Every message says what was expected, what was received, and what to do::
     ├── DataError                 an IOI pair or a pairs file is invalid
     │   └── PairsFileError        a line of a JSONL pairs file is invalid (carries the line number)
     ├── SiteError                 a patch site does not fit the model or the batch
+    ├── NumericalError            NaN or inf in a forward pass (names the first layer that made it)
+    ├── ResumeError               a saved partial sweep does not belong to this run
     └── SanityCheckError          a mandatory sanity check failed
 """
 
@@ -46,6 +48,14 @@ class PairsFileError(DataError):
 
 class SiteError(ActpatchError, ValueError):
     """A patch site names a layer, head or position the model or batch does not have."""
+
+
+class NumericalError(ActpatchError, ArithmeticError):
+    """A forward pass produced NaN or inf."""
+
+
+class ResumeError(ActpatchError, ValueError):
+    """``--resume`` found a checkpoint made by a different run (other model, pairs or sweep)."""
 
 
 class SanityCheckError(ActpatchError, RuntimeError):

@@ -19,11 +19,14 @@ import platform
 import sys
 from dataclasses import asdict, dataclass, replace
 from importlib import metadata
+from pathlib import Path
 
 import torch
 
 from .attribution import Attribution, attribute
+from . import __version__ as actpatch_version
 from .capture import capture
+from .checkpoint import Checkpoint, sweep_fingerprint
 from .errors import ConfigError, DataError
 from .hooks import count_hooks
 from .ioi import DESIGNS, POSITION_NAMES, PairBatch, generate_pairs, load_pairs_file, tokenize_pairs
@@ -49,6 +52,7 @@ class IOIConfig:
     seed: int = 0                     # seeds the pair generator's own RNG only
     device: str | None = None         # None/"auto": CUDA when available
     dtype: str = "float32"
+    trust_remote_code: bool = False   # let transformers run code shipped with the checkpoint (off unless asked)
     layers: tuple[int, ...] | None = None   # sweep only these layers (None: all)
     head_sweep: bool = True           # run the layer x head sweep
     method: str = "both"              # exact | attribution | both (attribution = gradient estimate, 2 fwd + 1 bwd)
@@ -147,7 +151,10 @@ def _exact_heads(cfg: IOIConfig, layers: list[int], n_heads: int, att: Attributi
     return sorted(ranked[: cfg.top_k])
 
 
-def run_design(lm: LoadedModel, batch: PairBatch, design: str, cfg: IOIConfig, layers: list[int]) -> tuple[dict, list[dict], list]:
+def run_design(
+    lm: LoadedModel, batch: PairBatch, design: str, cfg: IOIConfig, layers: list[int],
+    checkpoint_dir: Path | None = None, resume: bool = False,
+) -> tuple[dict, list[dict], list]:
     """Baseline, sweeps (exact and/or attribution) and sanity checks for one donor design."""
     a = lm.adapter
     sites = [HeadSite(L) for L in layers] + [HiddenSite(L) for L in layers]
@@ -161,10 +168,15 @@ def run_design(lm: LoadedModel, batch: PairBatch, design: str, cfg: IOIConfig, l
     att = attribute(lm, batch, don_cache, layers) if cfg.method in ("attribution", "both") else None
     positions = tuple(p for p in POSITION_NAMES if p in batch.positions) if cfg.by_position else ()
     cells = _variants(layers, _exact_heads(cfg, layers, a.n_heads, att), positions)
+    variants = [sites for _, sites in cells]
+    ckpt = None
+    if checkpoint_dir is not None:
+        ckpt = Checkpoint(Path(checkpoint_dir) / f"{design}.pt",
+                          sweep_fingerprint(lm, batch, variants, extra=f"ioi_scores {actpatch_version}"), resume=resume)
     scores = patch_variants(
-        lm, batch, don_cache, [sites for _, sites in cells],
-        reduce=lambda logits: ioi_scores(logits, ans, wrong),
+        lm, batch, don_cache, variants, reduce=lambda logits: ioi_scores(logits, ans, wrong),
         max_rows=cfg.max_rows, progress=cfg.progress, desc=f"{design}: {len(cells)} patches", donor_from_batch=True,
+        checkpoint=ckpt,
     )
     rows = []
     for k, (cell, _) in enumerate(cells):
@@ -185,21 +197,27 @@ def run_design(lm: LoadedModel, batch: PairBatch, design: str, cfg: IOIConfig, l
     return baseline, rows, checks
 
 
-def run_ioi(config: IOIConfig | None = None, *, lm: LoadedModel | None = None, **overrides) -> IOIResult:
-    """Run the whole IOI experiment and return an ``IOIResult`` (nothing is written to disk).
+def run_ioi(
+    config: IOIConfig | None = None, *, lm: LoadedModel | None = None,
+    checkpoint_dir: str | Path | None = None, resume: bool = False, **overrides,
+) -> IOIResult:
+    """Run the whole IOI experiment and return an ``IOIResult`` (nothing else is written to disk).
 
     Pass an already loaded ``lm`` to reuse it (its spec then replaces ``config.model`` in the record).
     Keyword overrides replace fields of ``config``: ``run_ioi(n_pairs=8, designs=("swap",))``.
+    With ``checkpoint_dir`` each design's exact sweep saves its finished patches there as it goes;
+    ``resume=True`` skips the patches a previous, interrupted run with the same settings saved.
     """
     cfg = replace(config or IOIConfig(), **overrides)
     if cfg.pairs_file is not None:
         cfg = replace(cfg, designs=("file",))
     cfg.validate()
-    lm = lm or load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    file_pairs = load_pairs_file(cfg.pairs_file) if cfg.pairs_file is not None else None  # bad files fail fast
+    lm = lm or load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     hooks_before = count_hooks(lm.model)
     layers = _layers(cfg, lm.adapter.n_layers)
-    if cfg.pairs_file is not None:
-        batches = {"file": tokenize_pairs(lm.tokenizer, load_pairs_file(cfg.pairs_file), require_positions=False)}
+    if file_pairs is not None:
+        batches = {"file": tokenize_pairs(lm.tokenizer, file_pairs, require_positions=False)}
     else:
         pairs = generate_pairs(lm.tokenizer, cfg.n_pairs, designs=cfg.designs, seed=cfg.seed)
         batches = {d: tokenize_pairs(lm.tokenizer, pairs[d]) for d in cfg.designs}
@@ -207,7 +225,7 @@ def run_ioi(config: IOIConfig | None = None, *, lm: LoadedModel | None = None, *
     for design, batch in batches.items():
         if len(batch) == 0:
             raise DataError("the dataset is empty: expected at least one prompt pair")
-        base, rows, checks = run_design(lm, batch, design, cfg, layers)
+        base, rows, checks = run_design(lm, batch, design, cfg, layers, checkpoint_dir, resume)
         baseline["designs"][design] = base
         cells.extend(rows)
         for check in checks:

@@ -153,10 +153,21 @@ def generate_pairs(
     return out
 
 
+MAX_PAIRS_FILE_BYTES = 256 * 2**20
+
+
 def load_pairs_file(path: str | PathLike) -> list[PromptPair]:
     """Read a JSONL file of {"recipient", "donor", "answer", "wrong"} objects (blank lines skipped; extra keys ignored)."""
     p, where = Path(path), str(path)
     try:
+        size = p.stat().st_size
+        if size > MAX_PAIRS_FILE_BYTES:
+            raise DataError(
+                f"pairs file {where!r} is {size / 2**20:.0f} MiB; expected at most {MAX_PAIRS_FILE_BYTES // 2**20} MiB "
+                "(about a million pairs, far more than a patching sweep can use). Split it, or pass a sample."
+            )
+        if p.is_dir():
+            raise DataError(f"pairs file {where!r} is a folder; expected a JSONL file.")
         raw = p.read_bytes()
     except FileNotFoundError:
         raise DataError(f"pairs file {where!r} does not exist; check the path (expected a JSONL file).") from None
@@ -180,6 +191,8 @@ def load_pairs_file(path: str | PathLike) -> list[PromptPair]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise PairsFileError(where, line_no, f"invalid JSON ({e.msg}, column {e.colno}); expected {example}") from None
+        except RecursionError:
+            raise PairsFileError(where, line_no, f"JSON nested too deeply; expected a flat object like {example}") from None
         if not isinstance(obj, dict):
             raise PairsFileError(where, line_no, f"expected a JSON object like {example}, got {type(obj).__name__}.")
         for key in _FIELDS:
@@ -187,8 +200,13 @@ def load_pairs_file(path: str | PathLike) -> list[PromptPair]:
                 raise PairsFileError(where, line_no, f"missing field {key!r}; every line needs {', '.join(_FIELDS)}.")
             if not isinstance(obj[key], str) or not obj[key].strip():
                 raise PairsFileError(
-                    where, line_no, f"field {key!r} must be a non-empty string, got {obj[key]!r}; expected {example}"
+                    where, line_no, f"field {key!r} must be a non-empty string, got {obj[key]!r:.200}; expected {example}"
                 )
+            try:
+                obj[key].encode("utf-8")
+            except UnicodeEncodeError:
+                raise PairsFileError(where, line_no, f"field {key!r} holds an unpaired surrogate escape (\\ud8xx); "
+                                     "expected text that is valid Unicode.") from None
         for key in ("answer", "wrong"):
             if not obj[key].startswith(" "):
                 warnings.warn(
@@ -225,6 +243,14 @@ class PairBatch:
                 f"(Known names are {', '.join(POSITION_NAMES)}; a name is only kept when it is found in every row.)"
             )
         return self.positions[name]
+
+    def select(self, rows: slice) -> PairBatch:
+        """The pairs ``rows`` (a slice) as a batch of their own; the padded width stays the same."""
+        return replace(
+            self, pairs=self.pairs[rows], recipient_ids=self.recipient_ids[rows], donor_ids=self.donor_ids[rows],
+            attention_mask=self.attention_mask[rows], answer_ids=self.answer_ids[rows], wrong_ids=self.wrong_ids[rows],
+            positions=MappingProxyType({k: v[rows] for k, v in self.positions.items()}),
+        )
 
     def to(self, device) -> PairBatch:
         """A copy with every tensor on ``device``."""

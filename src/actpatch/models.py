@@ -142,12 +142,23 @@ def _converted_bundled(name: str) -> tuple[Path, dict[str, object]]:
     return target, info
 
 
-def _from_pretrained(source: str, dtype: torch.dtype, revision: str | None, local_only: bool):
+def _from_pretrained(source: str, dtype: torch.dtype, revision: str | None, local_only: bool, trust_remote_code: bool = False):
+    """transformers' loaders, safely: no repository code unless asked; safetensors preferred over pickles
+    (transformers reads a .bin only when no .safetensors exists, and then with weights_only=True)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs = {"revision": revision, "local_files_only": local_only}
-    tok = AutoTokenizer.from_pretrained(source, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="eager", **kwargs)
+    kwargs = {"revision": revision, "local_files_only": local_only, "trust_remote_code": trust_remote_code}
+    try:
+        tok = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="eager", **kwargs)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc) and not trust_remote_code:
+            raise ModelLoadError(
+                f"{source!r} needs code from its repository to load, and actpatch never runs repository code "
+                "unless asked. If you trust its authors, pass --trust-remote-code (load_model(..., "
+                "trust_remote_code=True)); actpatch also needs an adapter for its architecture."
+            ) from exc
+        raise
     return model, tok
 
 
@@ -165,15 +176,19 @@ def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
-def _from_hub(spec: str, dtype: torch.dtype, revision: str | None):
+def _from_hub(spec: str, dtype: torch.dtype, revision: str | None, trust_remote_code: bool = False):
     """The HF cache first (no network at all), then the hub unless HF_HUB_OFFLINE is set."""
     try:
-        return _from_pretrained(spec, dtype, revision, local_only=True)
+        return _from_pretrained(spec, dtype, revision, local_only=True, trust_remote_code=trust_remote_code)
+    except ModelLoadError:
+        raise
     except (OSError, ValueError) as exc:  # huggingface_hub's errors subclass OSError/ValueError
         if _hub_offline():
             raise _hub_error(spec, exc) from exc
     try:
-        return _from_pretrained(spec, dtype, revision, local_only=False)
+        return _from_pretrained(spec, dtype, revision, local_only=False, trust_remote_code=trust_remote_code)
+    except ModelLoadError:
+        raise
     except (OSError, ValueError) as exc:
         raise _hub_error(spec, exc) from exc
 
@@ -184,11 +199,17 @@ def load_model(
     device: str | None = None,
     dtype: str | torch.dtype = "float32",
     revision: str | None = None,
+    trust_remote_code: bool = False,
 ) -> LoadedModel:
-    """Load ``spec`` (bundled name, local dir, .gguf file or hub id) in eval mode with eager attention."""
+    """Load ``spec`` (bundled name, local dir, .gguf file or hub id) in eval mode with eager attention.
+
+    ``trust_remote_code`` lets transformers run Python code shipped with the checkpoint; it is off
+    unless you pass it, and is recorded in the result's model info.
+    """
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
-    info: dict[str, object] = {"spec": spec, "dtype": str(torch_dtype).removeprefix("torch."), "device": str(dev)}
+    info: dict[str, object] = {"spec": spec, "dtype": str(torch_dtype).removeprefix("torch."), "device": str(dev),
+                               "trust_remote_code": trust_remote_code}
     path = Path(spec).expanduser()
     if spec in BUNDLED:
         folder, extra = _converted_bundled(spec)
@@ -201,14 +222,16 @@ def load_model(
         info.update(source="gguf", model_id=str(path.resolve()), revision=f"gguf-sha256:{_sha256(path)}")
     elif path.is_dir():
         try:
-            model, tok = _from_pretrained(str(path), torch_dtype, None, local_only=True)
+            model, tok = _from_pretrained(str(path), torch_dtype, None, local_only=True, trust_remote_code=trust_remote_code)
+        except ModelLoadError:
+            raise
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"{path} is not a loadable HF checkpoint directory: {exc}") from exc
         info.update(source="local", model_id=str(path.resolve()), revision=None)
     elif spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").split("/", 1)[-1]:
         raise ModelLoadError(f"model path {spec!r} does not exist; expected a directory, a .gguf file or a hub id")
     else:
-        model, tok = _from_hub(spec, torch_dtype, revision)
+        model, tok = _from_hub(spec, torch_dtype, revision, trust_remote_code)
         info.update(source="hub", model_id=spec, revision=getattr(model.config, "_commit_hash", None) or revision)
     model.eval().to(dev)
     model.requires_grad_(False)
