@@ -214,3 +214,16 @@ def test_report_flags_heads_where_attribution_misses():
     res = IOIResult(config={}, model={}, environment={}, baseline={"designs": {"swap": {}}}, cells=cells, sanity={},
                     n_layers=2, n_heads=2, layers=[0, 1])
     assert _attribution_misses(res, "swap") == ["L1H0 (exact -4.00, attribution +0.20)"]
+
+
+def test_both_directions_are_recorded_side_by_side(tiny_lm):
+    res = run_ioi(lm=tiny_lm, n_pairs=3, designs=("swap",), direction="both", head_sweep=False, progress=False)
+    assert res.passed
+    assert res.designs == ["swap", "swap-denoise"]
+    df = res.to_dataframe()
+    assert set(df.direction) == {"noising", "denoising"}
+    assert set(df[df.design == "swap-denoise"].direction) == {"denoising"}
+    noise, denoise = (res.baseline["designs"][d] for d in ("swap", "swap-denoise"))
+    # the same prompts, roles exchanged: recipient of one direction is the donor of the other (same tokens, same LD)
+    assert noise["recipient"]["mean_logit_diff"] == denoise["donor"]["mean_logit_diff"]
+    assert noise["donor"]["mean_logit_diff"] == denoise["recipient"]["mean_logit_diff"]

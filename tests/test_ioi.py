@@ -321,3 +321,17 @@ def test_load_pairs_warns_without_leading_space(tmp_path):
     with pytest.warns(UserWarning, match="leading space"):
         (pair,) = load_pairs_file(path)
     assert pair.answer == "Mary"
+
+
+def test_denoising_swaps_roles_and_keeps_clean_positions(gpt2_tokenizer):
+    from actpatch.ioi import denoising
+
+    pairs = generate_pairs(gpt2_tokenizer, 4, designs=("abc",), seed=2)["abc"]
+    noise = tokenize_pairs(gpt2_tokenizer, pairs)
+    denoise = tokenize_pairs(gpt2_tokenizer, denoising(pairs), positions_from="donor")
+    assert torch.equal(denoise.recipient_ids, noise.donor_ids) and torch.equal(denoise.donor_ids, noise.recipient_ids)
+    assert all(torch.equal(denoise.positions[k], noise.positions[k]) for k in noise.positions)
+    assert torch.equal(denoise.answer_ids, noise.answer_ids)
+    assert {p.design for p in denoising(pairs)} == {"abc-denoise"}
+    with pytest.raises(DataError, match="expected the answer"):  # abc's corrupted prompt has neither name
+        tokenize_pairs(gpt2_tokenizer, denoising(pairs))

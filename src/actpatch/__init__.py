@@ -2,7 +2,8 @@
 
 Data flows one way through small modules:
 adapters -> models -> sites -> hooks -> ioi -> capture -> checkpoint -> prefix -> patching -> metrics
--> attribution -> sanity -> results -> experiments -> plots -> report -> cli.
+-> attribution -> heads -> gap -> paths -> analysis -> sanity -> results -> experiments -> plots
+-> report -> compare -> cli.
 
     import actpatch
     result = actpatch.run_ioi(n_pairs=16)          # bundled SmolLM2-135M, offline

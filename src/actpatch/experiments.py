@@ -23,13 +23,14 @@ from pathlib import Path
 
 import torch
 
+from .analysis import design_analysis, head_analysis
 from .attribution import Attribution, attribute
 from . import __version__ as actpatch_version
 from .capture import capture
 from .checkpoint import Checkpoint, sweep_fingerprint
 from .errors import ConfigError, DataError
 from .hooks import count_hooks
-from .ioi import DESIGNS, POSITION_NAMES, PairBatch, generate_pairs, load_pairs_file, tokenize_pairs
+from .ioi import DESIGNS, POSITION_NAMES, PairBatch, denoising, generate_pairs, load_pairs_file, tokenize_pairs
 from .metrics import ioi_scores, normalised_effect
 from .models import DEFAULT_MODEL, LoadedModel, load_model
 from .patching import patch_variants
@@ -39,6 +40,7 @@ from .sites import AttnOutSite, HeadSite, HiddenSite
 
 
 METHODS = ("exact", "attribution", "both")
+DIRECTIONS = ("noising", "denoising", "both")
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,8 @@ class IOIConfig:
     n_pairs: int = 32                 # generated pairs (ignored with pairs_file)
     pairs_file: str | None = None     # JSONL of user pairs: recipient, donor, answer, wrong
     designs: tuple[str, ...] = ("swap", "abc")
+    direction: str = "noising"        # noising: recipient = clean prompt (the seed's); denoising: recipient =
+                                      # corrupted, donor = clean; both: each design both ways
     seed: int = 0                     # seeds the pair generator's own RNG only
     device: str | None = None         # None/"auto": CUDA when available
     dtype: str = "float32"
@@ -58,6 +62,7 @@ class IOIConfig:
     method: str = "both"              # exact | attribution | both (attribution = gradient estimate, 2 fwd + 1 bwd)
     top_k: int = 20                   # with method="attribution": heads re-checked by exact patching
     by_position: bool = False         # also patch at each named IOI position (IO, S1, S1+1, S2, END)
+    analysis: bool = True             # head classes, the hidden-vs-heads account, path patching
     max_rows: int | None = None       # rows per forward pass (None: automatic)
     progress: bool | None = None      # None: progress bars only on a terminal
     command: str | None = None        # the command line, when run from the CLI
@@ -68,6 +73,11 @@ class IOIConfig:
         bad = [d for d in self.designs if d not in DESIGNS and not (d == "file" and self.pairs_file)]
         if bad or not self.designs:
             raise ConfigError(f"donor designs must be among {', '.join(DESIGNS)}, got {list(self.designs)!r}")
+        if self.pairs_file is not None and self.direction != "noising":
+            raise ConfigError("--direction applies to generated pairs only; in a pairs file, write the prompt you want "
+                              f"patched as the recipient (got direction {self.direction!r} with a pairs file)")
+        if self.direction not in DIRECTIONS:
+            raise ConfigError(f"direction must be one of {', '.join(DIRECTIONS)}, got {self.direction!r}")
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if not isinstance(self.top_k, int) or self.top_k < 1:
@@ -153,13 +163,16 @@ def _exact_heads(cfg: IOIConfig, layers: list[int], n_heads: int, att: Attributi
 
 def run_design(
     lm: LoadedModel, batch: PairBatch, design: str, cfg: IOIConfig, layers: list[int],
-    checkpoint_dir: Path | None = None, resume: bool = False,
-) -> tuple[dict, list[dict], list]:
-    """Baseline, sweeps (exact and/or attribution) and sanity checks for one donor design."""
+    checkpoint_dir: Path | None = None, resume: bool = False, classes: list[dict] | None = None,
+) -> tuple[dict, list[dict], list, dict | None]:
+    """Baseline, sweeps (exact and/or attribution), sanity checks and (with ``classes``) the analysis
+    of one donor design."""
     a = lm.adapter
     sites = [HeadSite(L) for L in layers] + [HiddenSite(L) for L in layers]
-    rec_cache, rec_logits = capture(lm, batch.recipient_ids, batch, sites + [AttnOutSite(L) for L in layers])
-    don_cache, don_logits = capture(lm, batch.donor_ids, batch, sites)
+    every = range(a.n_layers) if classes is not None else layers  # the analysis needs every layer
+    extra = [AttnOutSite(L) for L in every] + [HeadSite(L) for L in every] + [HiddenSite(L) for L in every]
+    rec_cache, rec_logits = capture(lm, batch.recipient_ids, batch, sites + extra)
+    don_cache, don_logits = capture(lm, batch.donor_ids, batch, sites + (extra if classes is not None else []))
     ans, wrong = batch.answer_ids, batch.wrong_ids
     rec = _summary(ioi_scores(rec_logits.cpu(), ans, wrong))
     don = _summary(ioi_scores(don_logits.cpu(), ans, wrong))
@@ -189,12 +202,15 @@ def run_design(
     if att is not None:
         rows += [{**c, "logit_diff": rec["mean_logit_diff"] + c["delta_logit_diff"]} for c in _attribution_cells(att, batch, a.n_heads)]
     for row in rows:
-        row.update(design=design, depth=row["layer"] / a.n_layers, n_pairs=len(batch),
+        row.update(design=design, direction="denoising" if design.endswith("-denoise") else "noising", depth=row["layer"] / a.n_layers, n_pairs=len(batch),
                    delta_logit_diff=row["logit_diff"] - rec["mean_logit_diff"],
                    normalised_effect=float(normalised_effect(row["logit_diff"], rec["mean_logit_diff"], don["mean_logit_diff"])))
     checks = run_sanity_checks(lm, batch, rec_cache, don_cache, rec_logits, don_logits, layers)
     checks.append(check_fast_path(lm, batch, don_cache, [sites for _, sites in cells], scores["logit_diff"]))
-    return baseline, rows, checks
+    analysis = None
+    if classes is not None:
+        analysis = design_analysis(lm, batch, rec_cache, don_cache, rows, classes, rec["mean_logit_diff"])
+    return baseline, rows, checks, analysis
 
 
 def run_ioi(
@@ -220,12 +236,25 @@ def run_ioi(
         batches = {"file": tokenize_pairs(lm.tokenizer, file_pairs, require_positions=False)}
     else:
         pairs = generate_pairs(lm.tokenizer, cfg.n_pairs, designs=cfg.designs, seed=cfg.seed)
-        batches = {d: tokenize_pairs(lm.tokenizer, pairs[d]) for d in cfg.designs}
+        batches = {}
+        for d in cfg.designs:
+            if cfg.direction in ("noising", "both"):
+                batches[d] = tokenize_pairs(lm.tokenizer, pairs[d])
+            if cfg.direction in ("denoising", "both"):
+                batches[f"{d}-denoise"] = tokenize_pairs(lm.tokenizer, denoising(pairs[d]), positions_from="donor")
     baseline, cells, sanity = {"designs": {}}, [], {}
+    analysis: dict = {}
+    if cfg.analysis:  # on the clean prompts, the same for every design: characterise the heads once
+        clean = (tokenize_pairs(lm.tokenizer, file_pairs, require_positions=False) if file_pairs is not None
+                 else tokenize_pairs(lm.tokenizer, pairs[cfg.designs[0]]))
+        analysis = {"heads": head_analysis(lm, clean), "designs": {}}
     for design, batch in batches.items():
         if len(batch) == 0:
             raise DataError("the dataset is empty: expected at least one prompt pair")
-        base, rows, checks = run_design(lm, batch, design, cfg, layers, checkpoint_dir, resume)
+        classes = analysis["heads"]["classes"] if cfg.analysis else None
+        base, rows, checks, extra = run_design(lm, batch, design, cfg, layers, checkpoint_dir, resume, classes)
+        if extra is not None:
+            analysis["designs"][design] = extra
         baseline["designs"][design] = base
         cells.extend(rows)
         for check in checks:
@@ -238,7 +267,7 @@ def run_ioi(
     return IOIResult(
         config=record, model=dict(lm.info), environment=environment(), baseline=baseline, cells=cells,
         sanity={name: _merge(by_design) for name, by_design in sanity.items()},
-        n_layers=lm.adapter.n_layers, n_heads=lm.adapter.n_heads, layers=layers,
+        n_layers=lm.adapter.n_layers, n_heads=lm.adapter.n_heads, layers=layers, analysis=analysis,
         examples=[{"design": d, "recipient": b.pairs[0].recipient, "donor": b.pairs[0].donor,
                    "answer": b.pairs[0].answer, "wrong": b.pairs[0].wrong} for d, b in batches.items()],
     )

@@ -8,7 +8,9 @@
 transformers >= 5 decoder blocks return a plain tensor); ``"input"`` hooks are forward *pre*-hooks
 and see the module's first positional input (for the attention output projection: the heads).
 A hook function returns the replacement tensor, or None to leave the activation untouched.
-``"call"`` hooks only observe: ``fn(args, kwargs)`` sees every argument of the module's call.
+``"call"`` hooks only observe: ``fn(args, kwargs)`` sees every argument of the module's call;
+``"result"`` hooks only observe too: ``fn(output)`` sees the module's whole output (e.g. an
+attention module's ``(output, weights)`` tuple).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Callable, Iterator, Literal, Sequence
 from torch import Tensor, nn
 
 HookFn = Callable[[Tensor], "Tensor | None"]
-HookSpec = tuple[nn.Module, Literal["input", "output", "call"], Callable]
+HookSpec = tuple[nn.Module, Literal["input", "output", "call", "result"], Callable]
 
 
 def _output_hook(fn: HookFn):
@@ -59,8 +61,10 @@ def hooks(specs: Sequence[HookSpec]) -> Iterator[None]:
                 handles.append(module.register_forward_pre_hook(_input_hook(fn)))
             elif where == "call":
                 handles.append(module.register_forward_pre_hook(_call_hook(fn), with_kwargs=True))
+            elif where == "result":
+                handles.append(module.register_forward_hook(lambda m, a, out, fn=fn: fn(out) and None))
             else:
-                raise ValueError(f"hook kind must be 'input', 'output' or 'call', got {where!r}")
+                raise ValueError(f"hook kind must be 'input', 'output', 'call' or 'result', got {where!r}")
         yield
     finally:
         for handle in reversed(handles):

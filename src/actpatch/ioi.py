@@ -275,8 +275,26 @@ def _single_token(tokenizer, text: str, what: str, i: int, pair: PromptPair) -> 
     return ids[0]
 
 
-def tokenize_pairs(tokenizer, pairs: Sequence[PromptPair], *, require_positions: bool = True) -> PairBatch:
-    """Tokenize pairs (tokenizer defaults, right padding) and find IO, S1, S1+1, S2 and END on the recipient ids."""
+def denoising(pairs: Sequence[PromptPair]) -> list[PromptPair]:
+    """The same pairs in the other direction: the corrupted prompt is the recipient, the clean one the donor.
+
+    The answer stays the clean prompt's IO (the metric asks how much patching restores it), and the
+    design gets the suffix ``-denoise``; tokenize with ``positions_from="donor"`` so that IO, S1 and S2
+    are found on the clean prompt.
+    """
+    return [replace(p, recipient=p.donor, donor=p.recipient, design=f"{p.design}-denoise") for p in pairs]
+
+
+def tokenize_pairs(
+    tokenizer, pairs: Sequence[PromptPair], *, require_positions: bool = True, positions_from: str = "recipient",
+) -> PairBatch:
+    """Tokenize pairs (tokenizer defaults, right padding) and find IO, S1, S1+1, S2 and END.
+
+    Positions are found on the recipient's tokens, or on the donor's with ``positions_from="donor"``
+    (denoising: the clean prompt is the donor). Donor and recipient have equal lengths, so they align.
+    """
+    if positions_from not in ("recipient", "donor"):
+        raise DataError(f"positions_from must be 'recipient' or 'donor', got {positions_from!r}")
     pairs = tuple(pairs)
     if not pairs:
         raise DataError("no prompt pairs to tokenize; pass at least one PromptPair.")
@@ -297,15 +315,16 @@ def tokenize_pairs(tokenizer, pairs: Sequence[PromptPair], *, require_positions:
                 f"pair {i}: recipient {pair.recipient!r} has {len(rec)} tokens but donor {pair.donor!r} has {len(don)}; "
                 "position-aligned patching needs equal lengths: use the same template and single-token names."
             )
-        hits_a = [k for k, t in enumerate(rec) if t == a]
-        hits_w = [k for k, t in enumerate(rec) if t == w]
+        named = rec if positions_from == "recipient" else don
+        hits_a = [k for k, t in enumerate(named) if t == a]
+        hits_w = [k for k, t in enumerate(named) if t == w]
         io = hits_a[0] if hits_a else None
         s1 = hits_w[0] if hits_w else None
         s2 = hits_w[1] if len(hits_w) > 1 else None
         if require_positions and (io is None or s2 is None):
             raise DataError(
                 f"pair {i} ({pair.recipient!r}): expected the answer {pair.answer!r} once and the wrong name "
-                f"{pair.wrong!r} twice among the recipient's tokens, found them {len(hits_a)} and {len(hits_w)} "
+                f"{pair.wrong!r} twice among the {positions_from}'s tokens, found them {len(hits_a)} and {len(hits_w)} "
                 "times; fix the prompt, or pass require_positions=False to drop the IO/S positions."
             )
         end = len(rec) - 1

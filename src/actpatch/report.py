@@ -12,7 +12,6 @@ from tabulate import tabulate
 
 from .results import IOIResult
 
-FLIP = 0.0    # a mean logit difference below this means the model now prefers S: the answer flipped
 STRONG = 0.3  # |normalised effect| from which an all-heads patch counts as more than a nudge
 
 
@@ -35,14 +34,21 @@ def _baseline_table(result: IOIResult) -> str:
     return tabulate(rows, head, tablefmt="github")
 
 
+def _flipped(ld: float, recipient: float) -> bool:
+    """The preferred name changed: LD has the other sign than the unpatched recipient's."""
+    return ld * recipient < 0
+
+
 def _layer_table(result: IOIResult, design: str) -> str:
+    rec_ld = result.baseline["designs"][design]["recipient"]["mean_logit_diff"]
     rows = []
     for rec in result.layer_records():
         cells = []
         for exp in ("hidden", "all_heads"):
             for pos in ("all", "last"):
                 v = rec[exp].get(design, {}).get(pos)
-                cells.append("" if v is None else (f"**{_f(v['logit_diff'])}**" if v["logit_diff"] < FLIP else _f(v["logit_diff"])))
+                cells.append("" if v is None else (f"**{_f(v['logit_diff'])}**" if _flipped(v["logit_diff"], rec_ld)
+                                                   else _f(v["logit_diff"])))
         heads = rec["all_heads"].get(design, {})
         effect = max((heads[p]["normalised_effect"] for p in heads), default=float("nan"), key=abs)
         rows.append([rec["layer"], *cells, _f(effect)])
@@ -58,7 +64,7 @@ def _findings(result: IOIResult, design: str) -> list[str]:
 
     def layers_where(exp: str, pos: str) -> list[int]:
         sel = d[(d.experiment == exp) & (d.position == pos)]
-        return sorted(int(L) for L in sel[sel.logit_diff < FLIP].layer)
+        return sorted(int(L) for L in sel[sel.logit_diff * rec < 0].layer)
 
     heads = d[d.experiment == "all_heads"]
     strongest = heads.loc[heads.normalised_effect.abs().idxmax()] if len(heads) else None
@@ -67,7 +73,7 @@ def _findings(result: IOIResult, design: str) -> list[str]:
         f"Unpatched recipients: mean LD {_f(rec)}; donors scored with the recipient's names: {_f(don)}.",
         "Hidden-state patching at **all positions** replaces the whole run from that layer on, so it gives the donor's LD "
         "at every layer; that is a correctness check, not a finding.",
-        f"Hidden-state patching at **END only** flips the answer (mean LD < 0) at layers: {hidden_end or 'none'}"
+        f"Hidden-state patching at **END only** flips the answer (mean LD changes sign) at layers: {hidden_end or 'none'}"
         + (f" (first at layer {hidden_end[0]}, depth {hidden_end[0] / result.n_layers:.0%})." if hidden_end else "."),
     ]
     flips = sorted(set(layers_where("all_heads", "all")) | set(layers_where("all_heads", "last")))
@@ -116,6 +122,68 @@ def _attribution_misses(result: IOIResult, design: str, k: int = 3) -> list[str]
             for i in order]
 
 
+MAIN_CLASSES = ("name mover", "negative name mover", "S-inhibition", "S suppressor", "backup name mover", "induction")
+
+
+def _head_section(heads: dict) -> list[str]:
+    classes = heads.get("classes", [])
+    rows = []
+    for c in classes:
+        main = [k for k in c["classes"] if k in MAIN_CLASSES]
+        if main:
+            e = c["evidence"]
+            rows.append([", ".join(c["classes"]), f"L{c['layer']}H{c['head']}"] + [
+                e.get(k, "") for k in ("END->IO", "END->S2", "S2->S1", "S2->S1+1", "S1+1->S1", "dla", "copy", "neg_copy")])
+    out = ["", "## Which heads do IOI", "",
+           f"Every head on the recipients: mean attention between named positions, direct logit attribution (DLA) to "
+           f"LD at END (recipient LD {heads['recipient_logit_diff']:.2f}), and copy scores over {heads['n_names']} names "
+           "(the fraction whose representation after block 0, sent through the head's OV circuit, the final norm and "
+           "the unembedding, comes out in the top 5; negative: the same for minus the OV output). Classes follow the "
+           "IOI paper by thresholds (`actpatch.heads.classify`).", ""]
+    if rows:
+        out.append(tabulate(rows, ["class", "head", "END→IO", "END→S2", "S2→S1", "S2→S1+1", "S1+1→S1", "DLA", "copy",
+                                   "neg. copy"], tablefmt="github"))
+    else:
+        out.append("No head meets the name-mover, S-inhibition or induction thresholds on this model.")
+    for cls in ("duplicate token", "previous token"):
+        found = [f"L{c['layer']}H{c['head']}" for c in classes if cls in c["classes"]]
+        out.append(f"\n{cls.capitalize()} heads: {', '.join(found) or 'none'}.")
+    if "paper_comparison" in heads:
+        out += ["", "Compared with Wang et al. 2022 (GPT-2 small):", "", tabulate(
+            [[r["class"], f"{r['layer']}.{r['head']}", ", ".join(r["found_as"]) or "–", "yes" if r["agrees"] else "no"]
+             for r in heads["paper_comparison"]], ["paper class", "head", "classified here as", "agrees"], tablefmt="github")]
+    return out
+
+
+def _gap_section(result: IOIResult, design: str, info: dict) -> list[str]:
+    gap = info["gap"]
+    rows = [[r["layer"], f"{r['hidden_delta']:.2f}", f"{r['heads_delta']:.2f}", f"{r['attn_share']:.2f}",
+             *(f"{r[k]:+.2f}" if k in r else "" for k in ("hidden_total", "hidden_direct", "hidden_indirect",
+                                                         "heads_total", "heads_direct", "heads_indirect"))] for r in gap]
+    med = {k: float(np.median([r[k] for r in gap])) for k in ("hidden_delta", "heads_delta", "attn_share")}
+    out = ["", f"## Why heads move LD less than hidden states, donor design `{design}`", "",
+           f"At END, a hidden-state patch changes the residual stream by a median {med['hidden_delta']:.0%} of its norm "
+           f"across layers; an all-heads patch changes it by {med['heads_delta']:.0%}. The attention block's output is a "
+           f"median {med['attn_share']:.0%} of the residual norm, and under an all-heads patch everything else in the "
+           "residual (embeddings, earlier layers, this layer's MLP input) stays the recipient's. ΔLD at END splits into the direct path (the change read straight off by the "
+           "unembedding, final-norm scale frozen) and the indirect path through later layers (total - direct).", "",
+           tabulate(rows, ["layer", "‖Δh‖/‖h‖ hidden", "‖Δa‖/‖h‖ heads", "‖a‖/‖h‖", "hidden ΔLD", "direct", "indirect",
+                           "heads ΔLD", "direct", "indirect"], tablefmt="github", disable_numparse=True)]
+    for pos, n in info["nudge"].items():
+        st = n["strongest"]
+        out.append(
+            f"\n- All heads, {_where(pos)}: “heads only nudge” (|normalised effect| < 0.1) holds at {len(n['nudge_layers'])} "
+            f"of {n['n_layers']} layers. The answer flips at layers {n['flip_layers'] or 'none'}"
+            f"{'; nearly flips (normalised effect ≥ 0.5) at ' + str(n['near_flip_layers']) if n['near_flip_layers'] else ''}. "
+            f"Strongest: layer {st['layer']}, LD {st['logit_diff']:.2f} (normalised effect {st['normalised_effect']:.2f}).")
+    rec = result.baseline["designs"][design]["recipient"]["mean_logit_diff"]
+    for p in info["paths"]:
+        senders = ", ".join(f"L{L}H{h}" for L, h in p["senders"])
+        receivers = p["receivers"] if isinstance(p["receivers"], str) else ", ".join(f"L{L}H{h}" for L, h in p["receivers"])
+        out.append(f"- {p['what']}: senders {senders}; receivers {receivers}: LD {rec:.2f} → {p['logit_diff']:.2f}.")
+    return out
+
+
 def render_report(result: IOIResult, plots: list[str] | None = None) -> str:
     """The full Markdown report for ``result``; ``plots`` are image paths relative to the report."""
     m, cfg = result.model, result.config
@@ -143,7 +211,13 @@ def render_report(result: IOIResult, plots: list[str] | None = None) -> str:
     for design in result.designs:
         lines += ["", f"## Findings, donor design `{design}`", ""]
         lines += [f"- {s}" for s in _findings(result, design)]
-        lines += ["", "Mean LD after patching each layer (bold: answer flipped):", "", _layer_table(result, design)]
+        lines += ["", "Mean LD after patching each layer (bold: the answer flipped, LD changed sign):", "",
+                  _layer_table(result, design)]
+    analysis = result.analysis or {}
+    if "heads" in analysis:
+        lines += _head_section(analysis["heads"])
+    for design, info in analysis.get("designs", {}).items():
+        lines += _gap_section(result, design, info)
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     lines += ["", "## Sanity checks", ""]

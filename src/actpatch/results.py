@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 CELL_COLUMNS = [
-    "experiment", "design", "layer", "head", "position", "depth", "logit_diff", "delta_logit_diff",
+    "experiment", "design", "direction", "layer", "head", "position", "depth", "logit_diff", "delta_logit_diff",
     "normalised_effect", "flip_rate", "p_io", "p_s", "n_pairs",
 ]
 LAYER_METRICS = ("logit_diff", "normalised_effect", "flip_rate", "p_io")
@@ -69,6 +69,7 @@ class IOIResult:
     n_heads: int
     layers: list[int]
     examples: list[dict] = field(default_factory=list)
+    analysis: dict = field(default_factory=dict)   # head classes, gap account, path patching (actpatch.analysis)
 
     @property
     def passed(self) -> bool:
@@ -142,6 +143,7 @@ class IOIResult:
             "baseline": self.baseline, "layers": self.layer_records(), "heads": heads, "sanity": self.sanity,
             "config": self.config, "model": self.model, "environment": self.environment,
             "examples": self.examples, "n_layers": self.n_layers, "n_heads": self.n_heads,
+            "analysis": self.analysis,
         }
 
     def save(self, out_dir: str | os.PathLike) -> Path:
@@ -164,5 +166,5 @@ class IOIResult:
         return cls(
             config=data["config"], model=data["model"], environment=data["environment"], baseline=data["baseline"],
             cells=cells, sanity=data["sanity"], n_layers=data["n_layers"], n_heads=data["n_heads"],
-            layers=data["heads"]["layers"], examples=data.get("examples", []),
+            layers=data["heads"]["layers"], examples=data.get("examples", []), analysis=data.get("analysis", {}),
         )

@@ -1,0 +1,69 @@
+"""Why patching heads moves the IOI metric less than patching hidden states: the numbers per layer.
+
+A hidden-state patch at layer L replaces the whole residual stream h_L; an all-heads patch at L
+changes only the attention block's output a_L = o_proj(z_L), one of the many terms summed into
+h_L (h_L = embeddings + sum over earlier blocks of attention and MLP outputs + a_L + MLP_L). So:
+
+    gap_account(lm, batch, recipient_cache, donor_cache, exact)   # -> list of per-layer records
+
+gives, per layer and at END (the position the answer is read from):
+- ``resid_norm``: ||h_L|| of the recipient;
+- ``hidden_delta``: ||h_L' - h_L|| / ||h_L||, the change a hidden-state patch writes (h' = donor);
+- ``heads_delta``: ||a_L' - a_L|| / ||h_L||, the change an all-heads patch writes;
+- ``attn_share``: ||a_L|| / ||h_L||, the attention block's share of the residual stream;
+- ``hidden_direct`` / ``heads_direct``: the part of each patch's effect on the logit difference
+  that goes straight to the unembedding: the written change through the final norm (its scale
+  frozen at the recipient's run) onto W_U[IO] - W_U[S], mean over pairs;
+- with ``exact`` (the sweeps' mean LD change at END for ``hidden`` and ``all_heads``): the
+  ``*_total`` and ``*_indirect`` = total - direct, the part carried through later layers.
+Caches need HiddenSite(L) and AttnOutSite(L) of every layer, for recipient and donor.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from .capture import ActivationCache
+from .heads import frozen_norm
+from .ioi import PairBatch
+from .models import LoadedModel
+from .sites import AttnOutSite, HiddenSite
+
+
+def gap_account(
+    lm: LoadedModel, batch: PairBatch, recipient: ActivationCache, donor: ActivationCache,
+    exact: Mapping[tuple[str, int], float] | None = None,
+) -> list[dict[str, float]]:
+    """Per-layer residual-stream arithmetic of hidden-state vs all-heads patches (module docstring)."""
+    a, dev = lm.adapter, lm.device
+    rows = torch.arange(len(batch), device=dev)
+    end = batch.position("END").to(dev)
+    w_u = lm.model.get_output_embeddings().weight
+    direction = (w_u[batch.answer_ids.to(dev)] - w_u[batch.wrong_ids.to(dev)]).float()  # (B, D)
+    final = recipient[HiddenSite(a.n_layers - 1)].to(dev)[rows, end]  # (B, D) the last residual at END
+    f = frozen_norm(a.final_norm(), final)
+    records = []
+    with torch.inference_mode():
+        for L in range(a.n_layers):
+            h = recipient[HiddenSite(L)].to(dev)[rows, end].float()  # (B, D)
+            dh = donor[HiddenSite(L)].to(dev)[rows, end].float() - h
+            att = recipient[AttnOutSite(L)].to(dev)[rows, end].float()
+            datt = donor[AttnOutSite(L)].to(dev)[rows, end].float() - att
+            norm = h.norm(dim=-1)  # (B,)
+            rec = {
+                "layer": L, "resid_norm": float(norm.mean()),
+                "hidden_delta": float((dh.norm(dim=-1) / norm).mean()),
+                "heads_delta": float((datt.norm(dim=-1) / norm).mean()),
+                "attn_share": float((att.norm(dim=-1) / norm).mean()),
+                "hidden_direct": float((f(dh) * direction).sum(-1).mean()),
+                "heads_direct": float((f(datt) * direction).sum(-1).mean()),
+            }
+            if exact is not None:
+                for kind, key in (("hidden", "hidden"), ("heads", "all_heads")):
+                    if (key, L) in exact:
+                        rec[f"{kind}_total"] = float(exact[(key, L)])
+                        rec[f"{kind}_indirect"] = rec[f"{kind}_total"] - rec[f"{kind}_direct"]
+            records.append(rec)
+    return records

@@ -1,0 +1,237 @@
+"""Head characterisation on IOI: where each head looks, what it writes, which IOI class it resembles.
+
+    prof = characterise(lm, batch)          # batch: IOI recipients with IO, S1, S1+1, S2, END
+    prof.attention["END->IO"]                # (L, H) mean attention probability
+    prof.dla                                 # (L, H) direct logit attribution to logit(IO) - logit(S)
+    prof.copy                                # (L, H) copy score; prof.neg_copy the negative one
+    classify(prof)                           # [{"layer", "head", "class", "evidence"}, ...]
+
+Definitions (Wang et al. 2022, "Interpretability in the wild"):
+- attention: the softmax probability from one named position to another, averaged over pairs:
+  END->IO, END->S1, END->S2 (name movers, S-inhibition), S2->S1 (duplicate token), S2->S1+1
+  (induction), S1+1->S1 (previous token).
+- direct logit attribution: the head's output at END, z_h W_O[h], through the final norm with its
+  scale frozen at the recipient's own run, dotted with W_U[IO] - W_U[S]; mean over pairs. Soft-capping
+  (Gemma 2/3) is left out: DLA is a linear read-out.
+- copy score: for single-token names, the residual after block 0 (the paper: embedding then MLP0) is
+  sent through the head's OV circuit (a length-1 sequence attends only to itself, so the head's
+  output is exactly V then W_O), then the final norm and the unembedding; the score is the fraction
+  of names that come out in the top 5 logits. The negative copy score negates the OV output first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from .capture import capture
+from .errors import UnsupportedArchitectureError
+from .hooks import hooks
+from .ioi import PairBatch
+from .models import LoadedModel
+from .sites import HeadSite, HiddenSite
+
+ATTENTION_PAIRS = {"END->IO": ("END", "IO"), "END->S1": ("END", "S1"), "END->S2": ("END", "S2"),
+                   "S2->S1": ("S2", "S1"), "S2->S1+1": ("S2", "S1+1"), "S1+1->S1": ("S1+1", "S1")}
+
+# Wang et al. 2022, GPT-2 small (layer, head); anchors.md section 2b
+PAPER_GPT2_HEADS = {
+    "name mover": [(9, 9), (9, 6), (10, 0)],
+    "negative name mover": [(10, 7), (11, 10)],
+    "S-inhibition": [(7, 3), (7, 9), (8, 6), (8, 10)],
+    "induction": [(5, 5), (6, 9), (5, 8), (5, 9)],
+    "duplicate token": [(0, 1), (3, 0), (0, 10)],
+    "previous token": [(2, 2), (4, 11)],
+    "backup name mover": [(9, 0), (9, 7), (10, 1), (10, 2), (10, 6), (10, 10), (11, 2), (11, 9)],
+}
+
+
+@dataclass(frozen=True)
+class HeadProfile:
+    """Per-head evidence, every array (L, H); ``recipient_logit_diff`` sets the DLA scale."""
+
+    attention: dict[str, Float[Tensor, "layer head"]]
+    dla: Float[Tensor, "layer head"]
+    copy: Float[Tensor, "layer head"]
+    neg_copy: Float[Tensor, "layer head"]
+    recipient_logit_diff: float
+    n_names: int
+    axes: tuple[str, str] = field(default=("layer", "head"))
+
+
+def frozen_norm(norm: nn.Module, x: Float[Tensor, "batch d"]):
+    """The norm as a linear map with its per-row scale frozen at ``x``; ``f(x) + bias == norm(x)`` (checked)."""
+    weight = getattr(norm, "weight", None)
+    eps = getattr(norm, "eps", None) or getattr(norm, "variance_epsilon", None) or 1e-6
+    if isinstance(norm, nn.LayerNorm) or "LayerNorm" in type(norm).__name__:
+        xf = x.float()
+        scale = (xf.var(-1, unbiased=False, keepdim=True) + eps).rsqrt()  # (B, 1)
+        gain = 1.0 if weight is None else weight.float()
+
+        def f(c: Tensor) -> Tensor:
+            return (c.float() - c.float().mean(-1, keepdim=True)) * scale * gain
+        bias = getattr(norm, "bias", None)
+    else:  # RMSNorm family; Gemma stores the gain as weight - 1
+        xf = x.float()
+        scale = (xf.pow(2).mean(-1, keepdim=True) + eps).rsqrt()
+        gain = 1.0 if weight is None else (1.0 + weight.float() if "Gemma" in type(norm).__name__ else weight.float())
+
+        def f(c: Tensor) -> Tensor:
+            return c.float() * scale * gain
+        bias = None
+    with torch.no_grad():
+        expected = norm(x).float()
+        got = f(x) + (0 if bias is None else bias.float())
+    if not torch.allclose(got, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()) + 1e-6):
+        raise UnsupportedArchitectureError(
+            f"cannot linearise the final norm {type(norm).__name__}: expected a LayerNorm or RMSNorm, and the "
+            "frozen-scale map does not reproduce it; please report the model id."
+        )
+    return f
+
+
+def _attention(lm: LoadedModel, batch: PairBatch) -> dict[str, Tensor]:
+    """Mean attention between named positions, read from the attention modules' own (output, weights).
+
+    (``output_attentions=True`` would make transformers install hooks that stay on the model.)
+    """
+    a, dev = lm.adapter, lm.device
+    weights: dict[int, Tensor] = {}
+
+    def keep(L: int):
+        def fn(out) -> None:
+            weights[L] = out[1].detach()  # (B, H, T, T)
+        return fn
+
+    with torch.inference_mode(), hooks([(a.attention(L), "result", keep(L)) for L in range(a.n_layers)]):
+        lm.model.base_model(input_ids=batch.recipient_ids.to(dev), attention_mask=batch.attention_mask.to(dev),
+                            use_cache=False)
+    rows = torch.arange(len(batch), device=dev)
+    result = {}
+    for name, (q, k) in ATTENTION_PAIRS.items():
+        if q not in batch.positions or k not in batch.positions:
+            continue
+        qi, ki = batch.positions[q].to(dev), batch.positions[k].to(dev)
+        per_layer = [weights[L][rows, :, qi, ki].float().mean(0) for L in range(a.n_layers)]  # (H,) each
+        result[name] = torch.stack(per_layer).cpu()  # (L, H)
+    return result
+
+
+def _dla(lm: LoadedModel, batch: PairBatch) -> tuple[Tensor, float]:
+    a, dev = lm.adapter, lm.device
+    last = a.n_layers - 1
+    cache, logits = capture(lm, batch.recipient_ids, batch, [HeadSite(L) for L in range(a.n_layers)] + [HiddenSite(last)])
+    rows = torch.arange(len(batch), device=dev)
+    end = batch.position("END").to(dev)
+    resid = cache[HiddenSite(last)].to(dev)[rows, end]  # (B, D): the final residual at END
+    f = frozen_norm(a.final_norm(), resid)
+    w_u = lm.model.get_output_embeddings().weight  # (V, D)
+    direction = (w_u[batch.answer_ids.to(dev)] - w_u[batch.wrong_ids.to(dev)]).float()  # (B, D)
+    out = []
+    with torch.inference_mode():
+        for L in range(a.n_layers):
+            z = cache[HeadSite(L)].to(dev)[rows, end].float()  # (B, H, Dh)
+            per_head = torch.einsum("bhd,hde->hbe", z, a.head_weights(L).float())  # (H, B, D)
+            out.append((f(per_head) * direction).sum(-1).mean(-1))  # (H,)
+    ld = float((logits.float().gather(1, batch.answer_ids.to(dev)[:, None]) -
+                logits.float().gather(1, batch.wrong_ids.to(dev)[:, None])).mean())
+    return torch.stack(out).cpu(), ld
+
+
+def _copy_scores(lm: LoadedModel, name_ids: Int[Tensor, "n"], top: int = 5) -> tuple[Tensor, Tensor]:
+    a, dev = lm.adapter, lm.device
+    ids = name_ids.to(dev)[:, None]  # (N, 1): each name alone
+    mask = torch.ones_like(ids)
+    first = _block0_output(lm, ids, mask)
+    z: dict[int, Tensor] = {}
+
+    def feed(_: Tensor) -> Tensor:
+        return first  # every block sees the name's post-block-0 residual
+
+    def keep(L: int):
+        def fn(x: Tensor) -> None:
+            z[L] = x.detach()
+        return fn
+
+    specs = [(a.block(L), "input", feed) for L in range(a.n_layers)]
+    specs += [(a.attn_out(L), "input", keep(L)) for L in range(a.n_layers)]
+    with torch.inference_mode(), hooks(specs):
+        lm.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
+    norm, w_u = a.final_norm(), lm.model.get_output_embeddings()
+    copy, neg = torch.zeros(a.n_layers, a.n_heads), torch.zeros(a.n_layers, a.n_heads)
+    with torch.inference_mode():
+        for L in range(a.n_layers):
+            zz = z[L][:, 0].view(len(ids), a.n_heads, a.d_head)  # (N, H*Dh) -> (N, H, Dh)
+            ov = torch.einsum("nhd,hde->hne", zz, a.head_weights(L))  # (H, N, D)
+            for sign, target in ((1.0, copy), (-1.0, neg)):
+                logits = w_u(norm(sign * ov))  # (H, N, V)
+                top_ids = logits.topk(top, dim=-1).indices  # (H, N, top)
+                target[L] = (top_ids == ids[None, :, :]).any(-1).float().mean(-1).cpu()
+    return copy, neg
+
+
+def _block0_output(lm: LoadedModel, ids: Tensor, mask: Tensor) -> Tensor:
+    """Block 0's output for ``ids`` (N, T): the name representation the copy score starts from."""
+    got: list[Tensor] = []
+    with torch.inference_mode(), hooks([(lm.adapter.block(0), "output", lambda h: got.append(h.detach()))]):
+        lm.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
+    return got[0]
+
+
+def characterise(lm: LoadedModel, batch: PairBatch, name_ids: Int[Tensor, "n"] | None = None) -> HeadProfile:
+    """Attention, DLA and copy scores of every head on ``batch``'s recipients (see the module docstring).
+
+    ``name_ids``: the single-token names for the copy score (default: the batch's IO and S tokens).
+    """
+    if name_ids is None:
+        name_ids = torch.unique(torch.cat([batch.answer_ids, batch.wrong_ids]))
+    attention = _attention(lm, batch)
+    dla, ld = _dla(lm, batch)
+    copy, neg = _copy_scores(lm, name_ids)
+    return HeadProfile(attention, dla, copy, neg, ld, len(name_ids))
+
+
+def classify(prof: HeadProfile, attn: float = 0.3, copy: float = 0.5, dla_share: float = 0.05) -> list[dict]:
+    """IOI-paper classes by thresholds, with the evidence; a head may get several classes.
+
+    With ``bar = dla_share x |recipient LD|``:
+    name mover: END->IO >= attn, copy >= copy, DLA >= bar;
+    negative name mover: END->IO >= attn, negative copy >= copy, DLA <= -bar;
+    backup name mover: END->IO >= attn / 2, copy >= copy, |DLA| < bar;
+    S suppressor: END->S2 >= attn, negative copy >= copy, DLA >= bar (it writes against S itself,
+    a copy-suppression head; the IOI paper's S-inhibition heads act through the name movers instead);
+    S-inhibition: END->S2 >= attn, END->S2 > END->IO, |DLA| < bar, and a layer before the last
+    name mover (it must be able to reach their queries);
+    induction: S2->S1+1 >= attn; duplicate token: S2->S1 >= attn; previous token: S1+1->S1 >= attn.
+    """
+    A = prof.attention
+    bar = dla_share * abs(prof.recipient_logit_diff)
+    zero = torch.zeros_like(prof.dla)
+    end_io, end_s2 = A.get("END->IO", zero), A.get("END->S2", zero)
+    movers = (end_io >= attn) & (prof.copy >= copy) & (prof.dla >= bar)
+    layers = torch.arange(prof.dla.shape[0])[:, None].expand_as(prof.dla)
+    last_mover = int(layers[movers].max()) if bool(movers.any()) else prof.dla.shape[0]
+    rules = {
+        "name mover": movers,
+        "negative name mover": (end_io >= attn) & (prof.neg_copy >= copy) & (prof.dla <= -bar),
+        "backup name mover": (end_io >= attn / 2) & (prof.copy >= copy) & (prof.dla.abs() < bar),
+        "S suppressor": (end_s2 >= attn) & (prof.neg_copy >= copy) & (prof.dla >= bar),
+        "S-inhibition": (end_s2 >= attn) & (end_s2 > end_io) & (prof.dla.abs() < bar) & (layers < last_mover),
+        "induction": A.get("S2->S1+1", zero) >= attn,
+        "duplicate token": A.get("S2->S1", zero) >= attn,
+        "previous token": A.get("S1+1->S1", zero) >= attn,
+    }
+    found = []
+    L, H = prof.dla.shape
+    for layer in range(L):
+        for head in range(H):
+            classes = [c for c, m in rules.items() if bool(m[layer, head])]
+            if classes:
+                evidence = {k: round(float(v[layer, head]), 3) for k, v in A.items()}
+                evidence.update(dla=round(float(prof.dla[layer, head]), 3), copy=round(float(prof.copy[layer, head]), 3),
+                                neg_copy=round(float(prof.neg_copy[layer, head]), 3))
+                found.append({"layer": layer, "head": head, "classes": classes, "evidence": evidence})
+    return found
