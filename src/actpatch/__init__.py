@@ -10,6 +10,7 @@ adapters -> models -> sites -> hooks -> ioi -> capture -> checkpoint -> prefix -
     result.to_dataframe().head()
 """
 
+import logging as _logging
 from importlib import metadata as _metadata
 
 try:
@@ -25,7 +26,7 @@ from .errors import (
     SanityCheckError, SiteError, UnsupportedArchitectureError,
 )
 from .checkpoint import Checkpoint, sweep_fingerprint
-from .experiments import IOIConfig, run_ioi
+from .experiments import IOIConfig, plan_ioi, run_ioi
 from .hooks import count_hooks, hooks
 from .ioi import PairBatch, PromptPair, generate_pairs, load_pairs_file, tokenize_pairs
 from .metrics import ioi_scores, logit_diff, normalised_effect, prob_ratio, token_prob
@@ -33,8 +34,11 @@ from .models import DEFAULT_MODEL, LoadedModel, load_model, wrap_model
 from .patching import patch_variants, patched, plan_chunks, run_chunk, token_budget
 from .prefix import RecipientState
 from .results import HeadGrid, IOIResult
+from . import plots as _plots  # noqa: F401,E402  registers the kinds of IOIResult.plot()
 from .sanity import SanityCheck, run_sanity_checks
 from .sites import AttnOutSite, HeadSite, HiddenSite, MlpOutSite
+
+_logging.getLogger(__name__).addHandler(_logging.NullHandler())  # the CLI's --log-level attaches a real one
 
 __all__ = [
     "ARCHITECTURES", "ActivationCache", "ActpatchError", "Adapter", "Architecture", "Attribution", "AttnOutSite",
@@ -44,6 +48,6 @@ __all__ = [
     "MlpOutSite", "ModelLoadError", "PairBatch", "PairsFileError", "PromptPair", "SanityCheck", "SanityCheckError",
     "SiteError", "UnsupportedArchitectureError", "capture", "count_hooks", "generate_pairs", "get_adapter", "hooks",
     "ioi_scores", "last_logits", "load_model", "load_pairs_file", "logit_diff", "normalised_effect", "patch_variants",
-    "patched", "prob_ratio", "run_chunk", "run_ioi", "run_sanity_checks", "supported_model_types", "token_prob",
+    "patched", "plan_ioi", "prob_ratio", "run_chunk", "run_ioi", "run_sanity_checks", "supported_model_types", "token_prob",
     "tokenize_pairs", "wrap_model",
 ]

@@ -15,6 +15,7 @@ where "heads only nudge" holds.
 
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import torch
@@ -29,6 +30,7 @@ from .patching import patch_variants
 from .paths import Receiver, path_patch
 from .sites import HeadSite
 
+log = logging.getLogger(__name__)
 NUDGE = 0.1   # |normalised effect| below this: the patch only nudges the answer
 NEAR_FLIP = 0.5
 
@@ -40,6 +42,8 @@ def _grid(t: torch.Tensor) -> list[list[float]]:
 def head_analysis(lm: LoadedModel, batch: PairBatch) -> dict:
     """Characterise and classify every head on ``batch``'s recipients; JSON-ready."""
     names = torch.unique(torch.cat([batch.answer_ids, batch.wrong_ids]))
+    log.info("characterising %d heads on %d recipients (%d names for the copy score)",
+             lm.adapter.n_layers * lm.adapter.n_heads, len(batch), len(names))
     prof = characterise(lm, batch, names)
     classes = classify(prof)
     out = {

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import logging
 import json
 import os
 import shlex
@@ -23,11 +24,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from tabulate import tabulate
+
 from . import __version__
 from .adapters import ARCHITECTURES
 from .compare import plot_compare, render_compare, run_compare
 from .errors import ActpatchError, ConfigError
-from .experiments import DIRECTIONS, METHODS, IOIConfig, run_ioi
+from .experiments import DIRECTIONS, METHODS, IOIConfig, plan_ioi, run_ioi
 from .ioi import DESIGNS
 from .models import BUNDLED, DEFAULT_MODEL, DTYPES, bundled_gguf, install_hint
 from .plots import save_plots
@@ -40,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Activation patching for HuggingFace causal LMs: hidden states vs attention heads on IOI.",
     )
     parser.add_argument("--version", action="version", version=f"actpatch {__version__}")
+    parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="how much actpatch logs to stderr (default: WARNING); INFO names each step")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     ioi = sub.add_parser(
@@ -90,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="max rows (patch variants x pairs) per forward pass (default: automatic, from the "
                      "CPU cache size or free GPU memory)")
     ioi.add_argument("--quiet", action="store_true", help="no progress bars or summary, only errors")
+    ioi.add_argument("--dry-run", action="store_true",
+                     help="print the plan (pairs, patches, forward passes, estimated cost) and exit without running")
 
     cmp = sub.add_parser(
         "compare", help="run the IOI experiment on several models and compare them on a shared depth axis",
@@ -159,10 +166,8 @@ def _write_outputs(result, out: Path) -> list[str]:
     return plots
 
 
-def cmd_ioi(args: argparse.Namespace, argv: list[str]) -> int:
-    out = Path(args.out)
-    created = _prepare_out(out, args.overwrite, args.resume)
-    cfg = IOIConfig(
+def _ioi_config(args: argparse.Namespace, argv: list[str]) -> IOIConfig:
+    return IOIConfig(
         model=args.model, n_pairs=args.n_pairs, pairs_file=args.pairs_file, designs=tuple(dict.fromkeys(args.donor)), direction=args.direction,
         seed=args.seed, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
         layers=tuple(args.layers) if args.layers else None,
@@ -170,6 +175,27 @@ def cmd_ioi(args: argparse.Namespace, argv: list[str]) -> int:
         max_rows=args.max_batch, progress=False if args.quiet else None,
         command=shlex.join(["actpatch", *argv]),
     )
+
+
+def cmd_dry_run(args: argparse.Namespace, argv: list[str]) -> int:
+    plan = plan_ioi(_ioi_config(args, argv))
+    print(f"{plan['model']}: {plan['n_layers']} layers x {plan['n_heads']} heads; sweeping layers "
+          f"{plan['layers'][0]}-{plan['layers'][-1]}" if plan["layers"] else "no layers")
+    rows = [[d, p["pairs"], p["tokens"], p["patches"], p["forward_passes"], p["forward_equivalents"],
+             "yes" if p["attribution"] else "no", "yes" if p["analysis"] else "no"] for d, p in plan["designs"].items()]
+    print(tabulate(rows, ["design", "pairs", "tokens", "patches", "batched passes", "≈ full forwards", "attribution",
+                          "analysis"], tablefmt="simple"))
+    print("nothing was run (--dry-run); ≈ full forwards counts the exact sweep's layer-stack work in recipient "
+          "forward passes")
+    return 0
+
+
+def cmd_ioi(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.dry_run:
+        return cmd_dry_run(args, argv)
+    out = Path(args.out)
+    created = _prepare_out(out, args.overwrite, args.resume)
+    cfg = _ioi_config(args, argv)
     try:
         result = run_ioi(cfg, checkpoint_dir=out / PARTIAL, resume=args.resume)
         plots = _write_outputs(result, out)
@@ -264,6 +290,12 @@ def _quiet_transformers(quiet: bool) -> Iterator[None]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    logger = logging.getLogger("actpatch")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("actpatch %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(args.log_level)
     try:
         if args.command == "models":
             return cmd_models()
@@ -276,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
         print("actpatch: interrupted; hooks were removed, the model was left as loaded, and no results were "
               "written", file=sys.stderr)
         return 130
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 if __name__ == "__main__":

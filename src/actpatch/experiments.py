@@ -15,6 +15,7 @@ normalised effect of 1 means the recipient now behaves like the donor.
 
 from __future__ import annotations
 
+import logging
 import platform
 import sys
 from dataclasses import asdict, dataclass, replace
@@ -28,17 +29,18 @@ from .attribution import Attribution, attribute
 from . import __version__ as actpatch_version
 from .capture import capture
 from .checkpoint import Checkpoint, sweep_fingerprint
-from .errors import ConfigError, DataError
+from .errors import ConfigError
 from .hooks import count_hooks
 from .ioi import DESIGNS, POSITION_NAMES, PairBatch, denoising, generate_pairs, load_pairs_file, tokenize_pairs
 from .metrics import ioi_scores, normalised_effect
 from .models import DEFAULT_MODEL, LoadedModel, load_model
-from .patching import patch_variants
+from .patching import variant_start, patch_variants, plan_chunks, shared_prefix, token_budget
 from .results import IOIResult
 from .sanity import check_fast_path, check_no_hooks_left, run_sanity_checks
 from .sites import AttnOutSite, HeadSite, HiddenSite
 
 
+log = logging.getLogger(__name__)
 METHODS = ("exact", "attribution", "both")
 DIRECTIONS = ("noising", "denoising", "both")
 
@@ -188,7 +190,7 @@ def run_design(
                           sweep_fingerprint(lm, batch, variants, extra=f"ioi_scores {actpatch_version}"), resume=resume)
     scores = patch_variants(
         lm, batch, don_cache, variants, reduce=lambda logits: ioi_scores(logits, ans, wrong),
-        max_rows=cfg.max_rows, progress=cfg.progress, desc=f"{design}: {len(cells)} patches", donor_from_batch=True,
+        max_rows=cfg.max_rows, progress=cfg.progress, desc=design, donor_from_batch=True,
         checkpoint=ckpt,
     )
     rows = []
@@ -213,6 +215,58 @@ def run_design(
     return baseline, rows, checks, analysis
 
 
+def _prepare(config: IOIConfig | None, lm: LoadedModel | None, overrides: dict):
+    """Validated config, model, swept layers, tokenized batches per design, and the clean batch."""
+    cfg = replace(config or IOIConfig(), **overrides)
+    if cfg.pairs_file is not None:
+        cfg = replace(cfg, designs=("file",))
+    cfg.validate()
+    file_pairs = load_pairs_file(cfg.pairs_file) if cfg.pairs_file is not None else None  # bad files fail fast
+    if lm is None:
+        log.info("loading %s (%s on %s)", cfg.model, cfg.dtype, cfg.device or "auto")
+        lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    layers = _layers(cfg, lm.adapter.n_layers)
+    if file_pairs is not None:
+        clean = tokenize_pairs(lm.tokenizer, file_pairs, require_positions=False)
+        return cfg, lm, layers, {"file": clean}, clean
+    pairs = generate_pairs(lm.tokenizer, cfg.n_pairs, designs=cfg.designs, seed=cfg.seed)
+    batches = {}
+    for d in cfg.designs:
+        if cfg.direction in ("noising", "both"):
+            batches[d] = tokenize_pairs(lm.tokenizer, pairs[d])
+        if cfg.direction in ("denoising", "both"):
+            batches[f"{d}-denoise"] = tokenize_pairs(lm.tokenizer, denoising(pairs[d]), positions_from="donor")
+    return cfg, lm, layers, batches, tokenize_pairs(lm.tokenizer, pairs[cfg.designs[0]])
+
+
+def plan_ioi(config: IOIConfig | None = None, *, lm: LoadedModel | None = None, **overrides) -> dict:
+    """What ``run_ioi`` would do, without running a sweep: pairs, patches, forward passes per design.
+
+    ``forward_equivalents`` estimates the exact sweep's cost in full recipient forward passes, from
+    the chunk plan (layers >= L and positions >= p that each chunk must run).
+    """
+    cfg, lm, layers, batches, _ = _prepare(config, lm, overrides)
+    a = lm.adapter
+    designs = {}
+    for design, batch in batches.items():
+        positions = tuple(p for p in POSITION_NAMES if p in batch.positions) if cfg.by_position else ()
+        heads = [] if not cfg.head_sweep else (
+            [(L, h) for L in layers for h in range(a.n_heads)] if cfg.method != "attribution" else [(0, 0)] * cfg.top_k)
+        variants = [sites for _, sites in _variants(layers, heads, positions)]
+        shared = shared_prefix(batch)
+        starts = [variant_start(v, batch, shared) for v in variants]
+        T = batch.recipient_ids.shape[1]
+        chunks = plan_chunks(starts, a.n_layers, batch.recipient_ids.shape, cfg.max_rows,
+                             max_tokens=token_budget(lm, T) if cfg.max_rows is None else 0)
+        cost = sum(len(c) * (a.n_layers - min(starts[i][0] for i in c)) * (T - min(starts[i][1] for i in c))
+                   for c in chunks) / (a.n_layers * T)
+        designs[design] = {"pairs": len(batch), "tokens": T, "patches": len(variants), "forward_passes": len(chunks),
+                           "forward_equivalents": round(cost, 1),
+                           "attribution": cfg.method in ("attribution", "both"), "analysis": cfg.analysis}
+    return {"model": lm.info.get("model_id"), "n_layers": a.n_layers, "n_heads": a.n_heads, "layers": layers,
+            "designs": designs}
+
+
 def run_ioi(
     config: IOIConfig | None = None, *, lm: LoadedModel | None = None,
     checkpoint_dir: str | Path | None = None, resume: bool = False, **overrides,
@@ -224,33 +278,14 @@ def run_ioi(
     With ``checkpoint_dir`` each design's exact sweep saves its finished patches there as it goes;
     ``resume=True`` skips the patches a previous, interrupted run with the same settings saved.
     """
-    cfg = replace(config or IOIConfig(), **overrides)
-    if cfg.pairs_file is not None:
-        cfg = replace(cfg, designs=("file",))
-    cfg.validate()
-    file_pairs = load_pairs_file(cfg.pairs_file) if cfg.pairs_file is not None else None  # bad files fail fast
-    lm = lm or load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    cfg, lm, layers, batches, clean = _prepare(config, lm, overrides)
     hooks_before = count_hooks(lm.model)
-    layers = _layers(cfg, lm.adapter.n_layers)
-    if file_pairs is not None:
-        batches = {"file": tokenize_pairs(lm.tokenizer, file_pairs, require_positions=False)}
-    else:
-        pairs = generate_pairs(lm.tokenizer, cfg.n_pairs, designs=cfg.designs, seed=cfg.seed)
-        batches = {}
-        for d in cfg.designs:
-            if cfg.direction in ("noising", "both"):
-                batches[d] = tokenize_pairs(lm.tokenizer, pairs[d])
-            if cfg.direction in ("denoising", "both"):
-                batches[f"{d}-denoise"] = tokenize_pairs(lm.tokenizer, denoising(pairs[d]), positions_from="donor")
     baseline, cells, sanity = {"designs": {}}, [], {}
     analysis: dict = {}
     if cfg.analysis:  # on the clean prompts, the same for every design: characterise the heads once
-        clean = (tokenize_pairs(lm.tokenizer, file_pairs, require_positions=False) if file_pairs is not None
-                 else tokenize_pairs(lm.tokenizer, pairs[cfg.designs[0]]))
         analysis = {"heads": head_analysis(lm, clean), "designs": {}}
     for design, batch in batches.items():
-        if len(batch) == 0:
-            raise DataError("the dataset is empty: expected at least one prompt pair")
+        log.info("design %s: %d pairs, %d tokens wide", design, len(batch), batch.recipient_ids.shape[1])
         classes = analysis["heads"]["classes"] if cfg.analysis else None
         base, rows, checks, extra = run_design(lm, batch, design, cfg, layers, checkpoint_dir, resume, classes)
         if extra is not None:

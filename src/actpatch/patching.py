@@ -16,6 +16,7 @@ Head patches rewrite the attention output projection's *input* (forward pre-hook
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from typing import Callable, Iterator, Mapping, Sequence
 
@@ -34,6 +35,7 @@ from .models import LoadedModel
 from .prefix import RecipientState
 from .sites import Site, resolve_pos
 
+log = logging.getLogger(__name__)
 Reduce = Callable[[Float[Tensor, "k batch vocab"]], Mapping[str, Float[Tensor, "k batch"]]]
 CPU_CACHE_BYTES = 12 * 2**20  # one chunk's MLP activations should fit a CPU's last-level cache
 MEMORY_SHARE = 0.25           # at most this share of free (GPU) / available (CPU) memory per forward pass
@@ -153,13 +155,13 @@ def run_chunk(
             cols = None if columns is None else columns.repeat(k, 1)  # (k*B, n)
             logits = last_logits(lm, ids, mask, end.repeat(k), cols)  # (k*B, V)
         else:
-            starts = [_start(v, batch, shared) for v in chunk]
+            starts = [variant_start(v, batch, shared) for v in chunk]
             start, pos = min(s[0] for s in starts), min(s[1] for s in starts)  # each bound on its own
             logits = state.run(lm, end, start=start, pos=pos, copies=k, columns=columns)
     return logits.view(k, len(batch), -1)
 
 
-def _start(variant: Sequence[Site], batch: PairBatch, shared: int = 0) -> tuple[int, int]:
+def variant_start(variant: Sequence[Site], batch: PairBatch, shared: int = 0) -> tuple[int, int]:
     """(first layer, first position) a variant can change: nothing before either needs recomputing.
 
     ``shared``: positions before it hold identical tokens in donor and recipient, so (causal model)
@@ -242,9 +244,11 @@ def patch_variants(
     results: dict[int, dict[str, Tensor]] = dict(checkpoint.done) if checkpoint is not None else {}
     todo = [i for i in range(len(variants)) if i not in results]
     shared = shared_prefix(batch) if donor_from_batch else 0
-    starts = [_start(variants[i], batch, shared) for i in todo]
+    starts = [variant_start(variants[i], batch, shared) for i in todo]
     budget = token_budget(lm, batch.recipient_ids.shape[1]) if max_rows is None else 0
     plan = plan_chunks(starts, lm.adapter.n_layers, batch.recipient_ids.shape, max_rows, max_tokens=budget)
+    log.info("sweep '%s': %d patches (%d already done) in %d forward passes of <= %s", desc, len(variants),
+             len(variants) - len(todo), len(plan), f"{max_rows} rows" if max_rows else f"{budget} tokens")
     state = RecipientState.record(lm, batch) if todo else None
     disable = {True: False, None: None, False: True}[progress]  # None: tqdm shows a bar only on a TTY
     try:

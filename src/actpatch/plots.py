@@ -15,7 +15,7 @@ matplotlib.use("Agg")  # headless: never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .results import IOIResult  # noqa: E402
+from .results import PLOTTERS, IOIResult  # noqa: E402
 
 STYLES = {
     ("hidden", "all"): dict(color="tab:blue", ls="-", marker="o", label="hidden state, all positions"),
@@ -153,3 +153,13 @@ def save_plots(result: IOIResult, out_dir: str | Path) -> list[Path]:
         plt.close(fig)
         paths.append(out / name)
     return paths
+
+
+PLOTTERS.update(
+    layers=lambda result, design, **kw: plot_layers(result),
+    heads=lambda result, design, **kw: plot_heads(result, design, **kw),
+    heads_attribution=lambda result, design, **kw: plot_heads(result, design, experiment="head_attribution", **kw),
+    attribution=lambda result, design, **kw: plot_attribution(result, design),
+    positions=lambda result, design, **kw: plot_positions(result, design),
+    heads_by_position=lambda result, design, **kw: plot_heads_by_position(result, design),
+)

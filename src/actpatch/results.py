@@ -17,9 +17,16 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
+
+from .errors import ConfigError
+
+# kind -> function(result, design, **kw) -> matplotlib Figure; filled in by actpatch.plots, so that
+# plotting reads results while this module never imports the plotting code
+PLOTTERS: dict[str, Callable] = {}
 
 CELL_COLUMNS = [
     "experiment", "design", "direction", "layer", "head", "position", "depth", "logit_diff", "delta_logit_diff",
@@ -121,6 +128,23 @@ class IOIResult:
         """The ``k`` heads whose patch at all positions moves the logit difference most (largest |delta|)."""
         heads = [c for c in self.cells if c["experiment"] == experiment and c["design"] == design and c["position"] == "all"]
         return sorted(heads, key=lambda c: -abs(c["delta_logit_diff"]))[:k]
+
+    def plot(self, kind: str = "layers", design: str | None = None, **kwargs):
+        """A matplotlib figure of this result (nothing is written)::
+
+            fig = result.plot()                        # hidden states vs heads per layer, every design
+            fig = result.plot("heads", "abc")          # layer x head heatmap of the single-head sweep
+            fig = result.plot("positions", "swap")     # layer x named position (needs by_position=True)
+
+        ``kind``: layers, heads, heads_attribution, attribution, positions or heads_by_position;
+        ``design`` defaults to the first donor design.
+        """
+        if kind not in PLOTTERS:
+            raise ConfigError(f"plot kind must be one of {', '.join(PLOTTERS)}, got {kind!r}")
+        design = design or self.designs[0]
+        if design not in self.designs:
+            raise ConfigError(f"design {design!r} is not in this result; it has {', '.join(self.designs)}")
+        return PLOTTERS[kind](self, design, **kwargs)
 
     def to_json(self) -> dict:
         def grid(d: str, m: str, experiment: str = "head") -> list:
