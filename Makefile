@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.actpatch-installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean browser
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/actpatch ioi --n-pairs 16 --out runs/demo --overwrite
 
-test: $(STAMP)
+# the HTML report's test opens it in Debian's chromium; install it when missing and possible (root + apt)
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { echo "installing Debian's chromium for the report's browser test"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 || \
+	    echo "could not install chromium: tests/test_html.py will fail (apt-get install chromium)"; }
+
+test: $(STAMP) browser
 	$(VENV)/bin/pytest -q
 
 clean:

@@ -55,3 +55,41 @@ def test_gguf_file_spec_loads_directly():
     lm = load_model(str(bundled_gguf()), device="cpu")
     assert lm.info["source"] == "gguf" and lm.info["revision"].startswith("gguf-sha256:")
     assert lm.adapter.n_layers == 30 and lm.model.config._attn_implementation == "eager"
+
+
+def test_device_map_auto_loads_with_accelerate_and_gives_the_same_numbers(gpt2_dir):
+    """On this CPU-only machine accelerate maps every module to the CPU; the dispatch path must not change numbers."""
+    from actpatch import run_ioi
+
+    plain = load_model(str(gpt2_dir), device="cpu")
+    mapped = load_model(str(gpt2_dir), device_map="auto")
+    assert mapped.info["device_map"] == "auto" and mapped.info["device"].startswith("device_map:")
+    kw = dict(n_pairs=3, designs=("swap",), progress=False, analysis=False)
+    a, b = run_ioi(lm=plain, **kw), run_ioi(lm=mapped, **kw)
+    assert b.passed and [c["logit_diff"] for c in a.cells] == [c["logit_diff"] for c in b.cells]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_runs_and_metrics_stay_float32(gpt2_dir, dtype):
+    from actpatch import run_ioi
+    from actpatch.metrics import ioi_scores
+
+    lm = load_model(str(gpt2_dir), device="cpu", dtype=dtype)
+    assert next(lm.model.parameters()).dtype == getattr(torch, dtype)
+    res = run_ioi(lm=lm, n_pairs=3, designs=("swap",), progress=False)
+    assert res.passed, {k: v["detail"] for k, v in res.sanity.items() if not v["passed"]}
+    logits = torch.randn(2, 7).to(getattr(torch, dtype))
+    assert ioi_scores(logits, torch.tensor([1, 2]), torch.tensor([3, 4]))["logit_diff"].dtype == torch.float32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none on this machine")
+def test_cuda_half_precision_matches_cpu(gpt2_dir):
+    from actpatch import run_ioi
+
+    kw = dict(n_pairs=3, designs=("swap",), progress=False)
+    cpu = run_ioi(lm=load_model(str(gpt2_dir), device="cpu"), **kw)
+    gpu = run_ioi(lm=load_model(str(gpt2_dir), device="cuda", dtype="float16"), **kw)
+    assert gpu.passed
+    # float16 weights and activations against float32: about 1e-2 on LDs of order 1
+    diff = max(abs(a["logit_diff"] - b["logit_diff"]) for a, b in zip(cpu.cells, gpu.cells))
+    assert diff < 5e-2

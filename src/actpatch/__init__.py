@@ -3,7 +3,7 @@
 Data flows one way through small modules:
 adapters -> models -> sites -> hooks -> ioi -> capture -> checkpoint -> prefix -> patching -> metrics
 -> attribution -> heads -> gap -> paths -> analysis -> sanity -> results -> experiments -> plots
--> report -> compare -> cli.
+-> report -> htmlreport -> compare -> cli.
 
     import actpatch
     result = actpatch.run_ioi(n_pairs=16)          # bundled SmolLM2-135M, offline

@@ -172,6 +172,7 @@ class Adapter:
         With ``columns`` only those token ids are computed, per row: (batch, n) instead of (batch, vocab).
         """
         head = self.model.get_output_embeddings()
+        hidden = hidden.to(head.weight.device)  # with a device map the LM head may sit on another device
         if columns is None:
             logits = head(hidden)
         else:

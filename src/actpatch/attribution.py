@@ -84,7 +84,6 @@ def _attribute_rows(
 ) -> tuple[Tensor, Tensor, float]:
     """Scores (L, H, b, T) and (L, b, T) for one group of pairs, as parts of the mean over ``n_total`` pairs."""
     a = lm.adapter
-    dev = lm.device
     z_rec: dict[int, Tensor] = {}
     h_rec: dict[int, Tensor] = {}
 
@@ -116,8 +115,9 @@ def _attribute_rows(
         heads, hidden = [], []
         for L in layers:
             grad_z = split_heads(z_rec[L].grad, a.n_heads, a.d_head)  # (B, T, H, Dh)
-            dz = donor[HeadSite(L)].to(dev).float() - split_heads(z_rec[L].detach(), a.n_heads, a.d_head).float()
+            # each layer's own device: with --device-map the layers may sit on different GPUs
+            dz = donor[HeadSite(L)].to(z_rec[L].device).float() - split_heads(z_rec[L].detach(), a.n_heads, a.d_head).float()
             heads.append((dz * grad_z.float()).sum(-1).permute(2, 0, 1))  # (H, B, T)
-            dh = donor[HiddenSite(L)].to(dev).float() - h_rec[L].detach().float()
+            dh = donor[HiddenSite(L)].to(h_rec[L].device).float() - h_rec[L].detach().float()
             hidden.append((dh * h_rec[L].grad.float()).sum(-1))  # (B, T)
     return torch.stack(heads).cpu(), torch.stack(hidden).cpu(), float(metric.detach())

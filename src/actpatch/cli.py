@@ -24,16 +24,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import torch.distributed as dist
 from tabulate import tabulate
 
 from . import __version__
 from .adapters import ARCHITECTURES
 from .compare import plot_compare, render_compare, run_compare
+from .distributed import init_from_env, local_device, world
 from .errors import ActpatchError, ConfigError
 from .experiments import DIRECTIONS, METHODS, IOIConfig, plan_ioi, run_ioi
 from .ioi import DESIGNS
 from .models import BUNDLED, DEFAULT_MODEL, DTYPES, bundled_gguf, install_hint
 from .plots import save_plots
+from .htmlreport import render_html
 from .report import render_report
 
 
@@ -73,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue an interrupted run in --out: patches it already finished (saved in --out/.partial) "
                      "are not run again; use the same options as the interrupted run")
     ioi.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N (default: auto)")
+    ioi.add_argument("--device-map", metavar="MAP",
+                     help="auto: load a model too large for one device across the GPUs and CPU with accelerate "
+                     "(hooks move tensors to each layer's device); replaces --device")
     ioi.add_argument("--trust-remote-code", action="store_true",
                      help="let transformers run Python code shipped with the checkpoint (off by default; only for "
                      "models whose authors you trust)")
@@ -156,6 +162,8 @@ def _write_outputs(result, out: Path) -> list[str]:
         result.save(stage)
         plots = [p.name for p in save_plots(result, stage)]
         (stage / "report.md").write_text(render_report(result, plots), encoding="utf-8")
+        images = {name: (stage / name).read_bytes() for name in plots}
+        (stage / "report.html").write_text(render_html(result, images), encoding="utf-8")
         (stage / "config.json").write_text(json.dumps(
             {"config": result.config, "model": result.model, "environment": result.environment}, indent=2) + "\n",
             encoding="utf-8")
@@ -170,6 +178,7 @@ def _ioi_config(args: argparse.Namespace, argv: list[str]) -> IOIConfig:
     return IOIConfig(
         model=args.model, n_pairs=args.n_pairs, pairs_file=args.pairs_file, designs=tuple(dict.fromkeys(args.donor)), direction=args.direction,
         seed=args.seed, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+        device_map=args.device_map,
         layers=tuple(args.layers) if args.layers else None,
         head_sweep=not args.no_head_sweep, analysis=not args.no_analysis, method=args.method, top_k=args.top_k, by_position=args.by_position,
         max_rows=args.max_batch, progress=False if args.quiet else None,
@@ -193,6 +202,22 @@ def cmd_dry_run(args: argparse.Namespace, argv: list[str]) -> int:
 def cmd_ioi(args: argparse.Namespace, argv: list[str]) -> int:
     if args.dry_run:
         return cmd_dry_run(args, argv)
+    if init_from_env():  # launched by torchrun / accelerate launch: shard the sweeps, rank 0 writes
+        if args.device == "auto" and local_device():
+            args.device = local_device()
+        rank, size = world()
+        try:
+            if rank != 0:
+                run_ioi(_ioi_config(args, argv))
+                return 0
+            return _cmd_ioi(args, argv)
+        finally:
+            dist.barrier()
+            dist.destroy_process_group()
+    return _cmd_ioi(args, argv)
+
+
+def _cmd_ioi(args: argparse.Namespace, argv: list[str]) -> int:
     out = Path(args.out)
     created = _prepare_out(out, args.overwrite, args.resume)
     cfg = _ioi_config(args, argv)

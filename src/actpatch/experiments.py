@@ -34,7 +34,8 @@ from .hooks import count_hooks
 from .ioi import DESIGNS, POSITION_NAMES, PairBatch, denoising, generate_pairs, load_pairs_file, tokenize_pairs
 from .metrics import ioi_scores, normalised_effect
 from .models import DEFAULT_MODEL, LoadedModel, load_model
-from .patching import variant_start, patch_variants, plan_chunks, shared_prefix, token_budget
+from .distributed import sharded_patch_variants
+from .patching import plan_chunks, shared_prefix, token_budget, variant_start
 from .results import IOIResult
 from .sanity import check_fast_path, check_no_hooks_left, run_sanity_checks
 from .sites import AttnOutSite, HeadSite, HiddenSite
@@ -59,6 +60,7 @@ class IOIConfig:
     device: str | None = None         # None/"auto": CUDA when available
     dtype: str = "float32"
     trust_remote_code: bool = False   # let transformers run code shipped with the checkpoint (off unless asked)
+    device_map: str | None = None     # "auto": spread a large model over GPUs and CPU (accelerate); replaces device
     layers: tuple[int, ...] | None = None   # sweep only these layers (None: all)
     head_sweep: bool = True           # run the layer x head sweep
     method: str = "both"              # exact | attribution | both (attribution = gradient estimate, 2 fwd + 1 bwd)
@@ -188,7 +190,7 @@ def run_design(
     if checkpoint_dir is not None:
         ckpt = Checkpoint(Path(checkpoint_dir) / f"{design}.pt",
                           sweep_fingerprint(lm, batch, variants, extra=f"ioi_scores {actpatch_version}"), resume=resume)
-    scores = patch_variants(
+    scores = sharded_patch_variants(  # = patch_variants unless launched with torchrun on several processes
         lm, batch, don_cache, variants, reduce=lambda logits: ioi_scores(logits, ans, wrong),
         max_rows=cfg.max_rows, progress=cfg.progress, desc=design, donor_from_batch=True,
         checkpoint=ckpt,
@@ -224,7 +226,8 @@ def _prepare(config: IOIConfig | None, lm: LoadedModel | None, overrides: dict):
     file_pairs = load_pairs_file(cfg.pairs_file) if cfg.pairs_file is not None else None  # bad files fail fast
     if lm is None:
         log.info("loading %s (%s on %s)", cfg.model, cfg.dtype, cfg.device or "auto")
-        lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+        lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+                        device_map=cfg.device_map)
     layers = _layers(cfg, lm.adapter.n_layers)
     if file_pairs is not None:
         clean = tokenize_pairs(lm.tokenizer, file_pairs, require_positions=False)

@@ -85,7 +85,8 @@ def frozen_norm(norm: nn.Module, x: Float[Tensor, "batch d"]):
     with torch.no_grad():
         expected = norm(x).float()
         got = f(x) + (0 if bias is None else bias.float())
-    if not torch.allclose(got, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()) + 1e-6):
+    tol = 1e-3 if x.dtype in (torch.float32, torch.float64) else 5e-2  # the norm itself ran in half precision
+    if not torch.allclose(got, expected, rtol=tol, atol=tol * float(expected.abs().max()) + 1e-6):
         raise UnsupportedArchitectureError(
             f"cannot linearise the final norm {type(norm).__name__}: expected a LayerNorm or RMSNorm, and the "
             "frozen-scale map does not reproduce it; please report the model id."

@@ -162,7 +162,8 @@ def _converted_bundled(name: str) -> tuple[Path, dict[str, object]]:
     return target, info
 
 
-def _from_pretrained(source: str, dtype: torch.dtype, revision: str | None, local_only: bool, trust_remote_code: bool = False):
+def _from_pretrained(source: str, dtype: torch.dtype, revision: str | None, local_only: bool, trust_remote_code: bool = False,
+                     device_map: str | dict | None = None):
     """transformers' loaders, safely: no repository code unless asked; safetensors preferred over pickles
     (transformers reads a .bin only when no .safetensors exists, and then with weights_only=True)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -170,7 +171,8 @@ def _from_pretrained(source: str, dtype: torch.dtype, revision: str | None, loca
     kwargs = {"revision": revision, "local_files_only": local_only, "trust_remote_code": trust_remote_code}
     try:
         tok = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="eager", **kwargs)
+        extra = {} if device_map is None else {"device_map": device_map}
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="eager", **kwargs, **extra)
     except ValueError as exc:
         if "trust_remote_code" in str(exc) and not trust_remote_code:
             raise ModelLoadError(
@@ -196,17 +198,17 @@ def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
-def _from_hub(spec: str, dtype: torch.dtype, revision: str | None, trust_remote_code: bool = False):
+def _from_hub(spec: str, dtype: torch.dtype, revision: str | None, **load_kw):
     """The HF cache first (no network at all), then the hub unless HF_HUB_OFFLINE is set."""
     try:
-        return _from_pretrained(spec, dtype, revision, local_only=True, trust_remote_code=trust_remote_code)
+        return _from_pretrained(spec, dtype, revision, local_only=True, **load_kw)
     except ModelLoadError:
         raise
     except (OSError, ValueError) as exc:  # huggingface_hub's errors subclass OSError/ValueError
         if _hub_offline():
             raise _hub_error(spec, exc) from exc
     try:
-        return _from_pretrained(spec, dtype, revision, local_only=False, trust_remote_code=trust_remote_code)
+        return _from_pretrained(spec, dtype, revision, local_only=False, **load_kw)
     except ModelLoadError:
         raise
     except (OSError, ValueError) as exc:
@@ -220,20 +222,23 @@ def load_model(
     dtype: str | torch.dtype = "float32",
     revision: str | None = None,
     trust_remote_code: bool = False,
+    device_map: str | dict | None = None,
 ) -> LoadedModel:
     """Load ``spec`` (bundled name, local dir, .gguf file or hub id) in eval mode with eager attention.
 
     ``trust_remote_code`` lets transformers run Python code shipped with the checkpoint; it is off
-    unless you pass it, and is recorded in the result's model info.
+    unless you pass it, and is recorded in the result's model info. ``device_map="auto"`` spreads a
+    model too large for one device over the GPUs (and CPU) with accelerate; ``device`` is then ignored.
     """
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
     info: dict[str, object] = {"spec": spec, "dtype": str(torch_dtype).removeprefix("torch."), "device": str(dev),
-                               "trust_remote_code": trust_remote_code}
+                               "trust_remote_code": trust_remote_code, "device_map": device_map}
+    load_kw = {"trust_remote_code": trust_remote_code, "device_map": device_map}
     path = Path(spec).expanduser()
     if spec in BUNDLED:
         folder, extra = _converted_bundled(spec)
-        model, tok = _from_pretrained(str(folder), torch_dtype, None, local_only=True)
+        model, tok = _from_pretrained(str(folder), torch_dtype, None, local_only=True, device_map=device_map)
         info.update(source="bundled", model_id=BUNDLED[spec]["hf_id"], revision=f"gguf-sha256:{extra['gguf_sha256']}", **extra)
     elif path.suffix == ".gguf":
         if not path.is_file():
@@ -242,7 +247,7 @@ def load_model(
         info.update(source="gguf", model_id=str(path.resolve()), revision=f"gguf-sha256:{_sha256(path)}")
     elif path.is_dir():
         try:
-            model, tok = _from_pretrained(str(path), torch_dtype, None, local_only=True, trust_remote_code=trust_remote_code)
+            model, tok = _from_pretrained(str(path), torch_dtype, None, local_only=True, **load_kw)
         except ModelLoadError:
             raise
         except (OSError, ValueError) as exc:
@@ -251,9 +256,13 @@ def load_model(
     elif spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").split("/", 1)[-1]:
         raise ModelLoadError(f"model path {spec!r} does not exist; expected a directory, a .gguf file or a hub id")
     else:
-        model, tok = _from_hub(spec, torch_dtype, revision, trust_remote_code)
+        model, tok = _from_hub(spec, torch_dtype, revision, **load_kw)
         info.update(source="hub", model_id=spec, revision=getattr(model.config, "_commit_hash", None) or revision)
-    model.eval().to(dev)
+    model.eval()
+    if device_map is None:
+        model.to(dev)
+    else:  # accelerate placed every module; record where
+        info["device"] = "device_map:" + ",".join(sorted({str(p.device) for p in model.parameters()}))
     model.requires_grad_(False)
     return wrap_model(model, tok, info)
 

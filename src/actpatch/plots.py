@@ -44,7 +44,8 @@ def plot_layers(result: IOIResult) -> plt.Figure:
     axes[0][0].set_ylabel("mean logit(IO) - logit(S) after patching")
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
-    fig.suptitle(f"{result.model.get('model_id')}: hidden-state vs attention-head patching (below 0 = answer flipped)")
+    fig.suptitle(f"{result.model.get('model_id')}\nhidden-state vs attention-head patching (below 0 = answer flipped)",
+                 fontsize=10)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     return fig
 

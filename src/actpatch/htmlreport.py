@@ -1,0 +1,135 @@
+"""A self-contained ``report.html``: one file to open, share or attach, readable with JavaScript off.
+
+    page = render_html(result, {"layers.png": png_bytes, ...})   # a str; the CLI writes report.html
+
+What is in it: the status and model, the sanity checks as a pass/fail table, the baseline, the
+per-layer table per design, one heatmap per design of the single-head sweep as inline SVG (hovering
+a cell shows its layer, head and value through the cell's SVG <title>, so the interactivity needs
+no script), every PNG plot embedded as base64, and the exact command and config. It reads only the
+``IOIResult`` (and the plots' bytes). Tables come from pandas (``DataFrame.to_html``, escaped).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+
+import numpy as np
+import pandas as pd
+
+from .results import IOIResult
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.85em; }
+th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
+th { background: #f3f3f3; }
+td.pass { background: #d9f2d9; color: #135f13; font-weight: bold; text-align: center; }
+td.fail { background: #f8d0d0; color: #8a1010; font-weight: bold; text-align: center; }
+.status-pass { color: #135f13; } .status-fail { color: #8a1010; }
+pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; font-size: 0.8em; }
+img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
+svg.heatmap rect:hover { stroke: #000; stroke-width: 2; }
+"""
+
+
+def _color(value: float, lim: float) -> str:
+    """Diverging blue (positive) / red (negative) fill, white at 0."""
+    if not np.isfinite(value):
+        return "#dddddd"
+    t = max(-1.0, min(1.0, value / lim)) if lim else 0.0
+    r, g, b = (255, int(255 * (1 - abs(t))), int(255 * (1 - abs(t)))) if t < 0 else (int(255 * (1 - t)), int(255 * (1 - t * 0.6)), 255)
+    return f"#{r:02x}{g:02x}{b:02x}"
+
+
+def heatmap_svg(result: IOIResult, design: str, cell: int = 22) -> str:
+    """The single-head sweep as an SVG grid; each cell's <title> is its tooltip (layer, head, Δ LD)."""
+    grid = result.head_grid(design)
+    values = grid.values
+    lim = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0
+    left, top = 40, 20
+    width, height = left + cell * values.shape[1] + 10, top + cell * values.shape[0] + 10
+    parts = [f'<svg class="heatmap" id="heatmap-{html.escape(design)}" xmlns="http://www.w3.org/2000/svg" '
+             f'width="{width}" height="{height}" role="img" aria-label="single-head patching, donor {html.escape(design)}">']
+    for h in range(values.shape[1]):
+        parts.append(f'<text x="{left + h * cell + cell / 2}" y="{top - 6}" font-size="9" text-anchor="middle">{h}</text>')
+    for i, layer in enumerate(grid.layers):
+        parts.append(f'<text x="{left - 6}" y="{top + i * cell + cell * 0.7}" font-size="9" text-anchor="end">{layer}</text>')
+        for h in range(values.shape[1]):
+            v = float(values[i, h])
+            label = f"layer {layer}, head {h}: \u0394 logit diff {v:+.3f}" if np.isfinite(v) else f"layer {layer}, head {h}: not patched"
+            parts.append(f'<rect x="{left + h * cell}" y="{top + i * cell}" width="{cell}" height="{cell}" '
+                         f'fill="{_color(v, lim)}"><title>{html.escape(label)}</title></rect>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _table(rows: list[dict], table_id: str) -> str:
+    return pd.DataFrame(rows).to_html(index=False, table_id=table_id, escape=True, float_format=lambda x: f"{x:.3f}")
+
+
+def _sanity_table(result: IOIResult) -> str:
+    rows = []
+    for name, check in result.sanity.items():
+        cls, word = ("pass", "pass") if check["passed"] else ("fail", "FAIL")
+        rows.append(f'<tr><td style="text-align:left">{html.escape(name)}</td><td class="{cls}">{word}</td>'
+                    f'<td style="text-align:left">{html.escape(str(check["detail"]))}</td></tr>')
+    return ('<table id="sanity"><thead><tr><th>check</th><th>result</th><th>detail</th></tr></thead><tbody>'
+            + "".join(rows) + "</tbody></table>")
+
+
+def render_html(result: IOIResult, plots: dict[str, bytes] | None = None) -> str:
+    """The whole page as one string (no external files, no script)."""
+    m, cfg = result.model, result.config
+    ok = result.passed
+    status = "PASSED" if ok else "FAILED: do not trust these numbers"
+    baseline = [{"design": d, "prompts": who, **{k: v for k, v in base[who].items()}}
+                for d, base in result.baseline["designs"].items() for who in ("recipient", "donor")]
+    body = [
+        f"<h1>IOI activation patching — {html.escape(str(m.get('model_id')))}</h1>",
+        f'<p>{result.n_layers} layers × {result.n_heads} heads, {html.escape(str(m.get("dtype")))} on '
+        f'{html.escape(str(m.get("device")))}; {int(result.baseline["n_pairs"])} pairs per design. Sanity checks: '
+        f'<strong class="status-{"pass" if ok else "fail"}" id="status">{status}</strong></p>',
+        "<h2>Sanity checks</h2>", _sanity_table(result),
+        "<h2>Baseline</h2>", _table(baseline, "baseline"),
+    ]
+    classes = (result.analysis or {}).get("heads", {}).get("classes", [])
+    if classes:
+        body.append("<h2>Heads classified by role</h2>")
+        body.append(_table([{"head": f"L{c['layer']}H{c['head']}", "classes": ", ".join(c["classes"]), **c["evidence"]}
+                            for c in classes if set(c["classes"]) - {"previous token", "duplicate token"}], "head-classes"))
+    df = result.to_dataframe()
+    for design in result.designs:
+        body.append(f"<h2>Donor design <code>{html.escape(design)}</code></h2>")
+        layer = df[(df.design == design) & df.experiment.isin(["hidden", "all_heads"]) & df.position.isin(["all", "last"])]
+        if len(layer):
+            wide = layer.pivot_table(index="layer", columns=["experiment", "position"], values="logit_diff")
+            wide.columns = [f"{e}, {'END' if p == 'last' else 'all positions'}" for e, p in wide.columns]
+            body.append("<p>Mean logit difference after patching each layer:</p>")
+            body.append(wide.reset_index().to_html(index=False, table_id=f"layers-{html.escape(design)}",
+                                                   float_format=lambda x: f"{x:.2f}"))
+        info = (result.analysis or {}).get("designs", {}).get(design, {})
+        for p in info.get("paths", []):
+            body.append(f"<p>{html.escape(p['what'])}: LD {result.baseline['designs'][design]['recipient']['mean_logit_diff']:.2f}"
+                        f" → {p['logit_diff']:.2f}</p>")
+        if result.has("head", design):
+            body.append("<p>Single-head patching, all positions (hover a cell for layer, head and Δ LD; blue raises "
+                        "LD, red lowers it):</p>")
+            body.append(heatmap_svg(result, design))
+    if plots:
+        body.append("<h2>Plots</h2>")
+        for name, data in plots.items():
+            b64 = base64.b64encode(data).decode("ascii")
+            body.append(f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{b64}">'
+                        f"<figcaption>{html.escape(name)}</figcaption></figure>")
+    body += [
+        "<h2>Reproduce</h2>",
+        f'<p>Command:</p><pre id="command">{html.escape(str(cfg.get("command") or "actpatch.run_ioi(...)"))}</pre>',
+        '<p>Config, model and environment:</p><pre id="config">'
+        + html.escape(json.dumps({"config": cfg, "model": m, "environment": result.environment}, indent=2, default=str))
+        + "</pre>",
+    ]
+    return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>actpatch report — "
+            f"{html.escape(str(m.get('model_id')))}</title><style>{STYLE}</style></head><body>"
+            + "\n".join(body) + "</body></html>\n")
