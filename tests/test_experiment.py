@@ -183,6 +183,8 @@ def test_public_api_is_declared():
     public = sorted(n for n in dir(actpatch) if not n.startswith("_") and not inspect.ismodule(getattr(actpatch, n)))
     assert sorted(actpatch.__all__) == public
     assert all(getattr(actpatch, n).__doc__ for n in actpatch.__all__ if callable(getattr(actpatch, n)))
+    no_example = [n for n in actpatch.__all__ if callable(getattr(actpatch, n)) and "Example::" not in getattr(actpatch, n).__doc__]
+    assert not no_example, f"public names without a usage example in their docstring: {no_example}"
 
 
 @pytest.mark.parametrize("n_layer,n_head,n_embd", [(12, 12, 768), (24, 16, 1024)], ids=["gpt2-small", "gpt2-medium"])

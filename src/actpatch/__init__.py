@@ -3,7 +3,7 @@
 Data flows one way through small modules:
 adapters -> models -> sites -> hooks -> ioi -> capture -> checkpoint -> prefix -> patching -> metrics
 -> attribution -> heads -> gap -> paths -> analysis -> sanity -> results -> experiments -> plots
--> report -> htmlreport -> compare -> cli.
+-> report -> htmlreport -> outputs -> compare -> cli.
 
     import actpatch
     result = actpatch.run_ioi(n_pairs=16)          # bundled SmolLM2-135M, offline
@@ -35,6 +35,9 @@ from .patching import patch_variants, patched, plan_chunks, run_chunk, token_bud
 from .prefix import RecipientState
 from .results import HeadGrid, IOIResult
 from . import plots as _plots  # noqa: F401,E402  registers the kinds of IOIResult.plot()
+from .compare import run_compare
+from .heads import characterise, classify
+from .paths import Receiver, path_patch
 from .sanity import SanityCheck, run_sanity_checks
 from .sites import AttnOutSite, HeadSite, HiddenSite, MlpOutSite
 
@@ -42,7 +45,7 @@ _logging.getLogger(__name__).addHandler(_logging.NullHandler())  # the CLI's --l
 
 __all__ = [
     "ARCHITECTURES", "ActivationCache", "ActpatchError", "Adapter", "Architecture", "Attribution", "AttnOutSite",
-    "Checkpoint", "ConfigError", "NumericalError", "RecipientState", "ResumeError", "attribute", "plan_chunks",
+    "Checkpoint", "ConfigError", "Receiver", "characterise", "classify", "path_patch", "run_compare", "NumericalError", "RecipientState", "ResumeError", "attribute", "plan_chunks",
     "sweep_fingerprint", "token_budget",
     "DEFAULT_MODEL", "DataError", "HeadGrid", "HeadSite", "HiddenSite", "IOIConfig", "IOIResult", "LoadedModel",
     "MlpOutSite", "ModelLoadError", "PairBatch", "PairsFileError", "PromptPair", "SanityCheck", "SanityCheckError",

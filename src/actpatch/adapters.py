@@ -40,7 +40,13 @@ def _d_head(config) -> int:
 
 @dataclass(frozen=True)
 class Architecture:
-    """Where one model family keeps its parts (paths are relative to the *CausalLM* model)."""
+    """Where one model family keeps its parts (paths are relative to the *CausalLM* model).
+
+    Example::
+
+        Architecture(name="mine", model_types=("mine",), blocks="model.layers", attn_out="self_attn.o_proj",
+                     mlp="mlp", final_norm="model.norm", n_heads=lambda c: c.num_attention_heads, d_head=lambda c: c.head_dim)
+    """
 
     name: str
     model_types: tuple[str, ...]
@@ -90,12 +96,22 @@ ARCHITECTURES: tuple[Architecture, ...] = (
 
 
 def supported_model_types() -> tuple[str, ...]:
-    """Every ``config.model_type`` that has an adapter."""
+    """Every ``config.model_type`` that has an adapter.
+
+    Example::
+
+        "llama" in supported_model_types()  # True
+    """
     return tuple(t for arch in ARCHITECTURES for t in arch.model_types)
 
 
 class Adapter:
-    """An ``Architecture`` bound to one loaded model, with its dimensions read and checked."""
+    """An ``Architecture`` bound to one loaded model, with its dimensions read and checked.
+
+    Example::
+
+        adapter = get_adapter(model); adapter.attn_out(5); adapter.head_weights(5).shape  # (H, Dh, D)
+    """
 
     def __init__(self, model: nn.Module, arch: Architecture) -> None:
         self.model = model
@@ -194,7 +210,12 @@ class Adapter:
 
 
 def get_adapter(model: nn.Module) -> Adapter:
-    """Bind the matching ``Architecture`` to ``model`` (a HF *ForCausalLM)."""
+    """Bind the matching ``Architecture`` to ``model`` (a HF *ForCausalLM).
+
+    Example::
+
+        adapter = get_adapter(model)  # model: a HF *ForCausalLM
+    """
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     for arch in ARCHITECTURES:
         if model_type in arch.model_types:

@@ -33,7 +33,12 @@ from .sites import HeadSite, HiddenSite
 
 @dataclass(frozen=True)
 class Attribution:
-    """Attribution scores of one donor design: estimated change of the mean logit difference."""
+    """Attribution scores of one donor design: estimated change of the mean logit difference.
+
+    Example::
+
+        att = attribute(lm, batch, donor); att.head_effect()  # (L, H) estimated change of the mean LD
+    """
 
     heads: Float[Tensor, "layer head batch pos"]   # per head, per pair, per position
     hidden: Float[Tensor, "layer batch pos"]       # per block output, per pair, per position
@@ -65,6 +70,12 @@ def attribute(
     which bounds the autograd graph's memory; the scores do not depend on the grouping beyond float
     summation order. Leaves the model unchanged: parameters keep ``requires_grad`` as they were and
     receive no gradient (the graph starts at the embedding output, made a leaf that requires grad).
+
+    Example::
+
+        donor, _ = capture(lm, batch.donor_ids, batch, [HeadSite(L) for L in range(n)] + [HiddenSite(L) for L in range(n)])
+        att = attribute(lm, batch, donor)
+
     """
     layers = tuple(range(lm.adapter.n_layers)) if layers is None else tuple(layers)
     rows = max_rows or max(1, GRAD_TOKENS // batch.recipient_ids.shape[1])

@@ -25,7 +25,12 @@ from .sites import Site
 
 
 class ActivationCache(dict):
-    """``(kind, layer) -> activation``; index it with a site. Head activations are (B, T, H, Dh)."""
+    """``(kind, layer) -> activation``; index it with a site. Head activations are (B, T, H, Dh).
+
+    Example::
+
+        cache, _ = capture(lm, batch.donor_ids, batch, [HeadSite(9)]); cache[HeadSite(9)].shape  # (B, T, H, Dh)
+    """
 
     def __getitem__(self, key) -> Tensor:
         return super().__getitem__(key.key if hasattr(key, "key") else key)
@@ -49,6 +54,11 @@ def last_logits(
     """Logits at each row's END token (right padding), computed from the base model's final hidden states.
 
     ``columns`` restricts the unembedding to those token ids per row (e.g. IO and S): (B, n).
+
+    Example::
+
+        logits = last_logits(lm, batch.recipient_ids, batch.attention_mask, batch.position("END"))  # (B, V)
+
     """
     out = lm.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     hidden = out.last_hidden_state  # (B, T, D), already final-normed
@@ -111,6 +121,11 @@ def capture(
 
     Whole activations are kept per (kind, layer), whatever the sites' heads and positions, so one
     donor run serves every later patch of that layer.
+
+    Example::
+
+        cache, logits = capture(lm, batch.donor_ids, batch, [HeadSite(9), HiddenSite(3)])
+
     """
     adapter = lm.adapter
     cache = ActivationCache()

@@ -30,7 +30,12 @@ from .sites import Site
 
 
 def sweep_fingerprint(lm: LoadedModel, batch: PairBatch, variants: Sequence[Sequence[Site]], extra: str = "") -> str:
-    """sha256 of what determines a sweep's numbers: weights, dtype, pairs, variants and ``extra``."""
+    """sha256 of what determines a sweep's numbers: weights, dtype, pairs, variants and ``extra``.
+
+    Example::
+
+        fp = sweep_fingerprint(lm, batch, [[HeadSite(3)], [HiddenSite(4)]])  # sha256 hex string
+    """
     h = hashlib.sha256()
     h.update(repr([lm.info.get(k) for k in ("model_id", "revision", "dtype", "gguf_sha256")]).encode())
     with torch.inference_mode():  # a cheap weight checksum: catches same-named models with other weights
@@ -43,7 +48,13 @@ def sweep_fingerprint(lm: LoadedModel, batch: PairBatch, variants: Sequence[Sequ
 
 
 class Checkpoint:
-    """The finished variants of one sweep: ``done[i] = {key: (B,) tensor}``, mirrored to ``path``."""
+    """The finished variants of one sweep: ``done[i] = {key: (B,) tensor}``, mirrored to ``path``.
+
+    Example::
+
+        ckpt = Checkpoint("runs/x/.partial/swap.pt", sweep_fingerprint(lm, batch, variants), resume=True)
+        patch_variants(lm, batch, donor, variants, reduce, checkpoint=ckpt)
+    """
 
     def __init__(self, path: str | os.PathLike, fingerprint: str, *, resume: bool = False, every_s: float = 5.0):
         self.path, self.fingerprint, self.every_s = Path(path), fingerprint, every_s

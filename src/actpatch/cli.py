@@ -15,11 +15,9 @@ import argparse
 import importlib.util
 import logging
 import json
-import os
 import shlex
 import shutil
 import sys
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -30,14 +28,12 @@ from tabulate import tabulate
 from . import __version__
 from .adapters import ARCHITECTURES
 from .compare import plot_compare, render_compare, run_compare
+from .outputs import PARTIAL, prepare_out, write_outputs
 from .distributed import init_from_env, local_device, world
-from .errors import ActpatchError, ConfigError
+from .errors import ActpatchError
 from .experiments import DIRECTIONS, METHODS, IOIConfig, plan_ioi, run_ioi
 from .ioi import DESIGNS
 from .models import BUNDLED, DEFAULT_MODEL, DTYPES, bundled_gguf, install_hint
-from .plots import save_plots
-from .htmlreport import render_html
-from .report import render_report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,53 +123,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-PARTIAL = ".partial"  # finished patches of an unfinished run, for --resume
-
-
-def _prepare_out(out: Path, overwrite: bool, resume: bool) -> bool:
-    """Check that ``out`` may be written; create it. Returns True if this call created it."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a folder; choose another path")
-    if resume and not (out / PARTIAL).is_dir():
-        raise ConfigError(f"--resume: {out} holds no interrupted run (expected {out / PARTIAL}); run without --resume")
-    if not resume and out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"--out {out} already exists and is not empty; pass --overwrite, --resume (to continue an "
-                          "interrupted run) or choose another folder")
-    created = not out.exists()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / ".write-test").touch()
-        (out / ".write-test").unlink()
-    except OSError as exc:
-        raise ConfigError(f"--out {out} is not writable ({exc.strerror}); choose a folder you can write to") from exc
-    if not resume:
-        shutil.rmtree(out / PARTIAL, ignore_errors=True)  # --overwrite: a stale partial run must not be resumed
-    return created
-
-
-def _write_outputs(result, out: Path) -> list[str]:
-    """Write every output file into a staging folder inside ``out``, then rename each into place.
-
-    Only fixed file names (and donor design names from a fixed list) are used: nothing from prompt
-    text becomes a path, and nothing is written outside ``out``.
-    """
-    stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
-    try:
-        result.save(stage)
-        plots = [p.name for p in save_plots(result, stage)]
-        (stage / "report.md").write_text(render_report(result, plots), encoding="utf-8")
-        images = {name: (stage / name).read_bytes() for name in plots}
-        (stage / "report.html").write_text(render_html(result, images), encoding="utf-8")
-        (stage / "config.json").write_text(json.dumps(
-            {"config": result.config, "model": result.model, "environment": result.environment}, indent=2) + "\n",
-            encoding="utf-8")
-        for f in stage.iterdir():
-            os.replace(f, out / f.name)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-    return plots
-
-
 def _ioi_config(args: argparse.Namespace, argv: list[str]) -> IOIConfig:
     return IOIConfig(
         model=args.model, n_pairs=args.n_pairs, pairs_file=args.pairs_file, designs=tuple(dict.fromkeys(args.donor)), direction=args.direction,
@@ -219,11 +168,11 @@ def cmd_ioi(args: argparse.Namespace, argv: list[str]) -> int:
 
 def _cmd_ioi(args: argparse.Namespace, argv: list[str]) -> int:
     out = Path(args.out)
-    created = _prepare_out(out, args.overwrite, args.resume)
+    created = prepare_out(out, args.overwrite, args.resume)
     cfg = _ioi_config(args, argv)
     try:
         result = run_ioi(cfg, checkpoint_dir=out / PARTIAL, resume=args.resume)
-        plots = _write_outputs(result, out)
+        plots = write_outputs(result, out)
     except KeyboardInterrupt:
         if (out / PARTIAL).is_dir():
             print(f"actpatch: interrupted; the finished patches are saved in {out / PARTIAL}. Rerun the same command "
@@ -251,7 +200,7 @@ def _cmd_ioi(args: argparse.Namespace, argv: list[str]) -> int:
 
 def cmd_compare(args: argparse.Namespace, argv: list[str]) -> int:
     out = Path(args.out)
-    created = _prepare_out(out, args.overwrite, resume=False)
+    created = prepare_out(out, args.overwrite, resume=False)
     cfg = IOIConfig(n_pairs=args.n_pairs, designs=tuple(dict.fromkeys(args.donor)), seed=args.seed, device=args.device,
                     dtype=args.dtype, head_sweep=args.head_sweep, method="exact" if args.head_sweep else "both",
                     progress=False if args.quiet else None, command=shlex.join(["actpatch", *argv]))
@@ -259,7 +208,7 @@ def cmd_compare(args: argparse.Namespace, argv: list[str]) -> int:
     def save(i: int, result) -> None:
         folder = out / f"model-{i + 1}"  # numbered: no path is built from a model spec
         folder.mkdir(exist_ok=True)
-        _write_outputs(result, folder)
+        write_outputs(result, folder)
         if not args.quiet:
             print(f"{result.model.get('model_id')}: sanity {'passed' if result.passed else 'FAILED'}; wrote {folder}")
 

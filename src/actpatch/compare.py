@@ -29,7 +29,12 @@ CURVES = (("hidden", "last", "-", "hidden state, END"), ("all_heads", "all", "--
 
 def run_compare(models: Sequence[str], config: IOIConfig | None = None, on_result=None) -> list[IOIResult]:
     """Run the IOI experiment on every model in ``models`` with the same settings; ``on_result(i, result)``
-    is called after each (e.g. to write it out before the next model loads)."""
+    is called after each (e.g. to write it out before the next model loads).
+
+    Example::
+
+        results = run_compare(["smollm2-135m", "gemma3-270m"], IOIConfig(n_pairs=16, head_sweep=False))
+    """
     if len(models) < 2 or len(set(models)) != len(models):
         raise ConfigError(f"--models: expected at least two different models, got {list(models)!r}")
     results = []

@@ -48,7 +48,13 @@ DIRECTIONS = ("noising", "denoising", "both")
 
 @dataclass(frozen=True)
 class IOIConfig:
-    """Everything that determines an ``actpatch ioi`` run; saved next to its results."""
+    """Everything that determines an ``actpatch ioi`` run; saved next to its results.
+
+    Example::
+
+        cfg = IOIConfig(n_pairs=16, designs=("abc",), by_position=True)
+        result = run_ioi(cfg)
+    """
 
     model: str = DEFAULT_MODEL
     n_pairs: int = 32                 # generated pairs (ignored with pairs_file)
@@ -247,6 +253,12 @@ def plan_ioi(config: IOIConfig | None = None, *, lm: LoadedModel | None = None, 
 
     ``forward_equivalents`` estimates the exact sweep's cost in full recipient forward passes, from
     the chunk plan (layers >= L and positions >= p that each chunk must run).
+
+    Example::
+
+        plan = plan_ioi(n_pairs=32, by_position=True)
+        plan["designs"]["swap"]["forward_equivalents"]
+
     """
     cfg, lm, layers, batches, _ = _prepare(config, lm, overrides)
     a = lm.adapter
@@ -280,6 +292,11 @@ def run_ioi(
     Keyword overrides replace fields of ``config``: ``run_ioi(n_pairs=8, designs=("swap",))``.
     With ``checkpoint_dir`` each design's exact sweep saves its finished patches there as it goes;
     ``resume=True`` skips the patches a previous, interrupted run with the same settings saved.
+
+    Example::
+
+        result = run_ioi(n_pairs=16, designs=("swap", "abc"), by_position=True)
+        result.passed, result.to_dataframe().head()
     """
     cfg, lm, layers, batches, clean = _prepare(config, lm, overrides)
     hooks_before = count_hooks(lm.model)

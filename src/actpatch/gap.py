@@ -37,7 +37,8 @@ def gap_account(
     exact: Mapping[tuple[str, int], float] | None = None,
 ) -> list[dict[str, float]]:
     """Per-layer residual-stream arithmetic of hidden-state vs all-heads patches (module docstring)."""
-    a, dev = lm.adapter, lm.device
+    a = lm.adapter
+    dev = lm.model.get_output_embeddings().weight.device  # the read-out's device (a device map may split the model)
     rows = torch.arange(len(batch), device=dev)
     end = batch.position("END").to(dev)
     w_u = lm.model.get_output_embeddings().weight

@@ -83,7 +83,8 @@ def frozen_norm(norm: nn.Module, x: Float[Tensor, "batch d"]):
             return c.float() * scale * gain
         bias = None
     with torch.no_grad():
-        expected = norm(x).float()
+        device = next(norm.parameters(), x).device  # a device map may put the norm elsewhere
+        expected = norm(x.to(device)).float().to(x.device)
         got = f(x) + (0 if bias is None else bias.float())
     tol = 1e-3 if x.dtype in (torch.float32, torch.float64) else 5e-2  # the norm itself ran in half precision
     if not torch.allclose(got, expected, rtol=tol, atol=tol * float(expected.abs().max()) + 1e-6):
@@ -110,19 +111,20 @@ def _attention(lm: LoadedModel, batch: PairBatch) -> dict[str, Tensor]:
     with torch.inference_mode(), hooks([(a.attention(L), "result", keep(L)) for L in range(a.n_layers)]):
         lm.model.base_model(input_ids=batch.recipient_ids.to(dev), attention_mask=batch.attention_mask.to(dev),
                             use_cache=False)
-    rows = torch.arange(len(batch), device=dev)
+    rows = torch.arange(len(batch))
     result = {}
     for name, (q, k) in ATTENTION_PAIRS.items():
         if q not in batch.positions or k not in batch.positions:
             continue
-        qi, ki = batch.positions[q].to(dev), batch.positions[k].to(dev)
-        per_layer = [weights[L][rows, :, qi, ki].float().mean(0) for L in range(a.n_layers)]  # (H,) each
+        qi, ki = batch.positions[q], batch.positions[k]
+        per_layer = [weights[L].cpu()[rows, :, qi, ki].float().mean(0) for L in range(a.n_layers)]  # (H,) each
         result[name] = torch.stack(per_layer).cpu()  # (L, H)
     return result
 
 
 def _dla(lm: LoadedModel, batch: PairBatch) -> tuple[Tensor, float]:
-    a, dev = lm.adapter, lm.device
+    a = lm.adapter
+    dev = lm.model.get_output_embeddings().weight.device  # the read-out's device (a device map may split the model)
     last = a.n_layers - 1
     cache, logits = capture(lm, batch.recipient_ids, batch, [HeadSite(L) for L in range(a.n_layers)] + [HiddenSite(last)])
     rows = torch.arange(len(batch), device=dev)
@@ -135,10 +137,10 @@ def _dla(lm: LoadedModel, batch: PairBatch) -> tuple[Tensor, float]:
     with torch.inference_mode():
         for L in range(a.n_layers):
             z = cache[HeadSite(L)].to(dev)[rows, end].float()  # (B, H, Dh)
-            per_head = torch.einsum("bhd,hde->hbe", z, a.head_weights(L).float())  # (H, B, D)
+            per_head = torch.einsum("bhd,hde->hbe", z, a.head_weights(L).to(dev).float())  # (H, B, D)
             out.append((f(per_head) * direction).sum(-1).mean(-1))  # (H,)
-    ld = float((logits.float().gather(1, batch.answer_ids.to(dev)[:, None]) -
-                logits.float().gather(1, batch.wrong_ids.to(dev)[:, None])).mean())
+    logits = logits.float().cpu()
+    ld = float((logits.gather(1, batch.answer_ids[:, None]) - logits.gather(1, batch.wrong_ids[:, None])).mean())
     return torch.stack(out).cpu(), ld
 
 
@@ -149,8 +151,8 @@ def _copy_scores(lm: LoadedModel, name_ids: Int[Tensor, "n"], top: int = 5) -> t
     first = _block0_output(lm, ids, mask)
     z: dict[int, Tensor] = {}
 
-    def feed(_: Tensor) -> Tensor:
-        return first  # every block sees the name's post-block-0 residual
+    def feed(x: Tensor) -> Tensor:
+        return first.to(x.device)  # every block sees the name's post-block-0 residual
 
     def keep(L: int):
         def fn(x: Tensor) -> None:
@@ -167,10 +169,11 @@ def _copy_scores(lm: LoadedModel, name_ids: Int[Tensor, "n"], top: int = 5) -> t
         for L in range(a.n_layers):
             zz = z[L][:, 0].view(len(ids), a.n_heads, a.d_head)  # (N, H*Dh) -> (N, H, Dh)
             ov = torch.einsum("nhd,hde->hne", zz, a.head_weights(L))  # (H, N, D)
+            ov = ov.to(next(norm.parameters(), ov).device)
             for sign, target in ((1.0, copy), (-1.0, neg)):
-                logits = w_u(norm(sign * ov))  # (H, N, V)
-                top_ids = logits.topk(top, dim=-1).indices  # (H, N, top)
-                target[L] = (top_ids == ids[None, :, :]).any(-1).float().mean(-1).cpu()
+                logits = w_u(norm(sign * ov).to(w_u.weight.device))  # (H, N, V)
+                top_ids = logits.topk(top, dim=-1).indices.cpu()  # (H, N, top)
+                target[L] = (top_ids == ids.cpu()[None, :, :]).any(-1).float().mean(-1)
     return copy, neg
 
 
@@ -186,6 +189,11 @@ def characterise(lm: LoadedModel, batch: PairBatch, name_ids: Int[Tensor, "n"] |
     """Attention, DLA and copy scores of every head on ``batch``'s recipients (see the module docstring).
 
     ``name_ids``: the single-token names for the copy score (default: the batch's IO and S tokens).
+
+    Example::
+
+        profile = characterise(lm, batch); profile.attention["END->IO"].shape  # (L, H)
+
     """
     if name_ids is None:
         name_ids = torch.unique(torch.cat([batch.answer_ids, batch.wrong_ids]))
@@ -207,6 +215,12 @@ def classify(prof: HeadProfile, attn: float = 0.3, copy: float = 0.5, dla_share:
     S-inhibition: END->S2 >= attn, END->S2 > END->IO, |DLA| < bar, and a layer before the last
     name mover (it must be able to reach their queries);
     induction: S2->S1+1 >= attn; duplicate token: S2->S1 >= attn; previous token: S1+1->S1 >= attn.
+
+    Example::
+
+        for head in classify(characterise(lm, batch)):
+            print(head["layer"], head["head"], head["classes"])
+
     """
     A = prof.attention
     bar = dla_share * abs(prof.recipient_logit_diff)

@@ -51,7 +51,13 @@ def _call_hook(fn: Callable[[tuple, dict], None]):
 
 @contextmanager
 def hooks(specs: Sequence[HookSpec]) -> Iterator[None]:
-    """Register ``specs`` on entry; remove them all in reverse order on exit, whatever happens."""
+    """Register ``specs`` on entry; remove them all in reverse order on exit, whatever happens.
+
+    Example::
+
+        with hooks([(adapter.attn_out(5), "input", lambda z: z * 0)]):
+            model(input_ids)
+    """
     handles = []
     try:
         for module, where, fn in specs:
@@ -72,7 +78,12 @@ def hooks(specs: Sequence[HookSpec]) -> Iterator[None]:
 
 
 def count_hooks(model: nn.Module) -> int:
-    """Number of forward / pre-forward / backward hooks on ``model`` and all its submodules."""
+    """Number of forward / pre-forward / backward hooks on ``model`` and all its submodules.
+
+    Example::
+
+        assert count_hooks(lm.model) == 0
+    """
     return sum(
         len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()
     )

@@ -78,7 +78,13 @@ _SLOT = re.compile(r"(\[A\]|\[B\])")
 
 @dataclass(frozen=True)
 class PromptPair:
-    """A clean recipient prompt, its position-aligned donor, and the recipient's answer (IO) and wrong (S) tokens."""
+    """A clean recipient prompt, its position-aligned donor, and the recipient's answer (IO) and wrong (S) tokens.
+
+    Example::
+
+        PromptPair("When Mary and John went to the store, John gave a drink to",
+                   "When Mary and John went to the store, Mary gave a drink to", " Mary", " John", "swap")
+    """
 
     recipient: str
     donor: str
@@ -116,6 +122,12 @@ def generate_pairs(
     both orders. Names, place, object and the abc names come from ``random.Random(seed)``; only names that are
     one token for ``tokenizer`` are used. Donors: swap = IO and S exchanged everywhere; abc = IO, S1, S2 replaced
     by three distinct fresh names; s2io = S2 replaced by the IO name. Answer/wrong are always the recipient's.
+
+    Example::
+
+        pairs = generate_pairs(lm.tokenizer, 16, designs=("swap", "abc"), seed=0)
+        pairs["abc"][0].donor
+
     """
     if isinstance(designs, str):
         designs = (designs,)
@@ -157,7 +169,13 @@ MAX_PAIRS_FILE_BYTES = 256 * 2**20
 
 
 def load_pairs_file(path: str | PathLike) -> list[PromptPair]:
-    """Read a JSONL file of {"recipient", "donor", "answer", "wrong"} objects (blank lines skipped; extra keys ignored)."""
+    """Read a JSONL file of {"recipient", "donor", "answer", "wrong"} objects (blank lines skipped; extra keys ignored).
+
+    Example::
+
+        pairs = load_pairs_file("pairs.jsonl")
+        batch = tokenize_pairs(lm.tokenizer, pairs, require_positions=False)
+    """
     p, where = Path(path), str(path)
     try:
         size = p.stat().st_size
@@ -222,7 +240,12 @@ def load_pairs_file(path: str | PathLike) -> list[PromptPair]:
 
 @dataclass(frozen=True, eq=False)
 class PairBatch:
-    """Tokenized pairs: right-padded recipient/donor ids of equal real length, answers and named positions."""
+    """Tokenized pairs: right-padded recipient/donor ids of equal real length, answers and named positions.
+
+    Example::
+
+        batch = tokenize_pairs(lm.tokenizer, pairs); batch.position("S2"), batch.recipient_ids.shape
+    """
 
     pairs: tuple[PromptPair, ...]
     recipient_ids: Int[Tensor, "batch pos"]
@@ -292,6 +315,11 @@ def tokenize_pairs(
 
     Positions are found on the recipient's tokens, or on the donor's with ``positions_from="donor"``
     (denoising: the clean prompt is the donor). Donor and recipient have equal lengths, so they align.
+
+    Example::
+
+        batch = tokenize_pairs(lm.tokenizer, generate_pairs(lm.tokenizer, 8)["swap"])
+
     """
     if positions_from not in ("recipient", "donor"):
         raise DataError(f"positions_from must be 'recipient' or 'donor', got {positions_from!r}")

@@ -28,19 +28,34 @@ def _pick(logits: Tensor, ids: Tensor) -> Tensor:
 def logit_diff(
     logits: Float[Tensor, "*batch vocab"], answer_ids: Int[Tensor, "batch"], wrong_ids: Int[Tensor, "batch"]
 ) -> Float[Tensor, "*batch"]:
-    """logit(IO) - logit(S) per row; leading variant dimensions broadcast over the batch."""
+    """logit(IO) - logit(S) per row; leading variant dimensions broadcast over the batch.
+
+    Example::
+
+        ld = logit_diff(logits, batch.answer_ids, batch.wrong_ids)  # (B,)
+    """
     return _pick(logits, answer_ids) - _pick(logits, wrong_ids)
 
 
 def token_prob(logits: Float[Tensor, "*batch vocab"], ids: Int[Tensor, "batch"]) -> Float[Tensor, "*batch"]:
-    """Softmax probability of ``ids`` at each row."""
+    """Softmax probability of ``ids`` at each row.
+
+    Example::
+
+        token_prob(logits, batch.answer_ids).mean()  # P(IO)
+    """
     return torch.exp(_pick(logits, ids) - torch.logsumexp(_f32(logits), dim=-1))
 
 
 def prob_ratio(
     logits: Float[Tensor, "*batch vocab"], answer_ids: Int[Tensor, "batch"], wrong_ids: Int[Tensor, "batch"]
 ) -> Float[Tensor, "*batch"]:
-    """The seed's P(IO) / P(S); identical to exp(logit_diff)."""
+    """The seed's P(IO) / P(S); identical to exp(logit_diff).
+
+    Example::
+
+        prob_ratio(logits, batch.answer_ids, batch.wrong_ids)  # == logit_diff(...).exp()
+    """
     return torch.exp(logit_diff(logits, answer_ids, wrong_ids))
 
 
@@ -55,6 +70,11 @@ def normalised_effect(
     """(patched - recipient) / (donor - recipient): 0 = recipient unchanged, 1 = donor behaviour.
 
     Apply it to *means* over pairs; per-pair ratios explode when a donor is close to its recipient.
+
+    Example::
+
+        normalised_effect(patched=-1.0, recipient=4.0, donor=-5.5)  # 0.53: half-way to the donor
+
     """
     patched, recipient, donor = (torch.as_tensor(x, dtype=torch.float32) for x in (patched, recipient, donor))
     return (patched - recipient) / (donor - recipient)
@@ -63,7 +83,13 @@ def normalised_effect(
 def ioi_scores(
     logits: Float[Tensor, "*batch vocab"], answer_ids: Int[Tensor, "batch"], wrong_ids: Int[Tensor, "batch"]
 ) -> dict[str, Float[Tensor, "*batch"]]:
-    """Every per-row IOI score at once: logit_diff, p_io, p_s, correct (IO > S) and top1 (IO is argmax)."""
+    """Every per-row IOI score at once: logit_diff, p_io, p_s, correct (IO > S) and top1 (IO is argmax).
+
+    Example::
+
+        scores = ioi_scores(logits, batch.answer_ids, batch.wrong_ids)
+        scores["logit_diff"].mean(), scores["correct"].mean()
+    """
     ld = logit_diff(logits, answer_ids, wrong_ids)
     return {
         "logit_diff": ld,

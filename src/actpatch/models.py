@@ -48,7 +48,12 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 @dataclass
 class LoadedModel:
-    """A model, its tokenizer, its adapter, and provenance (``info``) saved with every result."""
+    """A model, its tokenizer, its adapter, and provenance (``info``) saved with every result.
+
+    Example::
+
+        lm = load_model("smollm2-135m"); lm.adapter.n_layers, lm.info["revision"]
+    """
 
     model: nn.Module
     tokenizer: object
@@ -229,6 +234,12 @@ def load_model(
     ``trust_remote_code`` lets transformers run Python code shipped with the checkpoint; it is off
     unless you pass it, and is recorded in the result's model info. ``device_map="auto"`` spreads a
     model too large for one device over the GPUs (and CPU) with accelerate; ``device`` is then ignored.
+
+    Example::
+
+        lm = load_model("smollm2-135m")          # or "gpt2", a local folder, a .gguf file
+        lm = load_model("gpt2-medium", dtype="bfloat16", device="cuda")
+
     """
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
@@ -268,7 +279,12 @@ def load_model(
 
 
 def wrap_model(model: nn.Module, tokenizer: object, info: dict[str, object] | None = None) -> LoadedModel:
-    """Wrap an already-built HF causal LM (e.g. a random-init test model) as a ``LoadedModel``."""
+    """Wrap an already-built HF causal LM (e.g. a random-init test model) as a ``LoadedModel``.
+
+    Example::
+
+        lm = wrap_model(GPT2LMHeadModel(GPT2Config(n_layer=2)), tokenizer)
+    """
     adapter = get_adapter(model)
     full = {"model_id": getattr(model.config, "name_or_path", None) or "in-memory", "source": "object"}
     full.update(info or {})

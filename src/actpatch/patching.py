@@ -48,6 +48,11 @@ def token_budget(lm: LoadedModel, n_positions: int) -> int:
     so chunks are sized to keep the MLP's hidden activations in the last-level cache (measured on
     GPT-2 small, 2 cores: 1,024 tokens is 27 % faster than 4,096). CUDA: as large as a quarter of the
     free GPU memory allows. Both are capped by available memory.
+
+    Example::
+
+        token_budget(lm, n_positions=16)  # e.g. 1024 for GPT-2 small on CPU
+
     """
     cfg = lm.model.config
     cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
@@ -127,7 +132,13 @@ def patch_hooks(
 def patched(
     lm: LoadedModel, batch: PairBatch, donor: ActivationCache, chunk: Sequence[Sequence[Site]]
 ) -> Iterator[None]:
-    """Context in which forward passes over ``len(chunk)`` stacked recipient copies are patched."""
+    """Context in which forward passes over ``len(chunk)`` stacked recipient copies are patched.
+
+    Example::
+
+        with patched(lm, batch, donor, [[HeadSite(9, 6)]]):
+            logits = last_logits(lm, batch.recipient_ids, batch.attention_mask, batch.position("END"))
+    """
     with hooks(patch_hooks(lm, batch, donor, chunk)):
         yield
 
@@ -144,6 +155,11 @@ def run_chunk(
     With the recipient's recorded ``RecipientState`` it runs only the layers and positions that
     the chunk's patches can change (prefix reuse). ``columns`` (B, n) computes only those token
     ids' logits, (k, B, n): all a logit-difference metric needs.
+
+    Example::
+
+        logits = run_chunk(lm, batch, donor, [[HeadSite(23, 3, "END")], [HiddenSite(20)]])  # (2, B, V)
+
     """
     k = len(chunk)
     dev = lm.device
@@ -190,6 +206,11 @@ def plan_chunks(
     taken in (layer, position) order and a chunk is closed when adding the next one would cost
     more than ``slack`` x the sum of their own minimal costs, or exceed the size cap: ``max_rows``
     rows, or by default ``max_tokens`` tokens (rows x computed positions; see ``token_budget``).
+
+    Example::
+
+        plan_chunks([(0, 0), (5, 3), (11, 15)], n_layers=12, shape=(32, 16), max_tokens=1024)  # [[0], [1], [2]]
+
     """
     n_rows, T = shape
     chunks: list[list[int]] = []
@@ -238,6 +259,13 @@ def patch_variants(
     differ then need no recomputation either. ``progress=None`` shows a bar only on a terminal.
     ``checkpoint`` (see ``actpatch.checkpoint``): variants already in it are not run again, and each
     finished chunk is added to it, saved even when the sweep is interrupted.
+
+    Example::
+
+        scores = patch_variants(lm, batch, donor, [[HeadSite(L)] for L in range(n)],
+                                reduce=lambda lg: {"ld": logit_diff(lg, batch.answer_ids, batch.wrong_ids)})
+        scores["ld"].shape  # (n, B)
+
     """
     if not variants:
         return {}

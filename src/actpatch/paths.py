@@ -34,7 +34,12 @@ from .sites import HeadSite, MlpOutSite, resolve_pos
 
 @dataclass(frozen=True)
 class Receiver:
-    """What a path ends in: ``"q"``, ``"k"`` or ``"v"`` of head ``(layer, head)``, or ``"logits"``."""
+    """What a path ends in: ``"q"``, ``"k"`` or ``"v"`` of head ``(layer, head)``, or ``"logits"``.
+
+    Example::
+
+        path_patch(lm, batch, donor, [HeadSite(20, 0, "END")], [Receiver("q", 23, 0), Receiver("logits")][:1])
+    """
 
     kind: str
     layer: int | None = None
@@ -83,7 +88,13 @@ def path_patch(
     *,
     freeze_mlps: bool = False,
 ) -> Float[Tensor, "batch vocab"]:
-    """END logits after patching ``senders`` (donor values) along the paths into ``receivers`` only."""
+    """END logits after patching ``senders`` (donor values) along the paths into ``receivers`` only.
+
+    Example::
+
+        logits = path_patch(lm, batch, donor, [HeadSite(20, 0, "END")], [Receiver("q", 23, 0)])
+        logit_diff(logits, batch.answer_ids, batch.wrong_ids).mean()
+    """
     if not senders or not receivers:
         raise SiteError("path patching needs at least one sender head and one receiver")
     for r in receivers:

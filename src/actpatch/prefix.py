@@ -29,7 +29,13 @@ from .models import LoadedModel
 
 
 class RecipientState:
-    """Block inputs and per-layer keys/values of one recipient run (see the module docstring)."""
+    """Block inputs and per-layer keys/values of one recipient run (see the module docstring).
+
+    Example::
+
+        state = RecipientState.record(lm, batch)
+        logits = state.run(lm, batch.position("END"), start=20, pos=9, copies=4)  # (4*B, V)
+    """
 
     def __init__(self, hidden: list[Tensor], calls: list[tuple[tuple, dict]], kv: list[tuple[Tensor, Tensor]], n_rows: int, length: int) -> None:
         self.hidden = hidden  # per layer: (B, T, D) block input

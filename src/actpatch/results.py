@@ -45,7 +45,12 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
 
 @dataclass(frozen=True)
 class HeadGrid:
-    """A metric over (layer, head); ``layers`` labels the rows (a sweep may cover a subset)."""
+    """A metric over (layer, head); ``layers`` labels the rows (a sweep may cover a subset).
+
+    Example::
+
+        grid = result.head_grid("swap"); grid.values.shape  # (len(grid.layers), n_heads)
+    """
 
     values: np.ndarray
     layers: tuple[int, ...]
@@ -66,6 +71,16 @@ def _atomic_write(path: Path, text: str) -> None:
 
 @dataclass
 class IOIResult:
+    """Everything one ``actpatch ioi`` run found: cells with named axes, baseline, sanity, analysis, provenance.
+
+    Example::
+
+        result = actpatch.run_ioi(n_pairs=8)
+        result.to_dataframe()          # one row per cell: experiment, design, direction, layer, head, position, ...
+        result.plot("heads", "swap")   # a matplotlib figure
+        result.save("runs/x"); IOIResult.load("runs/x")
+    """
+
     config: dict
     model: dict
     environment: dict

@@ -30,6 +30,14 @@ from .sites import AttnOutSite, HeadSite, HiddenSite, Site
 
 @dataclass(frozen=True)
 class SanityCheck:
+    """One mandatory check: its name, whether it passed, and the measured detail.
+
+    Example::
+
+        for check in run_sanity_checks(lm, batch, rec_cache, don_cache, rec_logits, don_logits, [0, 1]):
+            print(check.name, check.passed, check.detail)
+    """
+
     name: str
     passed: bool
     detail: str
@@ -167,7 +175,13 @@ def run_sanity_checks(
     lm: LoadedModel, batch: PairBatch, rec_cache: ActivationCache, donor_cache: ActivationCache,
     rec_logits: Tensor, don_logits: Tensor, layers: Sequence[int],
 ) -> list[SanityCheck]:
-    """All the tensor-level checks for one donor design (``no_hooks_left`` runs at the very end)."""
+    """All the tensor-level checks for one donor design (``no_hooks_left`` runs at the very end).
+
+    Example::
+
+        checks = run_sanity_checks(lm, batch, rec_cache, don_cache, rec_logits, don_logits, layers=[0, 1])
+        all(c.passed for c in checks)
+    """
     with torch.inference_mode():
         return _run_all(lm, batch, rec_cache, donor_cache, rec_logits, don_logits, layers)
 

@@ -55,7 +55,13 @@ class _Site:
 
 @dataclass(frozen=True)
 class HiddenSite(_Site):
-    """Output of block ``layer``: the whole residual stream after that layer."""
+    """Output of block ``layer``: the whole residual stream after that layer.
+
+    Example::
+
+        HiddenSite(3)              # block 3 output, all positions
+        HiddenSite(3, "S2")        # at the second S token only
+    """
 
     kind = "hidden"
 
@@ -65,7 +71,12 @@ class HiddenSite(_Site):
 
 @dataclass(frozen=True)
 class AttnOutSite(_Site):
-    """Output of the attention output projection (all heads mixed by W_O, plus b_O)."""
+    """Output of the attention output projection (all heads mixed by W_O, plus b_O).
+
+    Example::
+
+        capture(lm, batch.recipient_ids, batch, [AttnOutSite(3)])  # o_proj output of layer 3
+    """
 
     kind = "attn"
 
@@ -75,7 +86,12 @@ class AttnOutSite(_Site):
 
 @dataclass(frozen=True)
 class MlpOutSite(_Site):
-    """Output of the MLP of block ``layer``."""
+    """Output of the MLP of block ``layer``.
+
+    Example::
+
+        capture(lm, batch.recipient_ids, batch, [MlpOutSite(0)])  # MLP output of layer 0
+    """
 
     kind = "mlp"
 
@@ -88,6 +104,13 @@ class HeadSite(_Site):
     """Per-head outputs: the attention output projection's input viewed as (B, T, H, Dh).
 
     ``head`` is one head index, a tuple of them, or None for every head of the layer.
+
+    Example::
+
+        HeadSite(9, 6, "END")      # head 9.6 at END
+        HeadSite(7, (3, 9))        # two heads of layer 7, all positions
+        HeadSite(4)                # every head of layer 4
+
     """
 
     head: int | tuple[int, ...] | None = None

@@ -1,0 +1,69 @@
+"""The output folder of a command: checked before a run, written atomically after it.
+
+    created = prepare_out(Path("runs/x"), overwrite=False, resume=False)   # ConfigError if unusable
+    plots = write_outputs(result, Path("runs/x"))   # results, plots, report.md, report.html, config
+
+Everything goes into a staging folder inside ``--out`` and is renamed into place file by file, so
+an interrupted run never leaves a half-written file; only fixed file names are used (no path is
+built from prompt text or a model spec). ``PARTIAL`` holds an unfinished run's patches (--resume).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import ConfigError
+from .htmlreport import render_html
+from .plots import save_plots
+from .report import render_report
+from .results import IOIResult
+
+PARTIAL = ".partial"  # finished patches of an unfinished run, for --resume
+
+
+def prepare_out(out: Path, overwrite: bool, resume: bool) -> bool:
+    """Check that ``out`` may be written; create it. Returns True if this call created it."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder; choose another path")
+    if resume and not (out / PARTIAL).is_dir():
+        raise ConfigError(f"--resume: {out} holds no interrupted run (expected {out / PARTIAL}); run without --resume")
+    if not resume and out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"--out {out} already exists and is not empty; pass --overwrite, --resume (to continue an "
+                          "interrupted run) or choose another folder")
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".write-test").touch()
+        (out / ".write-test").unlink()
+    except OSError as exc:
+        raise ConfigError(f"--out {out} is not writable ({exc.strerror}); choose a folder you can write to") from exc
+    if not resume:
+        shutil.rmtree(out / PARTIAL, ignore_errors=True)  # --overwrite: a stale partial run must not be resumed
+    return created
+
+
+def write_outputs(result: IOIResult, out: Path) -> list[str]:
+    """Write every output file into a staging folder inside ``out``, then rename each into place.
+
+    Only fixed file names (and donor design names from a fixed list) are used: nothing from prompt
+    text becomes a path, and nothing is written outside ``out``.
+    """
+    stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
+    try:
+        result.save(stage)
+        plots = [p.name for p in save_plots(result, stage)]
+        (stage / "report.md").write_text(render_report(result, plots), encoding="utf-8")
+        images = {name: (stage / name).read_bytes() for name in plots}
+        (stage / "report.html").write_text(render_html(result, images), encoding="utf-8")
+        (stage / "config.json").write_text(json.dumps(
+            {"config": result.config, "model": result.model, "environment": result.environment}, indent=2) + "\n",
+            encoding="utf-8")
+        for f in stage.iterdir():
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return plots
