@@ -190,7 +190,7 @@ def _cmd_ioi(args: argparse.Namespace, argv: list[str]) -> int:
               f"({int(b['n_pairs'])} pairs)")
         for name, check in result.sanity.items():
             print(f"  sanity {name}: {'pass' if check['passed'] else 'FAIL'}")
-        print(f"wrote {out}/report.md, results.json, results.csv, {', '.join(plots)}")
+        print(f"wrote {out}/report.html, report.md, results.json, results.csv, {', '.join(plots)}")
     if not result.passed:
         failed = [n for n, c in result.sanity.items() if not c["passed"]]
         print(f"actpatch: sanity checks failed: {', '.join(failed)}; see {out}/report.md", file=sys.stderr)
