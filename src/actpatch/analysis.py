@@ -111,11 +111,12 @@ def design_analysis(
         senders = [HeadSite(L, h, "END") for L, h in s_inhib]
         later = [(L, h) for L, h in movers if L > min(s[0] for s in s_inhib)]
         if later:
-            logits = path_patch(lm, batch, donor, senders, [Receiver("q", L, h) for L, h in later])
+            logits = path_patch(lm, batch, donor, senders, [Receiver("q", L, h) for L, h in later], recipient=recipient)
             result["paths"].append({"what": "path: S-inhibition-like heads (END) -> name-mover-like heads' queries",
                                     "senders": s_inhib, "receivers": later, "logit_diff": ld(logits)})
     if movers:
-        logits = path_patch(lm, batch, donor, [HeadSite(L, h, "END") for L, h in movers], [Receiver("logits")])
+        logits = path_patch(lm, batch, donor, [HeadSite(L, h, "END") for L, h in movers], [Receiver("logits")],
+                            recipient=recipient)
         result["paths"].append({"what": "path: name-mover-like heads (END) -> logits (later heads frozen)",
                                 "senders": movers, "receivers": "logits", "logit_diff": ld(logits)})
     return result

@@ -28,12 +28,28 @@ from tabulate import tabulate
 from . import __version__
 from .adapters import ARCHITECTURES
 from .compare import plot_compare, render_compare, run_compare
-from .outputs import PARTIAL, prepare_out, write_outputs
+from .outputs import PARTIAL, discard, prepare_out, write_outputs
 from .distributed import init_from_env, local_device, world
 from .errors import ActpatchError
 from .experiments import DIRECTIONS, METHODS, IOIConfig, plan_ioi, run_ioi
 from .ioi import DESIGNS
 from .models import BUNDLED, DEFAULT_MODEL, DTYPES, bundled_gguf, install_hint
+
+
+def _add_run_options(p: argparse.ArgumentParser, out: str, n_pairs: int) -> None:
+    """The options ``ioi`` and ``compare`` share: pairs, donors, output folder, device, dtype, verbosity."""
+    p.add_argument("--n-pairs", type=int, default=n_pairs, metavar="N",
+                   help=f"generated prompt pairs per design (default: {n_pairs})")
+    p.add_argument("--donor", nargs="+", choices=DESIGNS, default=["swap", "abc"], metavar="DESIGN",
+                   help="donor designs: swap (IO<->S), abc (three fresh names), s2io (S2 replaced by IO); "
+                   "default: swap abc")
+    p.add_argument("--seed", type=int, default=0, help="seed of the pair generator's own RNG (default: 0)")
+    p.add_argument("--out", default=out, metavar="DIR", help=f"output folder (default: {out})")
+    p.add_argument("--overwrite", action="store_true", help="allow writing into an existing non-empty --out folder")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="model weights dtype (default: float32); "
+                   "metrics are always computed in float32")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or summary, only errors")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,32 +70,23 @@ def build_parser() -> argparse.ArgumentParser:
     ioi.add_argument("--model", default=DEFAULT_MODEL, metavar="SPEC",
                      help=f"bundled name ({', '.join(BUNDLED)}), HF hub id (gpt2, gpt2-medium, ...), local directory "
                      f"or .gguf file (default: {DEFAULT_MODEL}, offline)")
-    ioi.add_argument("--n-pairs", type=int, default=32, metavar="N", help="generated prompt pairs per design (default: 32)")
+    _add_run_options(ioi, out="runs/ioi", n_pairs=32)
     ioi.add_argument("--pairs-file", metavar="FILE",
                      help="JSONL of your own pairs: one object per line with recipient, donor, answer (IO name with its "
                      "leading space) and wrong (S name); replaces the generator and --donor")
-    ioi.add_argument("--donor", nargs="+", choices=DESIGNS, default=["swap", "abc"], metavar="DESIGN",
-                     help="donor designs: swap (IO<->S), abc (three fresh names), s2io (S2 replaced by IO); "
-                     "default: swap abc")
     ioi.add_argument("--direction", choices=DIRECTIONS, default="noising",
                      help="noising (default, the seed's): the clean prompt is the recipient and the corrupted one the "
                      "donor; denoising: the corrupted prompt is the recipient and the clean one the donor (TransformerLens's "
                      "usual setup); both: every design both ways, recorded as <design> and <design>-denoise")
-    ioi.add_argument("--seed", type=int, default=0, help="seed of the pair generator's own RNG (default: 0)")
-    ioi.add_argument("--out", default="runs/ioi", metavar="DIR", help="output folder (default: runs/ioi)")
-    ioi.add_argument("--overwrite", action="store_true", help="allow writing into an existing non-empty --out folder")
     ioi.add_argument("--resume", action="store_true",
                      help="continue an interrupted run in --out: patches it already finished (saved in --out/.partial) "
                      "are not run again; use the same options as the interrupted run")
-    ioi.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N (default: auto)")
     ioi.add_argument("--device-map", metavar="MAP",
                      help="auto: load a model too large for one device across the GPUs and CPU with accelerate "
                      "(hooks move tensors to each layer's device); replaces --device")
     ioi.add_argument("--trust-remote-code", action="store_true",
                      help="let transformers run Python code shipped with the checkpoint (off by default; only for "
                      "models whose authors you trust)")
-    ioi.add_argument("--dtype", default="float32", choices=list(DTYPES), help="model weights dtype (default: float32); "
-                     "metrics are always computed in float32")
     ioi.add_argument("--layers", type=int, nargs="+", metavar="L", help="sweep only these layers (default: all)")
     ioi.add_argument("--no-head-sweep", action="store_true", help="skip the layer x head single-head sweep")
     ioi.add_argument("--method", choices=METHODS, default="both",
@@ -96,7 +103,6 @@ def build_parser() -> argparse.ArgumentParser:
     ioi.add_argument("--max-batch", type=int, metavar="ROWS",
                      help="max rows (patch variants x pairs) per forward pass (default: automatic, from the "
                      "CPU cache size or free GPU memory)")
-    ioi.add_argument("--quiet", action="store_true", help="no progress bars or summary, only errors")
     ioi.add_argument("--dry-run", action="store_true",
                      help="print the plan (pairs, patches, forward passes, estimated cost) and exit without running")
 
@@ -107,17 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
         "compare.json put them side by side with depth = layer / n_layers.",
     )
     cmp.add_argument("--models", nargs="+", required=True, metavar="SPEC", help="two or more model specs (as --model)")
-    for flag in ("--n-pairs", "--seed"):
-        cmp.add_argument(flag, type=int, default=16 if flag == "--n-pairs" else 0, metavar="N",
-                         help=f"as in actpatch ioi (default: {16 if flag == '--n-pairs' else 0})")
-    cmp.add_argument("--donor", nargs="+", choices=DESIGNS, default=["swap", "abc"], metavar="DESIGN",
-                     help="donor designs (default: swap abc)")
+    _add_run_options(cmp, out="runs/compare", n_pairs=16)
     cmp.add_argument("--head-sweep", action="store_true", help="also run every model's single-head sweep (slower)")
-    cmp.add_argument("--out", default="runs/compare", metavar="DIR", help="output folder (default: runs/compare)")
-    cmp.add_argument("--overwrite", action="store_true", help="allow writing into an existing non-empty --out folder")
-    cmp.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    cmp.add_argument("--dtype", default="float32", choices=list(DTYPES), help="model weights dtype (default: float32)")
-    cmp.add_argument("--quiet", action="store_true", help="no progress bars or summary, only errors")
 
     sub.add_parser("models", help="list supported architectures and whether the bundled model is installed")
     return parser
@@ -179,9 +176,7 @@ def _cmd_ioi(args: argparse.Namespace, argv: list[str]) -> int:
                   "with --resume to continue.", file=sys.stderr)
         raise
     except BaseException:  # bad input or a failed run: leave no partial output behind
-        shutil.rmtree(out / PARTIAL, ignore_errors=True)
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
+        discard(out, created)
         raise
     shutil.rmtree(out / PARTIAL, ignore_errors=True)
     if not args.quiet:
@@ -222,8 +217,7 @@ def cmd_compare(args: argparse.Namespace, argv: list[str]) -> int:
                         "passed": r.passed, "baseline": r.baseline} for i, r in enumerate(results)],
             "command": cfg.command}, indent=2) + "\n", encoding="utf-8")
     except BaseException:
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
+        discard(out, created)
         raise
     if not args.quiet:
         print(f"wrote {out}/compare.md, compare.png, compare.json")

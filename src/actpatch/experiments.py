@@ -35,7 +35,7 @@ from .ioi import DESIGNS, POSITION_NAMES, PairBatch, denoising, generate_pairs, 
 from .metrics import ioi_scores, normalised_effect
 from .models import DEFAULT_MODEL, LoadedModel, load_model
 from .distributed import sharded_patch_variants
-from .patching import plan_chunks, shared_prefix, token_budget, variant_start
+from .patching import plan_sweep, shared_prefix
 from .results import IOIResult
 from .sanity import check_fast_path, check_no_hooks_left, run_sanity_checks
 from .sites import AttnOutSite, HeadSite, HiddenSite
@@ -245,7 +245,8 @@ def _prepare(config: IOIConfig | None, lm: LoadedModel | None, overrides: dict):
             batches[d] = tokenize_pairs(lm.tokenizer, pairs[d])
         if cfg.direction in ("denoising", "both"):
             batches[f"{d}-denoise"] = tokenize_pairs(lm.tokenizer, denoising(pairs[d]), positions_from="donor")
-    return cfg, lm, layers, batches, tokenize_pairs(lm.tokenizer, pairs[cfg.designs[0]])
+    first = cfg.designs[0]  # the clean prompts; already tokenized unless the run is denoising only
+    return cfg, lm, layers, batches, batches[first] if first in batches else tokenize_pairs(lm.tokenizer, pairs[first])
 
 
 def plan_ioi(config: IOIConfig | None = None, *, lm: LoadedModel | None = None, **overrides) -> dict:
@@ -268,15 +269,9 @@ def plan_ioi(config: IOIConfig | None = None, *, lm: LoadedModel | None = None, 
         heads = [] if not cfg.head_sweep else (
             [(L, h) for L in layers for h in range(a.n_heads)] if cfg.method != "attribution" else [(0, 0)] * cfg.top_k)
         variants = [sites for _, sites in _variants(layers, heads, positions)]
-        shared = shared_prefix(batch)
-        starts = [variant_start(v, batch, shared) for v in variants]
-        T = batch.recipient_ids.shape[1]
-        chunks = plan_chunks(starts, a.n_layers, batch.recipient_ids.shape, cfg.max_rows,
-                             max_tokens=token_budget(lm, T) if cfg.max_rows is None else 0)
-        cost = sum(len(c) * (a.n_layers - min(starts[i][0] for i in c)) * (T - min(starts[i][1] for i in c))
-                   for c in chunks) / (a.n_layers * T)
-        designs[design] = {"pairs": len(batch), "tokens": T, "patches": len(variants), "forward_passes": len(chunks),
-                           "forward_equivalents": round(cost, 1),
+        plan, _ = plan_sweep(lm, batch, variants, cfg.max_rows, shared_prefix(batch))
+        designs[design] = {"pairs": len(batch), "tokens": plan.n_positions, "patches": len(variants),
+                           "forward_passes": len(plan.chunks), "forward_equivalents": round(plan.forward_equivalents(), 1),
                            "attribution": cfg.method in ("attribution", "both"), "analysis": cfg.analysis}
     return {"model": lm.info.get("model_id"), "n_layers": a.n_layers, "n_heads": a.n_heads, "layers": layers,
             "designs": designs}

@@ -26,7 +26,7 @@ from typing import Mapping
 import torch
 
 from .capture import ActivationCache
-from .heads import frozen_norm
+from .heads import frozen_norm, ld_direction
 from .ioi import PairBatch
 from .models import LoadedModel
 from .sites import AttnOutSite, HiddenSite
@@ -41,8 +41,7 @@ def gap_account(
     dev = lm.model.get_output_embeddings().weight.device  # the read-out's device (a device map may split the model)
     rows = torch.arange(len(batch), device=dev)
     end = batch.position("END").to(dev)
-    w_u = lm.model.get_output_embeddings().weight
-    direction = (w_u[batch.answer_ids.to(dev)] - w_u[batch.wrong_ids.to(dev)]).float()  # (B, D)
+    direction = ld_direction(lm, batch, dev)  # (B, D)
     final = recipient[HiddenSite(a.n_layers - 1)].to(dev)[rows, end]  # (B, D) the last residual at END
     f = frozen_norm(a.final_norm(), final)
     records = []

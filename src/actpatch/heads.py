@@ -27,7 +27,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from .capture import capture
+from .capture import ActivationCache, capture
 from .errors import UnsupportedArchitectureError
 from .hooks import hooks
 from .ioi import PairBatch
@@ -95,12 +95,19 @@ def frozen_norm(norm: nn.Module, x: Float[Tensor, "batch d"]):
     return f
 
 
-def _attention(lm: LoadedModel, batch: PairBatch) -> dict[str, Tensor]:
-    """Mean attention between named positions, read from the attention modules' own (output, weights).
+def ld_direction(lm: LoadedModel, batch: PairBatch, device) -> Float[Tensor, "batch d_model"]:
+    """W_U[IO] - W_U[S] per pair: the residual direction that logit(IO) - logit(S) reads."""
+    w_u = lm.model.get_output_embeddings().weight  # (V, D)
+    return (w_u[batch.answer_ids.to(w_u.device)] - w_u[batch.wrong_ids.to(w_u.device)]).float().to(device)
 
-    (``output_attentions=True`` would make transformers install hooks that stay on the model.)
+
+def _recipient_run(lm: LoadedModel, batch: PairBatch) -> tuple[dict[int, Tensor], ActivationCache, Tensor]:
+    """One recipient forward: every layer's attention weights (B, H, T, T), heads, last residual, END logits.
+
+    The weights are read from the attention modules' own (output, weights);
+    ``output_attentions=True`` would make transformers install hooks that stay on the model.
     """
-    a, dev = lm.adapter, lm.device
+    a = lm.adapter
     weights: dict[int, Tensor] = {}
 
     def keep(L: int):
@@ -108,31 +115,34 @@ def _attention(lm: LoadedModel, batch: PairBatch) -> dict[str, Tensor]:
             weights[L] = out[1].detach()  # (B, H, T, T)
         return fn
 
-    with torch.inference_mode(), hooks([(a.attention(L), "result", keep(L)) for L in range(a.n_layers)]):
-        lm.model.base_model(input_ids=batch.recipient_ids.to(dev), attention_mask=batch.attention_mask.to(dev),
-                            use_cache=False)
+    sites = [HeadSite(L) for L in range(a.n_layers)] + [HiddenSite(a.n_layers - 1)]
+    with hooks([(a.attention(L), "result", keep(L)) for L in range(a.n_layers)]):
+        cache, logits = capture(lm, batch.recipient_ids, batch, sites)
+    return weights, cache, logits
+
+
+def _attention(weights: dict[int, Tensor], batch: PairBatch) -> dict[str, Tensor]:
+    """Mean attention between named positions, per layer and head."""
     rows = torch.arange(len(batch))
+    stacked = torch.stack([weights[L].float().cpu() for L in sorted(weights)])  # (L, B, H, T, T)
     result = {}
     for name, (q, k) in ATTENTION_PAIRS.items():
         if q not in batch.positions or k not in batch.positions:
             continue
         qi, ki = batch.positions[q], batch.positions[k]
-        per_layer = [weights[L].cpu()[rows, :, qi, ki].float().mean(0) for L in range(a.n_layers)]  # (H,) each
-        result[name] = torch.stack(per_layer).cpu()  # (L, H)
+        per_layer = [layer[rows, :, qi, ki].mean(0) for layer in stacked]  # (H,) each
+        result[name] = torch.stack(per_layer)  # (L, H)
     return result
 
 
-def _dla(lm: LoadedModel, batch: PairBatch) -> tuple[Tensor, float]:
+def _dla(lm: LoadedModel, batch: PairBatch, cache: ActivationCache, logits: Tensor) -> tuple[Tensor, float]:
     a = lm.adapter
     dev = lm.model.get_output_embeddings().weight.device  # the read-out's device (a device map may split the model)
-    last = a.n_layers - 1
-    cache, logits = capture(lm, batch.recipient_ids, batch, [HeadSite(L) for L in range(a.n_layers)] + [HiddenSite(last)])
     rows = torch.arange(len(batch), device=dev)
     end = batch.position("END").to(dev)
-    resid = cache[HiddenSite(last)].to(dev)[rows, end]  # (B, D): the final residual at END
+    resid = cache[HiddenSite(a.n_layers - 1)].to(dev)[rows, end]  # (B, D): the final residual at END
     f = frozen_norm(a.final_norm(), resid)
-    w_u = lm.model.get_output_embeddings().weight  # (V, D)
-    direction = (w_u[batch.answer_ids.to(dev)] - w_u[batch.wrong_ids.to(dev)]).float()  # (B, D)
+    direction = ld_direction(lm, batch, dev)  # (B, D)
     out = []
     with torch.inference_mode():
         for L in range(a.n_layers):
@@ -197,8 +207,9 @@ def characterise(lm: LoadedModel, batch: PairBatch, name_ids: Int[Tensor, "n"] |
     """
     if name_ids is None:
         name_ids = torch.unique(torch.cat([batch.answer_ids, batch.wrong_ids]))
-    attention = _attention(lm, batch)
-    dla, ld = _dla(lm, batch)
+    weights, cache, logits = _recipient_run(lm, batch)
+    attention = _attention(weights, batch)
+    dla, ld = _dla(lm, batch, cache, logits)
     copy, neg = _copy_scores(lm, name_ids)
     return HeadProfile(attention, dla, copy, neg, ld, len(name_ids))
 

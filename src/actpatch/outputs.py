@@ -67,3 +67,10 @@ def write_outputs(result: IOIResult, out: Path) -> list[str]:
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return plots
+
+
+def discard(out: Path, created: bool) -> None:
+    """After a failed run: drop the partial patches, and ``out`` itself if this run created it and it is empty."""
+    shutil.rmtree(out / PARTIAL, ignore_errors=True)
+    if created and out.is_dir() and not any(out.iterdir()):
+        out.rmdir()

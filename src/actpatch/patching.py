@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, Sequence
 
 import psutil
@@ -233,6 +234,41 @@ def plan_chunks(
     return chunks
 
 
+@dataclass(frozen=True)
+class SweepPlan:
+    """Variants grouped into forward passes: ``chunks`` of indices, each variant's (layer, position) start."""
+
+    chunks: list[list[int]]
+    starts: list[tuple[int, int]]
+    n_layers: int
+    n_positions: int
+
+    def forward_equivalents(self) -> float:
+        """The layer-stack work of every chunk, in full forward passes of the recipient batch."""
+        total = 0
+        for c in self.chunks:
+            L, p = min(self.starts[i][0] for i in c), min(self.starts[i][1] for i in c)
+            total += len(c) * (self.n_layers - L) * (self.n_positions - p)
+        return total / (self.n_layers * self.n_positions)
+
+
+def plan_sweep(
+    lm: LoadedModel, batch: PairBatch, variants: Sequence[Sequence[Site]], max_rows: int | None = None, shared: int = 0,
+) -> tuple[SweepPlan, int]:
+    """The chunk plan ``patch_variants`` runs, and the token budget it used (0 with ``max_rows``).
+
+    Example::
+
+        plan, budget = plan_sweep(lm, batch, [[HeadSite(L)] for L in range(n)], shared=shared_prefix(batch))
+        len(plan.chunks), plan.forward_equivalents()
+    """
+    T = batch.recipient_ids.shape[1]
+    starts = [variant_start(v, batch, shared) for v in variants]
+    budget = token_budget(lm, T) if max_rows is None else 0
+    chunks = plan_chunks(starts, lm.adapter.n_layers, batch.recipient_ids.shape, max_rows, max_tokens=budget)
+    return SweepPlan(chunks, starts, lm.adapter.n_layers, T), budget
+
+
 def patch_variants(
     lm: LoadedModel,
     batch: PairBatch,
@@ -272,16 +308,14 @@ def patch_variants(
     results: dict[int, dict[str, Tensor]] = dict(checkpoint.done) if checkpoint is not None else {}
     todo = [i for i in range(len(variants)) if i not in results]
     shared = shared_prefix(batch) if donor_from_batch else 0
-    starts = [variant_start(variants[i], batch, shared) for i in todo]
-    budget = token_budget(lm, batch.recipient_ids.shape[1]) if max_rows is None else 0
-    plan = plan_chunks(starts, lm.adapter.n_layers, batch.recipient_ids.shape, max_rows, max_tokens=budget)
+    plan, budget = plan_sweep(lm, batch, [variants[i] for i in todo], max_rows, shared)
     log.info("sweep '%s': %d patches (%d already done) in %d forward passes of <= %s", desc, len(variants),
-             len(variants) - len(todo), len(plan), f"{max_rows} rows" if max_rows else f"{budget} tokens")
+             len(variants) - len(todo), len(plan.chunks), f"{max_rows} rows" if max_rows else f"{budget} tokens")
     state = RecipientState.record(lm, batch) if todo else None
     disable = {True: False, None: None, False: True}[progress]  # None: tqdm shows a bar only on a TTY
     try:
         with tqdm(total=len(variants), initial=len(results), desc=desc, unit="patch", disable=disable, leave=False) as bar:
-            for local in plan:
+            for local in plan.chunks:
                 idx = [todo[j] for j in local]
                 chunk = [variants[i] for i in idx]
                 logits = run_chunk(lm, batch, donor, chunk, state, columns, shared)  # (k, B, V or n)

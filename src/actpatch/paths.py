@@ -38,7 +38,8 @@ class Receiver:
 
     Example::
 
-        path_patch(lm, batch, donor, [HeadSite(20, 0, "END")], [Receiver("q", 23, 0), Receiver("logits")][:1])
+        Receiver("q", 23, 0)       # the query of head 23.0
+        Receiver("logits")         # the residual stream at the end, read by the unembedding
     """
 
     kind: str
@@ -87,8 +88,12 @@ def path_patch(
     receivers: Sequence[Receiver],
     *,
     freeze_mlps: bool = False,
+    recipient: ActivationCache | None = None,
 ) -> Float[Tensor, "batch vocab"]:
     """END logits after patching ``senders`` (donor values) along the paths into ``receivers`` only.
+
+    ``recipient``: the recipient's own cache, if already captured (it needs ``HeadSite(L)`` of every
+    layer, and ``MlpOutSite(L)`` with ``freeze_mlps``); otherwise one recipient pass captures it.
 
     Example::
 
@@ -101,7 +106,8 @@ def path_patch(
         r.validate(lm)
     a = lm.adapter
     sites = [HeadSite(L) for L in range(a.n_layers)] + ([MlpOutSite(L) for L in range(a.n_layers)] if freeze_mlps else [])
-    recipient, _ = capture(lm, batch.recipient_ids, batch, sites)
+    if recipient is None or any(site not in recipient for site in sites):
+        recipient, _ = capture(lm, batch.recipient_ids, batch, sites)
     frozen = _frozen_heads(lm, batch, recipient, donor, senders)
 
     def replace_with(t: Tensor):
