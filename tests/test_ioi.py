@@ -18,13 +18,12 @@ from actpatch.ioi import (
     OBJECTS,
     PLACES,
     POSITION_NAMES,
-    PairBatch,
     PromptPair,
     generate_pairs,
     load_pairs_file,
     single_token_names,
-    tokenize_pairs,
 )
+from actpatch.batch import PairBatch, tokenize_pairs
 
 CLEAN = "When Mary and John went to the store, John gave a drink to"
 #        0    1     2   3     4    5  6   7     8 9     10   11 12    13   (GPT-2 tokens)

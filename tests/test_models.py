@@ -51,9 +51,10 @@ def test_device_and_dtype_options():
 
 
 def test_gguf_file_spec_loads_directly():
-    """A .gguf path loads through transformers' GGUF support (the bundled file, ~15 s)."""
-    lm = load_model(str(bundled_gguf()), device="cpu")
+    """A .gguf path loads through transformers' GGUF support (the bundled file, ~15 s), with a device map too."""
+    lm = load_model(str(bundled_gguf()), device_map="auto")
     assert lm.info["source"] == "gguf" and lm.info["revision"].startswith("gguf-sha256:")
+    assert lm.info["device"] == ("device_map:cuda:0" if torch.cuda.is_available() else "device_map:cpu")
     assert lm.adapter.n_layers == 30 and lm.model.config._attn_implementation == "eager"
 
 
@@ -93,3 +94,76 @@ def test_cuda_half_precision_matches_cpu(gpt2_dir):
     # float16 weights and activations against float32: about 1e-2 on LDs of order 1
     diff = max(abs(a["logit_diff"] - b["logit_diff"]) for a, b in zip(cpu.cells, gpu.cells))
     assert diff < 5e-2
+
+
+OFFLOADED = {"transformer.wte": "cpu", "transformer.wpe": "cpu", "transformer.drop": "cpu", "transformer.h.0": "cpu",
+             "transformer.h.1": "disk", "transformer.h.2": "disk", "transformer.ln_f": "disk", "lm_head": "cpu"}
+
+
+def test_device_map_with_offloaded_layers_gives_the_same_numbers(gpt2_dir, tmp_path):
+    """Layers 1-2 and the final norm offloaded to disk: accelerate keeps their weights on ``meta`` and
+    loads them only inside each forward, as it does for CPU-offloaded modules under a multi-GPU
+    ``device_map="auto"``. Patching, attribution, the analysis (which reads W_O, W_U and the norm gains
+    directly) and the checkpoint fingerprint must all see the real weights."""
+    from actpatch import run_ioi
+    from actpatch.checkpoint import sweep_fingerprint
+    from actpatch import generate_pairs, tokenize_pairs
+    from actpatch.sites import HeadSite
+
+    plain = load_model(str(gpt2_dir), device="cpu")
+    off = load_model(str(gpt2_dir), device_map=OFFLOADED, offload_folder=tmp_path / "offload")
+    assert off.info["device"] == "device_map:cpu,disk" and off.device == torch.device("cpu")
+    placed = {n: p.device.type for n, p in off.model.named_parameters()}
+    assert placed["transformer.h.1.attn.c_proj.weight"] == "meta"
+
+    kw = dict(n_pairs=3, designs=("swap",), progress=False, method="both", analysis=True)
+    a, b = run_ioi(lm=plain, **kw), run_ioi(lm=off, **kw)
+    assert b.passed, {k: v["detail"] for k, v in b.sanity.items() if not v["passed"]}
+    da, db = a.to_dataframe(), b.to_dataframe()
+    num = da.select_dtypes("number").columns
+    # the same CPU kernels on the same weights: identical up to float32 rounding of the order of ops
+    assert len(da) == len(db) and float((da[num] - db[num]).abs().max().max()) <= 1e-6
+    ha, hb = a.analysis["heads"], b.analysis["heads"]
+    assert ha["classes"] == hb["classes"] and ha["copy"] == hb["copy"]
+    assert max(abs(x - y) for ra, rb in zip(ha["dla"], hb["dla"]) for x, y in zip(ra, rb)) <= 1e-4  # rounded to 4 d.p.
+    assert a.analysis["designs"].keys() == b.analysis["designs"].keys()
+    # the model is left as found: offloaded weights are back on meta
+    assert {n: p.device.type for n, p in off.model.named_parameters()} == placed
+    batch = tokenize_pairs(plain.tokenizer, generate_pairs(plain.tokenizer, 3, ("swap",))["swap"])
+    assert sweep_fingerprint(plain, batch, [[HeadSite(1)]]) == sweep_fingerprint(off, batch, [[HeadSite(1)]])
+
+
+def test_disk_offload_without_a_folder_says_which_option(gpt2_dir, tmp_path):
+    """A .bin checkpoint must be re-saved to be offloaded to disk: transformers then needs a folder."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "bin-ckpt"
+    folder.mkdir()
+    for f in gpt2_dir.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, folder / f.name)
+    torch.save(load_file(gpt2_dir / "model.safetensors"), folder / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="pass --offload-folder DIR"):
+        load_model(str(folder), device_map=OFFLOADED)
+    with pytest.raises(ConfigError, match="only applies with --device-map"):
+        load_model(str(gpt2_dir), offload_folder=tmp_path / "x")
+
+
+def test_quiet_silences_the_gguf_conversion_bar():
+    """transformers' GGUF converter calls tqdm itself; --quiet swaps it for a disabled one, then restores it."""
+    import contextlib
+    import io
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    from actpatch.cli import _quiet_transformers
+
+    original = gguf_utils.tqdm
+    for quiet, expect_bar in ((True, False), (False, True)):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), _quiet_transformers(quiet):
+            list(gguf_utils.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."))
+        assert ("Converting" in err.getvalue()) is expect_bar
+        assert gguf_utils.tqdm is original

@@ -20,26 +20,27 @@ except _metadata.PackageNotFoundError:  # running from a source tree
 
 from .adapters import ARCHITECTURES, Adapter, Architecture, get_adapter, supported_model_types
 from .attribution import Attribution, attribute
+from .batch import PairBatch, tokenize_pairs
 from .capture import ActivationCache, capture, last_logits
 from .errors import (
     ActpatchError, ConfigError, DataError, ModelLoadError, NumericalError, PairsFileError, ResumeError,
     SanityCheckError, SiteError, UnsupportedArchitectureError,
 )
 from .checkpoint import Checkpoint, sweep_fingerprint
+from .compare import run_compare
 from .experiments import IOIConfig, plan_ioi, run_ioi
+from .heads import characterise, classify
 from .hooks import count_hooks, hooks
-from .ioi import PairBatch, PromptPair, generate_pairs, load_pairs_file, tokenize_pairs
+from .ioi import PromptPair, generate_pairs, load_pairs_file
 from .metrics import ioi_scores, logit_diff, normalised_effect, prob_ratio, token_prob
 from .models import DEFAULT_MODEL, LoadedModel, load_model, wrap_model
 from .patching import patch_variants, patched, plan_chunks, run_chunk, token_budget
+from .paths import Receiver, path_patch
 from .prefix import RecipientState
 from .results import HeadGrid, IOIResult
-from . import plots as _plots  # noqa: F401,E402  registers the kinds of IOIResult.plot()
-from .compare import run_compare
-from .heads import characterise, classify
-from .paths import Receiver, path_patch
 from .sanity import SanityCheck, run_sanity_checks
 from .sites import AttnOutSite, HeadSite, HiddenSite, MlpOutSite
+from . import plots as _plots  # noqa: F401,E402  registers the kinds of IOIResult.plot()
 
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())  # the CLI's --log-level attaches a real one
 

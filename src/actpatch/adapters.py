@@ -22,6 +22,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from .errors import UnsupportedArchitectureError
+from .placement import execution_device, onloaded
 
 
 def _attr_path(root: nn.Module, path: str) -> nn.Module:
@@ -173,12 +174,14 @@ class Adapter:
 
     def head_weights(self, layer: int) -> Float[Tensor, "head d_head d_model"]:
         """W_O split per head, so that o_proj(z) = sum_h z_h @ W_O[h] + b_O."""
-        weight = self.attn_out(layer).weight
+        with onloaded(self.attn_out(layer)) as proj:  # real weights even when a device map offloaded them
+            weight = proj.weight
         w_in_out = weight if self.arch.conv1d else weight.T  # (H*Dh, D)
         return w_in_out.reshape(self.n_heads, self.d_head, -1)  # (H, Dh, D)
 
     def head_bias(self, layer: int) -> Float[Tensor, "d_model"] | None:
-        return self.attn_out(layer).bias
+        with onloaded(self.attn_out(layer)) as proj:
+            return proj.bias
 
     def unembed(
         self, hidden: Float[Tensor, "batch d_model"], columns: Int[Tensor, "batch n"] | None = None
@@ -188,14 +191,15 @@ class Adapter:
         With ``columns`` only those token ids are computed, per row: (batch, n) instead of (batch, vocab).
         """
         head = self.model.get_output_embeddings()
-        hidden = hidden.to(head.weight.device)  # with a device map the LM head may sit on another device
+        hidden = hidden.to(execution_device(head))  # with a device map the LM head may sit on another device
         if columns is None:
             logits = head(hidden)
         else:
             columns = columns.to(hidden.device)
-            logits = torch.einsum("bd,bnd->bn", hidden, head.weight[columns])  # (B, n)
-            if getattr(head, "bias", None) is not None:
-                logits = logits + head.bias[columns]
+            with onloaded(head):
+                logits = torch.einsum("bd,bnd->bn", hidden, head.weight[columns])  # (B, n)
+                if getattr(head, "bias", None) is not None:
+                    logits = logits + head.bias[columns]
         cap = getattr(self.model.config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap

@@ -20,10 +20,10 @@ from typing import Sequence
 
 import torch
 
+from .batch import PairBatch
 from .capture import ActivationCache
 from .gap import gap_account
 from .heads import PAPER_GPT2_HEADS, characterise, classify
-from .ioi import PairBatch
 from .metrics import logit_diff
 from .models import LoadedModel
 from .patching import patch_variants

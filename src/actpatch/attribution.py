@@ -23,9 +23,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from .batch import PairBatch
 from .capture import ActivationCache, recipient_logits, split_heads
 from .hooks import hooks
-from .ioi import PairBatch
 from .metrics import logit_diff
 from .models import LoadedModel
 from .sites import HeadSite, HiddenSite
@@ -111,7 +111,8 @@ def _attribute_rows(
     specs = [(lm.model.get_input_embeddings(), "output", leaf)]
     specs += [(a.attn_out(L), "input", keep(z_rec, L)) for L in layers]
     specs += [(a.block(L), "output", keep(h_rec, L)) for L in layers]
-    params = [p for p in lm.model.parameters() if p.requires_grad]
+    # (offloaded parameters sit on meta and are swapped for real ones in every forward: left alone)
+    params = [p for p in lm.model.parameters() if p.requires_grad and p.device.type != "meta"]
     try:
         for p in params:  # only activation gradients are needed: skip weight gradients entirely
             p.requires_grad_(False)

@@ -17,9 +17,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .batch import PairBatch
 from .errors import NumericalError
 from .hooks import hooks
-from .ioi import PairBatch
 from .models import LoadedModel
 from .sites import Site
 

@@ -23,9 +23,10 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from .batch import PairBatch
 from .errors import ResumeError
-from .ioi import PairBatch
 from .models import LoadedModel
+from .placement import parameter_sums
 from .sites import Site
 
 
@@ -38,8 +39,8 @@ def sweep_fingerprint(lm: LoadedModel, batch: PairBatch, variants: Sequence[Sequ
     """
     h = hashlib.sha256()
     h.update(repr([lm.info.get(k) for k in ("model_id", "revision", "dtype", "gguf_sha256")]).encode())
-    with torch.inference_mode():  # a cheap weight checksum: catches same-named models with other weights
-        h.update(repr([float(p.double().sum()) for p in lm.model.parameters()]).encode())
+    # a cheap weight checksum: catches same-named models with other weights
+    h.update(repr(parameter_sums(lm.model)).encode())
     for t in (batch.recipient_ids, batch.donor_ids, batch.attention_mask, batch.answer_ids, batch.wrong_ids):
         h.update(t.cpu().numpy().tobytes())
     h.update(repr([list(v) for v in variants]).encode())

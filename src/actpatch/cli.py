@@ -19,6 +19,7 @@ import shlex
 import shutil
 import sys
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 
@@ -28,12 +29,12 @@ from tabulate import tabulate
 from . import __version__
 from .adapters import ARCHITECTURES
 from .compare import plot_compare, render_compare, run_compare
-from .outputs import PARTIAL, discard, prepare_out, write_outputs
 from .distributed import init_from_env, local_device, world
 from .errors import ActpatchError
 from .experiments import DIRECTIONS, METHODS, IOIConfig, plan_ioi, run_ioi
 from .ioi import DESIGNS
 from .models import BUNDLED, DEFAULT_MODEL, DTYPES, bundled_gguf, install_hint
+from .outputs import PARTIAL, discard, prepare_out, write_outputs
 
 
 def _add_run_options(p: argparse.ArgumentParser, out: str, n_pairs: int) -> None:
@@ -84,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     ioi.add_argument("--device-map", metavar="MAP",
                      help="auto: load a model too large for one device across the GPUs and CPU with accelerate "
                      "(hooks move tensors to each layer's device); replaces --device")
+    ioi.add_argument("--offload-folder", metavar="DIR",
+                     help="with --device-map: where accelerate may offload weights that fit on no device (disk)")
     ioi.add_argument("--trust-remote-code", action="store_true",
                      help="let transformers run Python code shipped with the checkpoint (off by default; only for "
                      "models whose authors you trust)")
@@ -124,7 +127,7 @@ def _ioi_config(args: argparse.Namespace, argv: list[str]) -> IOIConfig:
     return IOIConfig(
         model=args.model, n_pairs=args.n_pairs, pairs_file=args.pairs_file, designs=tuple(dict.fromkeys(args.donor)), direction=args.direction,
         seed=args.seed, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-        device_map=args.device_map,
+        device_map=args.device_map, offload_folder=args.offload_folder,
         layers=tuple(args.layers) if args.layers else None,
         head_sweep=not args.no_head_sweep, analysis=not args.no_analysis, method=args.method, top_k=args.top_k, by_position=args.by_position,
         max_rows=args.max_batch, progress=False if args.quiet else None,
@@ -242,16 +245,27 @@ def cmd_models() -> int:
 
 @contextmanager
 def _quiet_transformers(quiet: bool) -> Iterator[None]:
-    """--quiet also silences transformers' own loading bars (restored afterwards)."""
+    """--quiet also silences transformers' own loading bars (restored afterwards).
+
+    Its GGUF converter calls tqdm directly, past transformers' switch, so that name is swapped for a
+    disabled tqdm for the duration.
+    """
+    if not quiet:
+        yield
+        return
+    from unittest import mock
+
+    from tqdm.auto import tqdm
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
     from transformers.utils import logging as hf_logging
 
     was = hf_logging.is_progress_bar_enabled()
-    if quiet:
-        hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()
     try:
-        yield
+        with mock.patch.object(gguf_utils, "tqdm", partial(tqdm, disable=True)):
+            yield
     finally:
-        if quiet and was:
+        if was:
             hf_logging.enable_progress_bar()
 
 

@@ -19,8 +19,8 @@ import torch.distributed as dist
 from jaxtyping import Float
 from torch import Tensor
 
+from .batch import PairBatch
 from .capture import ActivationCache
-from .ioi import PairBatch
 from .models import LoadedModel
 from .patching import Reduce, patch_variants
 from .sites import Site

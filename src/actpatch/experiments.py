@@ -24,17 +24,18 @@ from pathlib import Path
 
 import torch
 
+from . import __version__ as actpatch_version
 from .analysis import design_analysis, head_analysis
 from .attribution import Attribution, attribute
-from . import __version__ as actpatch_version
+from .batch import PairBatch, tokenize_pairs
 from .capture import capture
 from .checkpoint import Checkpoint, sweep_fingerprint
+from .distributed import sharded_patch_variants
 from .errors import ConfigError
 from .hooks import count_hooks
-from .ioi import DESIGNS, POSITION_NAMES, PairBatch, denoising, generate_pairs, load_pairs_file, tokenize_pairs
+from .ioi import DESIGNS, POSITION_NAMES, denoising, generate_pairs, load_pairs_file
 from .metrics import ioi_scores, normalised_effect
 from .models import DEFAULT_MODEL, LoadedModel, load_model
-from .distributed import sharded_patch_variants
 from .patching import plan_sweep, shared_prefix
 from .results import IOIResult
 from .sanity import check_fast_path, check_no_hooks_left, run_sanity_checks
@@ -67,6 +68,7 @@ class IOIConfig:
     dtype: str = "float32"
     trust_remote_code: bool = False   # let transformers run code shipped with the checkpoint (off unless asked)
     device_map: str | None = None     # "auto": spread a large model over GPUs and CPU (accelerate); replaces device
+    offload_folder: str | None = None  # with device_map: disk folder for weights that fit on no device
     layers: tuple[int, ...] | None = None   # sweep only these layers (None: all)
     head_sweep: bool = True           # run the layer x head sweep
     method: str = "both"              # exact | attribution | both (attribution = gradient estimate, 2 fwd + 1 bwd)
@@ -233,7 +235,7 @@ def _prepare(config: IOIConfig | None, lm: LoadedModel | None, overrides: dict):
     if lm is None:
         log.info("loading %s (%s on %s)", cfg.model, cfg.dtype, cfg.device or "auto")
         lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
-                        device_map=cfg.device_map)
+                        device_map=cfg.device_map, offload_folder=cfg.offload_folder)
     layers = _layers(cfg, lm.adapter.n_layers)
     if file_pairs is not None:
         clean = tokenize_pairs(lm.tokenizer, file_pairs, require_positions=False)

@@ -25,10 +25,11 @@ from typing import Mapping
 
 import torch
 
+from .batch import PairBatch
 from .capture import ActivationCache
 from .heads import frozen_norm, ld_direction
-from .ioi import PairBatch
 from .models import LoadedModel
+from .placement import execution_device
 from .sites import AttnOutSite, HiddenSite
 
 
@@ -38,7 +39,7 @@ def gap_account(
 ) -> list[dict[str, float]]:
     """Per-layer residual-stream arithmetic of hidden-state vs all-heads patches (module docstring)."""
     a = lm.adapter
-    dev = lm.model.get_output_embeddings().weight.device  # the read-out's device (a device map may split the model)
+    dev = execution_device(lm.model.get_output_embeddings())  # the read-out's device (a device map may split the model)
     rows = torch.arange(len(batch), device=dev)
     end = batch.position("END").to(dev)
     direction = ld_direction(lm, batch, dev)  # (B, D)

@@ -27,11 +27,12 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from .batch import PairBatch
 from .capture import ActivationCache, capture
 from .errors import UnsupportedArchitectureError
 from .hooks import hooks
-from .ioi import PairBatch
 from .models import LoadedModel
+from .placement import execution_device, onloaded
 from .sites import HeadSite, HiddenSite
 
 ATTENTION_PAIRS = {"END->IO": ("END", "IO"), "END->S1": ("END", "S1"), "END->S2": ("END", "S2"),
@@ -64,7 +65,9 @@ class HeadProfile:
 
 def frozen_norm(norm: nn.Module, x: Float[Tensor, "batch d"]):
     """The norm as a linear map with its per-row scale frozen at ``x``; ``f(x) + bias == norm(x)`` (checked)."""
-    weight = getattr(norm, "weight", None)
+    with onloaded(norm):  # a device map may have offloaded it; the gains are copied to x's device
+        weight, bias = (None if t is None else t.detach().to(x.device) for t in (
+            getattr(norm, "weight", None), getattr(norm, "bias", None)))
     eps = getattr(norm, "eps", None) or getattr(norm, "variance_epsilon", None) or 1e-6
     if isinstance(norm, nn.LayerNorm) or "LayerNorm" in type(norm).__name__:
         xf = x.float()
@@ -73,7 +76,6 @@ def frozen_norm(norm: nn.Module, x: Float[Tensor, "batch d"]):
 
         def f(c: Tensor) -> Tensor:
             return (c.float() - c.float().mean(-1, keepdim=True)) * scale * gain
-        bias = getattr(norm, "bias", None)
     else:  # RMSNorm family; Gemma stores the gain as weight - 1
         xf = x.float()
         scale = (xf.pow(2).mean(-1, keepdim=True) + eps).rsqrt()
@@ -81,10 +83,9 @@ def frozen_norm(norm: nn.Module, x: Float[Tensor, "batch d"]):
 
         def f(c: Tensor) -> Tensor:
             return c.float() * scale * gain
-        bias = None
+        bias = None  # RMSNorm has none
     with torch.no_grad():
-        device = next(norm.parameters(), x).device  # a device map may put the norm elsewhere
-        expected = norm(x.to(device)).float().to(x.device)
+        expected = norm(x.to(execution_device(norm))).float().to(x.device)  # a device map may put it elsewhere
         got = f(x) + (0 if bias is None else bias.float())
     tol = 1e-3 if x.dtype in (torch.float32, torch.float64) else 5e-2  # the norm itself ran in half precision
     if not torch.allclose(got, expected, rtol=tol, atol=tol * float(expected.abs().max()) + 1e-6):
@@ -97,8 +98,9 @@ def frozen_norm(norm: nn.Module, x: Float[Tensor, "batch d"]):
 
 def ld_direction(lm: LoadedModel, batch: PairBatch, device) -> Float[Tensor, "batch d_model"]:
     """W_U[IO] - W_U[S] per pair: the residual direction that logit(IO) - logit(S) reads."""
-    w_u = lm.model.get_output_embeddings().weight  # (V, D)
-    return (w_u[batch.answer_ids.to(w_u.device)] - w_u[batch.wrong_ids.to(w_u.device)]).float().to(device)
+    with onloaded(lm.model.get_output_embeddings()) as head:
+        w_u = head.weight  # (V, D)
+        return (w_u[batch.answer_ids.to(w_u.device)] - w_u[batch.wrong_ids.to(w_u.device)]).float().to(device)
 
 
 def _recipient_run(lm: LoadedModel, batch: PairBatch) -> tuple[dict[int, Tensor], ActivationCache, Tensor]:
@@ -137,7 +139,7 @@ def _attention(weights: dict[int, Tensor], batch: PairBatch) -> dict[str, Tensor
 
 def _dla(lm: LoadedModel, batch: PairBatch, cache: ActivationCache, logits: Tensor) -> tuple[Tensor, float]:
     a = lm.adapter
-    dev = lm.model.get_output_embeddings().weight.device  # the read-out's device (a device map may split the model)
+    dev = execution_device(lm.model.get_output_embeddings())  # the read-out's device (a device map may split the model)
     rows = torch.arange(len(batch), device=dev)
     end = batch.position("END").to(dev)
     resid = cache[HiddenSite(a.n_layers - 1)].to(dev)[rows, end]  # (B, D): the final residual at END
@@ -179,9 +181,9 @@ def _copy_scores(lm: LoadedModel, name_ids: Int[Tensor, "n"], top: int = 5) -> t
         for L in range(a.n_layers):
             zz = z[L][:, 0].view(len(ids), a.n_heads, a.d_head)  # (N, H*Dh) -> (N, H, Dh)
             ov = torch.einsum("nhd,hde->hne", zz, a.head_weights(L))  # (H, N, D)
-            ov = ov.to(next(norm.parameters(), ov).device)
+            ov = ov.to(execution_device(norm))
             for sign, target in ((1.0, copy), (-1.0, neg)):
-                logits = w_u(norm(sign * ov).to(w_u.weight.device))  # (H, N, V)
+                logits = w_u(norm(sign * ov).to(execution_device(w_u)))  # (H, N, V)
                 top_ids = logits.topk(top, dim=-1).indices.cpu()  # (H, N, top)
                 target[L] = (top_ids == ids.cpu()[None, :, :]).any(-1).float().mean(-1)
     return copy, neg

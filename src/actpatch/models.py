@@ -30,6 +30,7 @@ from torch import nn
 
 from .adapters import Adapter, get_adapter
 from .errors import ConfigError, ModelLoadError
+from .placement import execution_device
 
 BUNDLED = {
     "smollm2-135m": {
@@ -62,7 +63,8 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the input embedding's device (under a device map, its execution device)."""
+        return execution_device(self.model.get_input_embeddings())
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -127,13 +129,15 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _from_gguf(path: Path, dtype: torch.dtype):
+def _from_gguf(path: Path, dtype: torch.dtype, device_map: str | dict | None = None, offload_folder: str | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    extra = {} if device_map is None else {"device_map": device_map, "offload_folder": offload_folder}
     try:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=dtype, attn_implementation="eager", local_files_only=True
+            str(path.parent), gguf_file=path.name, dtype=dtype, attn_implementation="eager", local_files_only=True,
+            **extra,
         )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load the GGUF file {path}: {exc}. Is it a complete GGUF of a causal LM?") from exc
@@ -168,7 +172,7 @@ def _converted_bundled(name: str) -> tuple[Path, dict[str, object]]:
 
 
 def _from_pretrained(source: str, dtype: torch.dtype, revision: str | None, local_only: bool, trust_remote_code: bool = False,
-                     device_map: str | dict | None = None):
+                     device_map: str | dict | None = None, offload_folder: str | None = None):
     """transformers' loaders, safely: no repository code unless asked; safetensors preferred over pickles
     (transformers reads a .bin only when no .safetensors exists, and then with weights_only=True)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -176,9 +180,14 @@ def _from_pretrained(source: str, dtype: torch.dtype, revision: str | None, loca
     kwargs = {"revision": revision, "local_files_only": local_only, "trust_remote_code": trust_remote_code}
     try:
         tok = AutoTokenizer.from_pretrained(source, **kwargs)
-        extra = {} if device_map is None else {"device_map": device_map}
+        extra = {} if device_map is None else {"device_map": device_map, "offload_folder": offload_folder}
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="eager", **kwargs, **extra)
     except ValueError as exc:
+        if "offload_folder" in str(exc):
+            raise ModelLoadError(
+                f"the device map offloads part of {source!r} to disk, and transformers needs a folder to write "
+                "those weights to: pass --offload-folder DIR (load_model(..., offload_folder=DIR))"
+            ) from exc
         if "trust_remote_code" in str(exc) and not trust_remote_code:
             raise ModelLoadError(
                 f"{source!r} needs code from its repository to load, and actpatch never runs repository code "
@@ -228,12 +237,14 @@ def load_model(
     revision: str | None = None,
     trust_remote_code: bool = False,
     device_map: str | dict | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ) -> LoadedModel:
     """Load ``spec`` (bundled name, local dir, .gguf file or hub id) in eval mode with eager attention.
 
     ``trust_remote_code`` lets transformers run Python code shipped with the checkpoint; it is off
     unless you pass it, and is recorded in the result's model info. ``device_map="auto"`` spreads a
     model too large for one device over the GPUs (and CPU) with accelerate; ``device`` is then ignored.
+    Modules that fit nowhere are offloaded to ``offload_folder`` on disk (needed only then).
 
     Example::
 
@@ -245,16 +256,19 @@ def load_model(
     dev = resolve_device(device)
     info: dict[str, object] = {"spec": spec, "dtype": str(torch_dtype).removeprefix("torch."), "device": str(dev),
                                "trust_remote_code": trust_remote_code, "device_map": device_map}
-    load_kw = {"trust_remote_code": trust_remote_code, "device_map": device_map}
+    if offload_folder is not None and device_map is None:
+        raise ConfigError("--offload-folder only applies with --device-map (e.g. --device-map auto); got no device map")
+    folder_kw = {"device_map": device_map, "offload_folder": None if offload_folder is None else str(offload_folder)}
+    load_kw = {"trust_remote_code": trust_remote_code, **folder_kw}
     path = Path(spec).expanduser()
     if spec in BUNDLED:
         folder, extra = _converted_bundled(spec)
-        model, tok = _from_pretrained(str(folder), torch_dtype, None, local_only=True, device_map=device_map)
+        model, tok = _from_pretrained(str(folder), torch_dtype, None, local_only=True, **folder_kw)
         info.update(source="bundled", model_id=BUNDLED[spec]["hf_id"], revision=f"gguf-sha256:{extra['gguf_sha256']}", **extra)
     elif path.suffix == ".gguf":
         if not path.is_file():
             raise ModelLoadError(f"GGUF file not found: {path}")
-        model, tok = _from_gguf(path, torch_dtype)
+        model, tok = _from_gguf(path, torch_dtype, **folder_kw)
         info.update(source="gguf", model_id=str(path.resolve()), revision=f"gguf-sha256:{_sha256(path)}")
     elif path.is_dir():
         try:
@@ -273,7 +287,9 @@ def load_model(
     if device_map is None:
         model.to(dev)
     else:  # accelerate placed every module; record where
-        info["device"] = "device_map:" + ",".join(sorted({str(p.device) for p in model.parameters()}))
+        placed = getattr(model, "hf_device_map", None) or {"": str(p.device) for p in model.parameters()}
+        info["device"] = "device_map:" + ",".join(sorted({f"cuda:{d}" if isinstance(d, int) else str(d)
+                                                          for d in placed.values()}))
     model.requires_grad_(False)
     return wrap_model(model, tok, info)
 

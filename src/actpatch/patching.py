@@ -27,11 +27,11 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .batch import PairBatch
 from .capture import ActivationCache, last_logits
 from .checkpoint import Checkpoint
 from .errors import NumericalError
 from .hooks import HookSpec, hooks
-from .ioi import PairBatch
 from .models import LoadedModel
 from .prefix import RecipientState
 from .sites import Site, resolve_pos

@@ -24,10 +24,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from .batch import PairBatch
 from .capture import ActivationCache, capture, recipient_logits
 from .errors import SiteError
 from .hooks import hooks
-from .ioi import PairBatch
 from .models import LoadedModel
 from .sites import HeadSite, MlpOutSite, resolve_pos
 

@@ -23,8 +23,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformers.cache_utils import Cache, DynamicCache
 
+from .batch import PairBatch
 from .hooks import hooks
-from .ioi import PairBatch
 from .models import LoadedModel
 
 

@@ -19,11 +19,11 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .batch import PairBatch
 from .capture import ActivationCache, recipient_logits
 from .hooks import count_hooks, hooks
-from .ioi import PairBatch
-from .models import LoadedModel
 from .metrics import logit_diff
+from .models import LoadedModel
 from .patching import patched, run_chunk
 from .sites import AttnOutSite, HeadSite, HiddenSite, Site
 
