@@ -149,7 +149,7 @@ def test_answer_columns_readout_equals_full_logits(tiny_lm, batch, donor):
 
 
 def test_chunk_plan_keeps_costs_close_to_each_variants_own():
-    from actpatch.patching import plan_chunks
+    from actpatch.planning import plan_chunks
 
     starts = [(L, p) for L in range(12) for p in range(16)]
     chunks = plan_chunks(starts, 12, (32, 16), max_tokens=2048)
@@ -162,7 +162,7 @@ def test_chunk_plan_keeps_costs_close_to_each_variants_own():
 
 
 def test_token_budget_is_positive_and_sized_to_the_model(tiny_lm):
-    from actpatch.patching import token_budget
+    from actpatch.planning import token_budget
 
     budget = token_budget(tiny_lm, 16)
     assert 16 <= budget <= 10**7
@@ -209,7 +209,7 @@ def test_wrap_model_describes_gqa_query_heads(gpt2_tokenizer):
 
 
 def test_shared_prefix_counts_identical_leading_tokens(batch):
-    from actpatch.patching import shared_prefix
+    from actpatch.planning import shared_prefix
 
     first_diff = [int((d != r).nonzero()[0]) for d, r in zip(batch.donor_ids, batch.recipient_ids)]
     assert shared_prefix(batch) == min(first_diff) > 0

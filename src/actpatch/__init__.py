@@ -28,13 +28,15 @@ from .errors import (
 )
 from .checkpoint import Checkpoint, sweep_fingerprint
 from .compare import run_compare
-from .experiments import IOIConfig, plan_ioi, run_ioi
+from .config import IOIConfig
+from .experiments import plan_ioi, run_ioi
 from .heads import characterise, classify
 from .hooks import count_hooks, hooks
 from .ioi import PromptPair, generate_pairs, load_pairs_file
 from .metrics import ioi_scores, logit_diff, normalised_effect, prob_ratio, token_prob
 from .models import DEFAULT_MODEL, LoadedModel, load_model, wrap_model
-from .patching import patch_variants, patched, plan_chunks, run_chunk, token_budget
+from .patching import patch_variants, patched, run_chunk
+from .planning import plan_chunks, token_budget
 from .paths import Receiver, path_patch
 from .prefix import RecipientState
 from .results import HeadGrid, IOIResult

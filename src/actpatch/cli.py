@@ -31,7 +31,8 @@ from .adapters import ARCHITECTURES
 from .compare import plot_compare, render_compare, run_compare
 from .distributed import init_from_env, local_device, world
 from .errors import ActpatchError
-from .experiments import DIRECTIONS, METHODS, IOIConfig, plan_ioi, run_ioi
+from .config import DIRECTIONS, METHODS, IOIConfig
+from .experiments import plan_ioi, run_ioi
 from .ioi import DESIGNS
 from .models import BUNDLED, DEFAULT_MODEL, DTYPES, bundled_gguf, install_hint
 from .outputs import PARTIAL, discard, prepare_out, write_outputs

@@ -20,7 +20,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 from .errors import ConfigError  # noqa: E402
-from .experiments import IOIConfig, run_ioi  # noqa: E402
+from .config import IOIConfig  # noqa: E402
+from .experiments import run_ioi  # noqa: E402
 from .results import IOIResult  # noqa: E402
 
 CURVES = (("hidden", "last", "-", "hidden state, END"), ("all_heads", "all", "--", "all heads, all positions"),

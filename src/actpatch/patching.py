@@ -11,17 +11,16 @@ variant's patches; rows never see another variant's donor values.
     scores["logit_diff"]            # (K, B): one row per variant
 
 Head patches rewrite the attention output projection's *input* (forward pre-hook), viewed as
-(B, T, H, Dh): exactly the per-head outputs before W_O mixes them.
+(B, T, H, Dh): exactly the per-head outputs before W_O mixes them. How variants are grouped into
+passes, and how large a pass may be, is ``planning``'s job.
 """
 
 from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, Sequence
 
-import psutil
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -33,44 +32,12 @@ from .checkpoint import Checkpoint
 from .errors import NumericalError
 from .hooks import HookSpec, hooks
 from .models import LoadedModel
+from .planning import plan_sweep, shared_prefix, variant_start
 from .prefix import RecipientState
 from .sites import Site, resolve_pos
 
 log = logging.getLogger(__name__)
 Reduce = Callable[[Float[Tensor, "k batch vocab"]], Mapping[str, Float[Tensor, "k batch"]]]
-CPU_CACHE_BYTES = 12 * 2**20  # one chunk's MLP activations should fit a CPU's last-level cache
-MEMORY_SHARE = 0.25           # at most this share of free (GPU) / available (CPU) memory per forward pass
-
-
-def token_budget(lm: LoadedModel, n_positions: int) -> int:
-    """Default tokens (rows x computed positions) per forward pass, from the hardware.
-
-    CPU: the matmuls are compute-bound at any size, but the elementwise ops between them are not,
-    so chunks are sized to keep the MLP's hidden activations in the last-level cache (measured on
-    GPT-2 small, 2 cores: 1,024 tokens is 27 % faster than 4,096). CUDA: as large as a quarter of the
-    free GPU memory allows. Both are capped by available memory.
-
-    Example::
-
-        token_budget(lm, n_positions=16)  # e.g. 1024 for GPT-2 small on CPU
-
-    """
-    cfg = lm.model.config
-    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    d = int(cfg.hidden_size)
-    d_ff = int(getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * d)
-    elem = next(lm.model.parameters()).element_size()
-    # residual, norms, q/k/v, per-head outputs, the MLP's hidden layer twice, eager attention scores
-    per_token = elem * (8 * d + 2 * d_ff + 2 * lm.adapter.n_heads * n_positions)
-    if lm.device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(lm.device)
-        budget = int(MEMORY_SHARE * free / per_token)
-    else:
-        budget = min(CPU_CACHE_BYTES // (d_ff * elem),
-                     int(MEMORY_SHARE * psutil.virtual_memory().available / per_token))
-    return max(budget, n_positions)  # at least one row
-
-
 def _patch_fn(entries: list, k: int, n_rows: int, n_heads: int, d_head: int, is_head: bool):
     """The hook body for one module: apply every (variant j, site) patch of this chunk."""
 
@@ -176,97 +143,6 @@ def run_chunk(
             start, pos = min(s[0] for s in starts), min(s[1] for s in starts)  # each bound on its own
             logits = state.run(lm, end, start=start, pos=pos, copies=k, columns=columns)
     return logits.view(k, len(batch), -1)
-
-
-def variant_start(variant: Sequence[Site], batch: PairBatch, shared: int = 0) -> tuple[int, int]:
-    """(first layer, first position) a variant can change: nothing before either needs recomputing.
-
-    ``shared``: positions before it hold identical tokens in donor and recipient, so (causal model)
-    every donor activation there equals the recipient's and patching it changes nothing.
-    """
-    if not variant:
-        return (0, 0)
-    lengths = batch.attention_mask.sum(dim=1)
-    pos = min(0 if s.pos is None else int(resolve_pos(s.pos, batch.positions, lengths).min()) for s in variant)
-    return (min(s.layer for s in variant), max(pos, shared))
-
-
-def shared_prefix(batch: PairBatch) -> int:
-    """Number of leading positions where every donor row has the recipient's tokens."""
-    same = (batch.donor_ids == batch.recipient_ids).long().cumprod(dim=1)  # (B, T): 1 until the first difference
-    return int(same.sum(dim=1).min())
-
-
-def plan_chunks(
-    starts: Sequence[tuple[int, int]], n_layers: int, shape: tuple[int, int], max_rows: int | None = None,
-    slack: float = 1.15, max_tokens: int = 1024,
-) -> list[list[int]]:
-    """Group variants (by their (layer, position) starts) into forward passes.
-
-    A chunk runs from its lowest layer and position for every variant in it, so variants are
-    taken in (layer, position) order and a chunk is closed when adding the next one would cost
-    more than ``slack`` x the sum of their own minimal costs, or exceed the size cap: ``max_rows``
-    rows, or by default ``max_tokens`` tokens (rows x computed positions; see ``token_budget``).
-
-    Example::
-
-        plan_chunks([(0, 0), (5, 3), (11, 15)], n_layers=12, shape=(32, 16), max_tokens=1024)  # [[0], [1], [2]]
-
-    """
-    n_rows, T = shape
-    chunks: list[list[int]] = []
-    cur: list[int] = []
-    lo_L = lo_p = ideal = 0
-    for i in sorted(range(len(starts)), key=lambda i: starts[i]):
-        L, p = starts[i]
-        if cur:
-            nL, np_, nideal = min(lo_L, L), min(lo_p, p), ideal + (n_layers - L) * (T - p)
-            rows = (len(cur) + 1) * n_rows
-            fits = rows <= max_rows if max_rows is not None else rows * (T - np_) <= max_tokens
-            if fits and (len(cur) + 1) * (n_layers - nL) * (T - np_) <= slack * nideal:
-                cur.append(i)
-                lo_L, lo_p, ideal = nL, np_, nideal
-                continue
-            chunks.append(cur)
-        cur, lo_L, lo_p, ideal = [i], L, p, (n_layers - L) * (T - p)
-    if cur:
-        chunks.append(cur)
-    return chunks
-
-
-@dataclass(frozen=True)
-class SweepPlan:
-    """Variants grouped into forward passes: ``chunks`` of indices, each variant's (layer, position) start."""
-
-    chunks: list[list[int]]
-    starts: list[tuple[int, int]]
-    n_layers: int
-    n_positions: int
-
-    def forward_equivalents(self) -> float:
-        """The layer-stack work of every chunk, in full forward passes of the recipient batch."""
-        total = 0
-        for c in self.chunks:
-            L, p = min(self.starts[i][0] for i in c), min(self.starts[i][1] for i in c)
-            total += len(c) * (self.n_layers - L) * (self.n_positions - p)
-        return total / (self.n_layers * self.n_positions)
-
-
-def plan_sweep(
-    lm: LoadedModel, batch: PairBatch, variants: Sequence[Sequence[Site]], max_rows: int | None = None, shared: int = 0,
-) -> tuple[SweepPlan, int]:
-    """The chunk plan ``patch_variants`` runs, and the token budget it used (0 with ``max_rows``).
-
-    Example::
-
-        plan, budget = plan_sweep(lm, batch, [[HeadSite(L)] for L in range(n)], shared=shared_prefix(batch))
-        len(plan.chunks), plan.forward_equivalents()
-    """
-    T = batch.recipient_ids.shape[1]
-    starts = [variant_start(v, batch, shared) for v in variants]
-    budget = token_budget(lm, T) if max_rows is None else 0
-    chunks = plan_chunks(starts, lm.adapter.n_layers, batch.recipient_ids.shape, max_rows, max_tokens=budget)
-    return SweepPlan(chunks, starts, lm.adapter.n_layers, T), budget
 
 
 def patch_variants(
