@@ -296,3 +296,21 @@ def test_gpt2_small_gets_the_paper_comparison(gpt2_tokenizer):
     assert {(r["layer"], r["head"]) for r in table if r["class"] == "name mover"} == {(9, 9), (9, 6), (10, 0)}
     assert len(table) == 26 and all(isinstance(r["agrees"], bool) for r in table)
     assert "Compared with Wang et al. 2022 (GPT-2 small)" in render_report(res)
+
+
+def test_nudge_summary_reads_noising_and_denoising_alike():
+    """A flip is a sign change relative to the recipient; the strongest cell has the largest normalised effect."""
+    from actpatch.analysis import nudge_summary
+    from actpatch.metrics import normalised_effect
+
+    def rows(rec: float, don: float, lds: list[float]) -> list[dict]:
+        return [{"experiment": "all_heads", "position": "all", "layer": L, "logit_diff": ld,
+                 "normalised_effect": float(normalised_effect(ld, rec, don))} for L, ld in enumerate(lds)]
+
+    noising = nudge_summary(rows(4.0, -4.0, [3.9, 1.0, -2.0, 4.1]), 4.0)["all"]
+    denoising = nudge_summary(rows(-4.0, 4.0, [-3.9, -1.0, 2.0, -4.1]), -4.0)["all"]
+    for s in (noising, denoising):
+        assert s["flip_layers"] == [2] and s["near_flip_layers"] == [] and s["nudge_layers"] == [0, 3]
+        assert s["strongest"]["layer"] == 2
+    near = nudge_summary(rows(-4.0, 2.0, [-0.5]), -4.0)["all"]  # normalised effect 0.58, no sign change
+    assert near["near_flip_layers"] == [0] and near["flip_layers"] == []

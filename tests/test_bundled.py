@@ -48,7 +48,7 @@ def test_bundled_seed_experiment_runs_and_passes_sanity(smollm):
     # the patched run is the donor's from that layer on; stacking variants reorders float sums (1e-4 abs)
     assert (hidden_all.logit_diff - donor_ld).abs().max() < 1e-4
     # name information reaches END late: patching the END hidden state of the last layer gives the donor's answer
-    last = df[(df.experiment == "hidden") & (df.position == "last") & (df.layer == 29)].logit_diff.item()
+    last = df[(df.experiment == "hidden") & (df.position == "END") & (df.layer == 29)].logit_diff.item()
     assert last < 0
     assert count_hooks(smollm.model) == 0
 

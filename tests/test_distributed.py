@@ -31,6 +31,6 @@ def test_torchrun_two_processes_equal_one(gpt2_dir, tmp_path):
                                    np.array(b["heads"]["designs"]["swap"][key], float), rtol=RTOL, atol=ATOL)
     for ra, rb in zip(a["layers"], b["layers"]):
         for exp in ("hidden", "all_heads"):
-            for pos in ("all", "last"):
+            for pos in ("all", "END"):
                 assert abs(ra[exp]["swap"][pos]["logit_diff"] - rb[exp]["swap"][pos]["logit_diff"]) <= ATOL + RTOL * 10
     assert a["baseline"] == b["baseline"]

@@ -137,6 +137,35 @@ def test_batched_variants_equal_one_at_a_time(tiny_lm, batch, donor):
     torch.testing.assert_close(chunked, one_by_one, rtol=BATCH_RTOL, atol=BATCH_ATOL)
 
 
+@pytest.mark.parametrize("design", ["s2io", "swap"])
+def test_patches_inside_the_shared_prefix_are_no_ops_on_the_fast_path(tiny_lm, design):
+    """s2io donors differ from their recipients only from S2 on; swap donors from the first name on.
+
+    The fast path starts each chunk after the donor/recipient shared prefix. A patch at a named
+    position inside that prefix (IO, S1, S1+1 for s2io) writes the recipient's own values, so the
+    result must be the unpatched recipient's, and must equal a plain forward pass per variant.
+    (A regression: such positions were shifted by the chunk's start and wrapped to the end.)
+    """
+    a = tiny_lm.adapter
+    pairs = generate_pairs(tiny_lm.tokenizer, 4, designs=(design,), seed=2)[design]
+    b = tokenize_pairs(tiny_lm.tokenizer, pairs)
+    sites = [HeadSite(L) for L in range(a.n_layers)] + [HiddenSite(L) for L in range(a.n_layers)]
+    cache, _ = capture(tiny_lm, b.donor_ids, b, sites)
+    rec_cache, rec_logits = capture(tiny_lm, b.recipient_ids, b, [])
+    positions = ("IO", "S1", "S1+1", "S2", "END", 1, None)
+    variants = [[site] for L in range(a.n_layers) for p in positions
+                for site in (HiddenSite(L, p), HeadSite(L, None, p), HeadSite(L, 1, p))]
+    scores = lambda lg: ioi_scores(lg, b.answer_ids, b.wrong_ids)  # noqa: E731
+    fast = patch_variants(tiny_lm, b, cache, variants, scores, donor_from_batch=True)["logit_diff"]
+    reference = torch.stack([scores(run_chunk(tiny_lm, b, cache, [v]))["logit_diff"][0] for v in variants])
+    torch.testing.assert_close(fast, reference, rtol=BATCH_RTOL, atol=BATCH_ATOL)
+    if design == "s2io":
+        unpatched = scores(rec_logits)["logit_diff"]
+        before_s2 = [k for k, v in enumerate(variants) if v[0].pos in ("IO", "S1", "S1+1", 1)]
+        # identical tokens there, so identical activations: only float summation order differs
+        torch.testing.assert_close(fast[before_s2], unpatched.expand(len(before_s2), -1), rtol=BATCH_RTOL, atol=BATCH_ATOL)
+
+
 def test_answer_columns_readout_equals_full_logits(tiny_lm, batch, donor):
     cache, _ = donor
     variants = [[HeadSite(1, 2)], [HiddenSite(0, "S2")], [HeadSite(2, None, "END")]]
@@ -213,3 +242,24 @@ def test_shared_prefix_counts_identical_leading_tokens(batch):
 
     first_diff = [int((d != r).nonzero()[0]) for d, r in zip(batch.donor_ids, batch.recipient_ids)]
     assert shared_prefix(batch) == min(first_diff) > 0
+
+
+def test_fast_path_check_recomputes_every_kind_of_patch(tiny_lm, batch, donor):
+    """The sanity check must notice a wrong cell of any kind, not only at its evenly spread picks."""
+    from actpatch.sanity import check_fast_path
+
+    cache, _ = donor
+    a = tiny_lm.adapter
+    variants = [[HeadSite(L, h)] for L in range(a.n_layers) for h in range(a.n_heads)]
+    variants += [[HiddenSite(L, p)] for p in ("IO", "S1+1") for L in range(a.n_layers)]
+    scores = lambda lg: ioi_scores(lg, batch.answer_ids, batch.wrong_ids)  # noqa: E731
+    ld = patch_variants(tiny_lm, batch, cache, variants, scores, donor_from_batch=True)["logit_diff"]
+    assert check_fast_path(tiny_lm, batch, cache, variants, ld).passed
+    n = len(variants)
+    spread = {0, n // 3, 2 * n // 3, n - 1}
+    bad = next(k for k, v in enumerate(variants) if v[0].pos == "IO" and k not in spread and
+               k == max(j for j, w in enumerate(variants) if w[0].pos == "IO"))  # the last IO cell
+    wrong = ld.clone()
+    wrong[bad] += 1.0
+    check = check_fast_path(tiny_lm, batch, cache, variants, wrong)
+    assert not check.passed and "numbers are wrong" in check.detail

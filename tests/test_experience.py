@@ -25,6 +25,19 @@ def test_result_plot_kinds(tiny_lm):
         res.plot("nope")
     with pytest.raises(ConfigError, match="design 'abc' is not in this result"):
         res.plot("heads", "abc")
+    # a typo or a missing sweep is an error, never a silent all-NaN grid or an empty list
+    for call in (lambda: res.head_grid("abc"), lambda: res.top_heads("abc"), lambda: res.attribution_vs_exact("abc")):
+        with pytest.raises(ConfigError, match="design 'abc' is not in this result"):
+            call()
+    with pytest.raises(ConfigError, match="metric must be one of"):
+        res.head_grid("swap", metric="bogus")
+    plain = run_ioi(lm=tiny_lm, n_pairs=3, designs=("swap",), head_sweep=False, method="exact", progress=False,
+                    analysis=False)
+    with pytest.raises(ConfigError, match="no 'head' cells for design 'swap'"):
+        plain.head_grid("swap")
+    with pytest.raises(ConfigError, match="by_position=True"):
+        plain.plot("positions")
+    assert plain.attribution_vs_exact("swap")["n_heads"] == 0
 
 
 def test_readme_python_examples_run(tmp_path, monkeypatch):
@@ -45,7 +58,12 @@ def test_dry_run_plans_without_running(gpt2_dir, tmp_path, capsys):
                  "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "nothing was run (--dry-run)" in text and "swap" in text and "abc" in text
+    assert "sweeping layers 0-2" in text  # gpt2_dir has 3 layers
     assert not out.exists()
+    from actpatch.cli import _layer_list
+
+    assert _layer_list([20, 23]) == "layers 20, 23" and _layer_list([29]) == "layer 29"
+    assert _layer_list([0, 1, 2, 3, 7, 9, 10]) == "layers 0-3, 7, 9, 10"
     plan = plan_ioi(model=str(gpt2_dir), n_pairs=3, designs=("swap",))
     d = plan["designs"]["swap"]
     # 3 layers x (hidden, all heads) x (all, END) + 3 x 4 single heads

@@ -54,7 +54,7 @@ def test_every_architecture_passes_the_sanity_checks(arch, gpt2_tokenizer):
     a = lm.adapter
     donor, _ = actpatch.capture(lm, batch.donor_ids, batch, [HeadSite(L) for L in range(a.n_layers)] + [HiddenSite(L) for L in range(a.n_layers)])
     for row in exact.sample(12, random_state=0).itertuples():
-        pos = {"all": None, "last": "END"}.get(row.position, row.position)
+        pos = {"all": None}.get(row.position, row.position)
         site = HiddenSite(row.layer, pos) if row.experiment == "hidden" else HeadSite(
             row.layer, None if row.experiment == "all_heads" else int(row.head), pos)
         ref = actpatch.logit_diff(actpatch.run_chunk(lm, batch, donor, [[site]])[0], batch.answer_ids, batch.wrong_ids)
@@ -75,7 +75,7 @@ def test_attribution_method_rechecks_top_k_and_by_position(tiny_lm):
     assert sorted(abs(att[int(r.layer), int(r.head)]) for r in exact_heads.itertuples()) == top3
     # by position: every named position of every exact head and layer
     assert set(df[df.experiment == "head"].position) == {"all", "IO", "S1", "S1+1", "S2", "END"}
-    assert set(df[df.experiment == "hidden"].position) == {"all", "last", "IO", "S1", "S1+1", "S2"}
+    assert set(df[df.experiment == "hidden"].position) == {"all", "END", "IO", "S1", "S1+1", "S2"}
     cmp = res.attribution_vs_exact("swap")
     assert cmp["n_heads"] == 3
 
@@ -94,8 +94,8 @@ def test_json_contract_and_roundtrip(result, tmp_path):
     assert {"baseline", "layers", "heads", "sanity", "config"} <= set(data)
     assert {"accuracy", "mean_logit_diff"} <= set(data["baseline"])
     layer0 = data["layers"][0]
-    assert set(layer0["hidden"]["swap"]) == {"all", "last"}
-    assert {"logit_diff", "normalised_effect"} <= set(layer0["all_heads"]["abc"]["last"])
+    assert set(layer0["hidden"]["swap"]) == {"all", "END"}
+    assert {"logit_diff", "normalised_effect"} <= set(layer0["all_heads"]["abc"]["END"])
     assert data["sanity"]["head_patch_exact"]["passed"] is True
     loaded = IOIResult.load(tmp_path)
     assert loaded.to_dataframe().equals(result.to_dataframe())
@@ -145,7 +145,7 @@ def test_cli_refuses_nonempty_out_and_bad_layers(gpt2_dir, tmp_path, capsys):
     assert main(["ioi", "--model", str(gpt2_dir), "--out", str(out)]) == 2
     assert "already exists and is not empty" in capsys.readouterr().err
     code = main(["ioi", "--model", str(gpt2_dir), "--out", str(tmp_path / "new"), "--layers", "9"])
-    assert code == 2 and "layers must be ints in [0, 2]" in capsys.readouterr().err
+    assert code == 2 and "layers (--layers) must be ints in [0, 2]" in capsys.readouterr().err
 
 
 def test_cli_pairs_file(gpt2_dir, tmp_path):
@@ -229,3 +229,31 @@ def test_both_directions_are_recorded_side_by_side(tiny_lm):
     # the same prompts, roles exchanged: recipient of one direction is the donor of the other (same tokens, same LD)
     assert noise["recipient"]["mean_logit_diff"] == denoise["donor"]["mean_logit_diff"]
     assert noise["donor"]["mean_logit_diff"] == denoise["recipient"]["mean_logit_diff"]
+
+
+def test_overwrite_removes_the_previous_runs_stale_files_only(gpt2_dir, tmp_path):
+    """A rerun with fewer outputs must not leave the earlier run's plots beside the new results."""
+    out = tmp_path / "run"
+    base = ["ioi", "--model", str(gpt2_dir), "--n-pairs", "3", "--out", str(out), "--quiet", "--no-analysis"]
+    assert main(base + ["--donor", "swap", "abc"]) == 0
+    assert (out / "heads_abc.png").is_file()
+    (out / "my_notes.txt").write_text("mine")
+    assert main(base + ["--donor", "swap", "--no-head-sweep", "--overwrite"]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert "heads_abc.png" not in names and "heads_swap.png" not in names
+    assert "my_notes.txt" in names and "results.json" in names
+    assert set(json.loads((out / "config.json").read_text())["files"]) == names - {"my_notes.txt"}
+    assert oct((out / "results.json").stat().st_mode & 0o777) == oct(0o644)
+
+
+def test_results_json_is_strict_json_even_with_nan(tiny_lm, tmp_path):
+    """One head re-checked exactly: Spearman over < 3 heads is NaN, saved as null (strict parsers reject NaN)."""
+    res = run_ioi(lm=tiny_lm, n_pairs=3, designs=("swap",), layers=(2,), method="attribution", top_k=1,
+                  progress=False, analysis=False)
+    res.save(tmp_path)
+
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    data = json.loads((tmp_path / "results.json").read_text(), parse_constant=refuse)
+    assert data["heads"]["designs"]["swap"]["spearman_attribution_vs_exact"] is None

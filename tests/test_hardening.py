@@ -122,13 +122,13 @@ def _bad_inputs(tmp_path: Path, gpt2_dir: Path) -> dict[str, tuple[list[str], st
         "wrong encoding": (["--pairs-file", str(_pairs_file(tmp_path, json.dumps(GOOD).replace("Mary", "M\u00e4ry").encode("latin-1"), "l.jsonl"))],
                            "not valid UTF-8"),
         "missing pairs file": (["--pairs-file", str(tmp_path / "nope.jsonl")], "does not exist"),
-        "layer out of range": (["--layers", "3"], "layers must be ints in [0, 2]"),
+        "layer out of range": (["--layers", "3"], "layers (--layers) must be ints in [0, 2]"),
         "unknown architecture": (["--model", str(_bert_dir(tmp_path))], "no adapter for model_type 'bert'"),
         "model not available offline": (["--model", "no-such-org/no-such-model"], "not in the local HuggingFace cache"),
         "model path missing": (["--model", str(tmp_path / "missing-model")], "does not exist"),
         "out is a file": (["--out", str(a_file)], "is not a folder"),
         "out under a file": (["--out", str(a_file / "sub")], "is not writable"),
-        "zero pairs": (["--n-pairs", "0"], "n_pairs must be a positive int"),
+        "zero pairs": (["--n-pairs", "0"], "n_pairs (--n-pairs) must be a positive int"),
     }
 
 
@@ -290,3 +290,30 @@ def test_remote_code_is_never_run_without_the_flag(tmp_path, gpt2_tokenizer):
     with pytest.raises(ModelLoadError, match="--trust-remote-code"):
         load_model(str(folder))
     assert not marker.exists(), "repository code ran without --trust-remote-code"
+
+
+def test_a_site_missing_from_the_donor_cache_is_a_site_error(tiny_lm):
+    from actpatch import SiteError, capture, generate_pairs, run_chunk, tokenize_pairs
+
+    batch = tokenize_pairs(tiny_lm.tokenizer, generate_pairs(tiny_lm.tokenizer, 2, ("swap",))["swap"])
+    cache, _ = capture(tiny_lm, batch.donor_ids, batch, [HeadSite(0)])
+    with pytest.raises(SiteError, match=r"no captured activation for HeadSite\(layer=1.*it holds: head of layer 0"):
+        run_chunk(tiny_lm, batch, cache, [[HeadSite(1)]])
+    assert count_hooks(tiny_lm.model) == 0
+
+
+def test_a_pairs_file_run_records_what_reproduces_it(gpt2_dir, tmp_path):
+    """The file's hash and every pair are saved; n_pairs is the file's count, and no seed is claimed."""
+    import hashlib
+
+    other = {**GOOD, "recipient": GOOD["recipient"].replace("store", "park"), "donor": GOOD["donor"].replace("store", "park")}
+    f = _pairs_file(tmp_path, json.dumps(GOOD) + "\n" + json.dumps(other) + "\n")
+    out = tmp_path / "out"
+    assert main(["ioi", "--model", str(gpt2_dir), "--pairs-file", str(f), "--out", str(out), "--quiet",
+                 "--no-head-sweep", "--no-analysis"]) == 0
+    data = json.loads((out / "results.json").read_text())
+    cfg = data["config"]
+    assert cfg["pairs_file_sha256"] == hashlib.sha256(f.read_bytes()).hexdigest()
+    assert cfg["n_pairs"] == 2 and cfg["seed"] is None and Path(cfg["pairs_file"]).is_absolute()
+    assert [p["recipient"] for p in data["pairs"]["file"]] == [GOOD["recipient"], other["recipient"]]
+    assert "from `" in (out / "report.md").read_text() and "seed" not in (out / "report.md").read_text().split("\n")[2]

@@ -46,3 +46,10 @@ def test_modules_import_only_from_their_left():
             if dep not in rank or rank[dep] >= rank[name]:
                 wrong.append(f"{name} imports {dep}")
     assert wrong == [], wrong
+
+
+def test_the_package_docstring_names_the_same_chain():
+    import actpatch
+
+    doc = " ".join(actpatch.__doc__.split())
+    assert " -> ".join(_chain()) in doc

@@ -30,6 +30,8 @@ def test_hub_id_offline_and_uncached_gives_clear_error(tmp_path):
 def test_missing_path_and_bad_directory(tmp_path):
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_model(str(tmp_path / "nope" / "model"))
+    with pytest.raises(ModelLoadError, match="does not exist"):  # a trailing slash: a folder, never a hub id
+        load_model("no-such-local-folder/")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="not a loadable HF checkpoint"):
         load_model(str(tmp_path / "empty"))

@@ -66,18 +66,24 @@ def _heads_of(classes: Sequence[dict], name: str) -> list[tuple[int, int]]:
 
 
 def nudge_summary(rows: Sequence[dict], recipient_ld: float) -> dict:
-    """Where all-heads patching only nudges the answer, nearly flips it, or flips it (per position)."""
+    """Where all-heads patching only nudges the answer, nearly flips it, or flips it (per position).
+
+    Sign-agnostic, so denoising designs (a corrupted recipient with negative LD) read the same way:
+    a flip is a mean LD of the opposite sign to the recipient's; the strongest cell is the one with
+    the largest normalised effect (1 = the donor's behaviour).
+    """
     out = {}
-    for pos in ("all", "last"):
+    for pos in ("all", "END"):
         cells = [r for r in rows if r["experiment"] == "all_heads" and r["position"] == pos]
         if not cells:
             continue
+        flips = [r["layer"] for r in cells if r["logit_diff"] * recipient_ld < 0]
         out[pos] = {
             "n_layers": len(cells),
             "nudge_layers": [r["layer"] for r in cells if abs(r["normalised_effect"]) < NUDGE],
-            "near_flip_layers": [r["layer"] for r in cells if r["normalised_effect"] >= NEAR_FLIP and r["logit_diff"] >= 0],
-            "flip_layers": [r["layer"] for r in cells if r["logit_diff"] < 0 < recipient_ld],
-            "strongest": min(cells, key=lambda r: r["logit_diff"]),
+            "near_flip_layers": [r["layer"] for r in cells if r["normalised_effect"] >= NEAR_FLIP and r["layer"] not in flips],
+            "flip_layers": flips,
+            "strongest": max(cells, key=lambda r: r["normalised_effect"]),
         }
     return out
 
@@ -91,7 +97,7 @@ def design_analysis(
     ``recipient`` / ``donor`` need HiddenSite, AttnOutSite and HeadSite of every layer.
     """
     exact = {(r["experiment"], r["layer"]): r["delta_logit_diff"] for r in rows
-             if r["experiment"] in ("hidden", "all_heads") and r["position"] == "last"}
+             if r["experiment"] in ("hidden", "all_heads") and r["position"] == "END"}
     result = {"gap": gap_account(lm, batch, recipient, donor, exact), "nudge": nudge_summary(rows, recipient_ld),
               "paths": []}
     ans, wrong = batch.answer_ids, batch.wrong_ids

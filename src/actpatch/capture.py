@@ -18,7 +18,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from .batch import PairBatch
-from .errors import NumericalError
+from .errors import NumericalError, SiteError
 from .hooks import hooks
 from .models import LoadedModel
 from .sites import Site
@@ -33,7 +33,15 @@ class ActivationCache(dict):
     """
 
     def __getitem__(self, key) -> Tensor:
-        return super().__getitem__(key.key if hasattr(key, "key") else key)
+        k = key.key if hasattr(key, "key") else key
+        try:
+            return super().__getitem__(k)
+        except KeyError:
+            have = ", ".join(f"{kind} of layer {layer}" for kind, layer in sorted(self)) or "nothing"
+            raise SiteError(
+                f"no captured activation for {key!r} in this cache; it holds: {have}. "
+                "Capture it first: capture(lm, ids, batch, [that site, ...])"
+            ) from None
 
     def __contains__(self, key) -> bool:
         return super().__contains__(key.key if hasattr(key, "key") else key)

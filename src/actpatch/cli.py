@@ -18,6 +18,7 @@ import json
 import shlex
 import shutil
 import sys
+import warnings
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -136,10 +137,22 @@ def _ioi_config(args: argparse.Namespace, argv: list[str]) -> IOIConfig:
     )
 
 
+def _layer_list(layers: list[int]) -> str:
+    """[0, 1, 2, 5] -> 'layers 0-2, 5'; runs of consecutive layers are shortened."""
+    runs: list[list[int]] = []
+    for L in layers:
+        if runs and L == runs[-1][-1] + 1:
+            runs[-1].append(L)
+        else:
+            runs.append([L])
+    parts = [f"{r[0]}-{r[-1]}" if len(r) > 2 else ", ".join(map(str, r)) for r in runs]
+    return f"{'layer' if len(layers) == 1 else 'layers'} {', '.join(parts)}" if layers else "no layers"
+
+
 def cmd_dry_run(args: argparse.Namespace, argv: list[str]) -> int:
     plan = plan_ioi(_ioi_config(args, argv))
-    print(f"{plan['model']}: {plan['n_layers']} layers x {plan['n_heads']} heads; sweeping layers "
-          f"{plan['layers'][0]}-{plan['layers'][-1]}" if plan["layers"] else "no layers")
+    print(f"{plan['model']}: {plan['n_layers']} layers x {plan['n_heads']} heads; sweeping "
+          f"{_layer_list(plan['layers'])}")
     rows = [[d, p["pairs"], p["tokens"], p["patches"], p["forward_passes"], p["forward_equivalents"],
              "yes" if p["attribution"] else "no", "yes" if p["analysis"] else "no"] for d, p in plan["designs"].items()]
     print(tabulate(rows, ["design", "pairs", "tokens", "patches", "batched passes", "≈ full forwards", "attribution",
@@ -189,7 +202,7 @@ def _cmd_ioi(args: argparse.Namespace, argv: list[str]) -> int:
               f"({int(b['n_pairs'])} pairs)")
         for name, check in result.sanity.items():
             print(f"  sanity {name}: {'pass' if check['passed'] else 'FAIL'}")
-        print(f"wrote {out}/report.html, report.md, results.json, results.csv, {', '.join(plots)}")
+        print(f"wrote {out}/report.html, report.md, results.json, results.csv, config.json, {', '.join(plots)}")
     if not result.passed:
         failed = [n for n, c in result.sanity.items() if not c["passed"]]
         print(f"actpatch: sanity checks failed: {', '.join(failed)}; see {out}/report.md", file=sys.stderr)
@@ -214,7 +227,12 @@ def cmd_compare(args: argparse.Namespace, argv: list[str]) -> int:
     try:
         results = run_compare(args.models, cfg, on_result=save)
         fig = plot_compare(results)
-        fig.savefig(out / "compare.png", dpi=120)
+        try:
+            fig.savefig(out / "compare.png", dpi=120, bbox_inches="tight")  # long model names: nothing clipped
+        finally:
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
         (out / "compare.md").write_text(render_compare(results), encoding="utf-8")
         (out / "compare.json").write_text(json.dumps({
             "models": [{"folder": f"model-{i + 1}", "model": r.model, "n_layers": r.n_layers, "n_heads": r.n_heads,
@@ -270,6 +288,17 @@ def _quiet_transformers(quiet: bool) -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+_PACKAGE_DIR = str(Path(__file__).resolve().parent)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """actpatch's own warnings as one ``actpatch: warning:`` line; others as Python prints them."""
+    if str(Path(filename).resolve()).startswith(_PACKAGE_DIR) and issubclass(category, UserWarning):
+        print(f"actpatch: warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -282,7 +311,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "models":
             return cmd_models()
-        with _quiet_transformers(args.quiet):
+        # transformers' loading bars follow ours: off with --quiet, and off when stderr is not a terminal
+        quiet_loading = args.quiet or not sys.stderr.isatty()
+        with _quiet_transformers(quiet_loading), warnings.catch_warnings():
+            warnings.showwarning = _show_warning
             return cmd_ioi(args, argv) if args.command == "ioi" else cmd_compare(args, argv)
     except ActpatchError as exc:
         print(f"actpatch: error: {exc}", file=sys.stderr)

@@ -24,8 +24,8 @@ from .config import IOIConfig  # noqa: E402
 from .experiments import run_ioi  # noqa: E402
 from .results import IOIResult  # noqa: E402
 
-CURVES = (("hidden", "last", "-", "hidden state, END"), ("all_heads", "all", "--", "all heads, all positions"),
-          ("all_heads", "last", ":", "all heads, END"))
+CURVES = (("hidden", "END", "-", "hidden state, END"), ("all_heads", "all", "--", "all heads, all positions"),
+          ("all_heads", "END", ":", "all heads, END"))
 
 
 def run_compare(models: Sequence[str], config: IOIConfig | None = None, on_result=None) -> list[IOIResult]:

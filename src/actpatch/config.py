@@ -56,24 +56,24 @@ class IOIConfig:
 
     def validate(self) -> None:
         if self.pairs_file is None and (not isinstance(self.n_pairs, int) or self.n_pairs < 1):
-            raise ConfigError(f"n_pairs must be a positive int, got {self.n_pairs!r}")
+            raise ConfigError(f"n_pairs (--n-pairs) must be a positive int, got {self.n_pairs!r}")
         bad = [d for d in self.designs if d not in DESIGNS and not (d == "file" and self.pairs_file)]
         if bad or not self.designs:
-            raise ConfigError(f"donor designs must be among {', '.join(DESIGNS)}, got {list(self.designs)!r}")
+            raise ConfigError(f"donor designs (--donor) must be among {', '.join(DESIGNS)}, got {list(self.designs)!r}")
         if self.pairs_file is not None and self.direction != "noising":
             raise ConfigError("--direction applies to generated pairs only; in a pairs file, write the prompt you want "
                               f"patched as the recipient (got direction {self.direction!r} with a pairs file)")
         if self.direction not in DIRECTIONS:
-            raise ConfigError(f"direction must be one of {', '.join(DIRECTIONS)}, got {self.direction!r}")
+            raise ConfigError(f"direction (--direction) must be one of {', '.join(DIRECTIONS)}, got {self.direction!r}")
         if self.method not in METHODS:
-            raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+            raise ConfigError(f"method (--method) must be one of {', '.join(METHODS)}, got {self.method!r}")
         if not isinstance(self.top_k, int) or self.top_k < 1:
-            raise ConfigError(f"top_k must be a positive int, got {self.top_k!r}")
+            raise ConfigError(f"top_k (--top-k) must be a positive int, got {self.top_k!r}")
         if self.offload_folder is not None and self.device_map is None:
             raise ConfigError("offload_folder (--offload-folder) only applies with a device map (--device-map auto); "
                               f"got offload_folder={self.offload_folder!r} and no device_map")
         if self.max_rows is not None and self.max_rows < 1:
-            raise ConfigError(f"max_rows must be >= 1, got {self.max_rows}")
+            raise ConfigError(f"max_rows (--max-batch) must be >= 1, got {self.max_rows}")
 
 
 def environment() -> dict[str, object]:

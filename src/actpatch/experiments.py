@@ -15,6 +15,7 @@ normalised effect of 1 means the recipient now behaves like the donor.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -56,14 +57,14 @@ def _layers(cfg: IOIConfig, n_layers: int) -> list[int]:
         return list(range(n_layers))
     bad = [L for L in cfg.layers if not isinstance(L, int) or not 0 <= L < n_layers]
     if bad or not cfg.layers:
-        raise ConfigError(f"layers must be ints in [0, {n_layers - 1}] for this model, got {list(cfg.layers)!r}")
+        raise ConfigError(f"layers (--layers) must be ints in [0, {n_layers - 1}] for this model, got {list(cfg.layers)!r}")
     return sorted(set(cfg.layers))
 
 
 def _variants(layers: list[int], heads: list[tuple[int, int]], positions: tuple[str, ...]) -> list[tuple[dict, list]]:
     """(cell description, sites patched together) for every exact cell: layer sweeps, then single heads."""
     cells = []
-    layer_positions = [("all", None), ("last", "END")] + [(p, p) for p in positions if p != "END"]
+    layer_positions = [("all", None), ("END", "END")] + [(p, p) for p in positions if p != "END"]
     for L in layers:
         for pos_name, pos in layer_positions:
             cells.append(({"experiment": "hidden", "layer": L, "head": None, "position": pos_name}, [HiddenSite(L, pos)]))
@@ -115,7 +116,8 @@ def run_design(
     rec_cache, rec_logits = capture(lm, batch.recipient_ids, batch, sites + extra)
     don_cache, don_logits = capture(lm, batch.donor_ids, batch, sites + (extra if classes is not None else []))
     ans, wrong = batch.answer_ids, batch.wrong_ids
-    rec = _summary(ioi_scores(rec_logits.cpu(), ans, wrong))
+    rec_scores = ioi_scores(rec_logits.cpu(), ans, wrong)
+    rec = _summary(rec_scores)
     don = _summary(ioi_scores(don_logits.cpu(), ans, wrong))
     baseline = {"recipient": rec, "donor": don}
 
@@ -137,7 +139,8 @@ def run_design(
         ld = scores["logit_diff"][k]
         mean_ld = float(ld.mean())
         rows.append({
-            **cell, "logit_diff": mean_ld, "flip_rate": float((ld < 0).float().mean()),
+            # flip_rate: the share of pairs whose LD changed sign against their own unpatched recipient
+            **cell, "logit_diff": mean_ld, "flip_rate": float((ld * rec_scores["logit_diff"] < 0).float().mean()),
             "p_io": float(scores["p_io"][k].mean()), "p_s": float(scores["p_s"][k].mean()),
         })
     if att is not None:
@@ -245,12 +248,16 @@ def run_ioi(
     baseline.update({**first, "n_pairs": len(next(iter(batches.values())))})
     record = asdict(cfg)
     record["model"] = lm.info.get("spec", cfg.model)
+    if cfg.pairs_file is not None:  # the pairs themselves are saved too (``pairs``)
+        record.update(n_pairs=len(clean), pairs_file=str(Path(cfg.pairs_file).resolve()),
+                      pairs_file_sha256=hashlib.sha256(Path(cfg.pairs_file).read_bytes()).hexdigest(), seed=None)
     return IOIResult(
         config=record, model=dict(lm.info), environment=environment(), baseline=baseline, cells=cells,
         sanity={name: _merge(by_design) for name, by_design in sanity.items()},
         n_layers=lm.adapter.n_layers, n_heads=lm.adapter.n_heads, layers=layers, analysis=analysis,
         examples=[{"design": d, "recipient": b.pairs[0].recipient, "donor": b.pairs[0].donor,
                    "answer": b.pairs[0].answer, "wrong": b.pairs[0].wrong} for d, b in batches.items()],
+        pairs={d: [asdict(p) for p in b.pairs] for d, b in batches.items()},
     )
 
 

@@ -2,8 +2,9 @@
 
     page = render_html(result, {"layers.png": png_bytes, ...})   # a str; the CLI writes report.html
 
-What is in it: the status and model, the sanity checks as a pass/fail table, the baseline, the
-per-layer table per design, one heatmap per design of the single-head sweep as inline SVG (hovering
+What is in it: the status and model, the sanity checks as a pass/fail table, the baseline, the head
+classes, and per design the findings, the per-layer table, the account of the gap and one heatmap of
+the single-head sweep as inline SVG (hovering
 a cell shows its layer, head and value through the cell's SVG <title>, so the interactivity needs
 no script), every PNG plot embedded as base64, and the exact command and config. It reads only the
 ``IOIResult`` (and the plots' bytes). Tables come from pandas (``DataFrame.to_html``, escaped).
@@ -14,10 +15,12 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
 
 import numpy as np
 import pandas as pd
 
+from .report import GAP_HEADERS, findings, gap_rows, gap_text
 from .results import IOIResult
 
 STYLE = """
@@ -52,6 +55,7 @@ def heatmap_svg(result: IOIResult, design: str, cell: int = 22) -> str:
     width, height = left + cell * values.shape[1] + 10, top + cell * values.shape[0] + 10
     parts = [f'<svg class="heatmap" id="heatmap-{html.escape(design)}" xmlns="http://www.w3.org/2000/svg" '
              f'width="{width}" height="{height}" role="img" aria-label="single-head patching, donor {html.escape(design)}">']
+    parts.append(f'<text x="{left - 6}" y="{top - 6}" font-size="9" text-anchor="end">L \\ H</text>')  # rows: layer, columns: head
     for h in range(values.shape[1]):
         parts.append(f'<text x="{left + h * cell + cell / 2}" y="{top - 6}" font-size="9" text-anchor="middle">{h}</text>')
     for i, layer in enumerate(grid.layers):
@@ -63,6 +67,16 @@ def heatmap_svg(result: IOIResult, design: str, cell: int = 22) -> str:
                          f'fill="{_color(v, lim)}"><title>{html.escape(label)}</title></rect>')
     parts.append("</svg>")
     return "".join(parts)
+
+
+LAYER_COLUMNS = [("hidden", "all"), ("hidden", "END"), ("all_heads", "all"), ("all_heads", "END")]
+
+
+def _inline(text: str) -> str:
+    """Escaped text with the Markdown report's inline marks: **bold** and `code`."""
+    out = html.escape(text)
+    out = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", out)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", out)
 
 
 def _table(rows: list[dict], table_id: str) -> str:
@@ -77,6 +91,26 @@ def _sanity_table(result: IOIResult) -> str:
                     f'<td style="text-align:left">{html.escape(str(check["detail"]))}</td></tr>')
     return ('<table id="sanity"><thead><tr><th>check</th><th>result</th><th>detail</th></tr></thead><tbody>'
             + "".join(rows) + "</tbody></table>")
+
+
+CAPTIONS = {
+    "layers": "Mean logit difference after patching each layer: hidden states vs all heads of the layer",
+    "heads": "Single-head patching (all positions), Δ logit diff per layer and head, donor",
+    "heads_attribution": "Attribution patching estimate per head (gradient, all positions), donor",
+    "attribution_vs_exact": "Attribution estimate against exact patching, one point per head, donor",
+    "positions": "Patching at one named position: hidden states and all heads, donor",
+    "heads_by_position": "Single heads patched at one named position, donor",
+}
+
+
+def _caption(name: str) -> str:
+    stem = name.removesuffix(".png")
+    for kind in sorted(CAPTIONS, key=len, reverse=True):  # heads_attribution before heads
+        if stem == kind:
+            return CAPTIONS[kind] + "."
+        if stem.startswith(kind + "_"):
+            return f"{CAPTIONS[kind]} {stem[len(kind) + 1:]}."
+    return stem
 
 
 def render_html(result: IOIResult, plots: dict[str, bytes] | None = None) -> str:
@@ -102,27 +136,37 @@ def render_html(result: IOIResult, plots: dict[str, bytes] | None = None) -> str
     df = result.to_dataframe()
     for design in result.designs:
         body.append(f"<h2>Donor design <code>{html.escape(design)}</code></h2>")
-        layer = df[(df.design == design) & df.experiment.isin(["hidden", "all_heads"]) & df.position.isin(["all", "last"])]
+        body.append(f'<ul class="findings" id="findings-{html.escape(design)}">'
+                    + "".join(f"<li>{_inline(x)}</li>" for x in findings(result, design)) + "</ul>")
+        layer = df[(df.design == design) & df.experiment.isin(["hidden", "all_heads"]) & df.position.isin(["all", "END"])]
         if len(layer):
             wide = layer.pivot_table(index="layer", columns=["experiment", "position"], values="logit_diff")
-            wide.columns = [f"{e}, {'END' if p == 'last' else 'all positions'}" for e, p in wide.columns]
+            order = [c for c in LAYER_COLUMNS if c in wide.columns]  # the Markdown report's order
+            wide = wide[order]
+            wide.columns = [f"{'hidden state' if e == 'hidden' else 'all heads'}, "
+                            f"{'END only' if p == 'END' else 'all positions'}" for e, p in order]
             body.append("<p>Mean logit difference after patching each layer:</p>")
             body.append(wide.reset_index().to_html(index=False, table_id=f"layers-{html.escape(design)}",
                                                    float_format=lambda x: f"{x:.2f}"))
-        info = (result.analysis or {}).get("designs", {}).get(design, {})
-        for p in info.get("paths", []):
-            body.append(f"<p>{html.escape(p['what'])}: LD {result.baseline['designs'][design]['recipient']['mean_logit_diff']:.2f}"
-                        f" → {p['logit_diff']:.2f}</p>")
         if result.has("head", design):
-            body.append("<p>Single-head patching, all positions (hover a cell for layer, head and Δ LD; blue raises "
-                        "LD, red lowers it):</p>")
+            grid = result.head_grid(design).values
+            lim = float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 1.0
+            body.append(f"<p>Single-head patching, all positions: rows are layers, columns heads. Hover a cell for "
+                        f"layer, head and Δ LD; blue raises LD, red lowers it, full colour at ±{lim:.2f}.</p>")
             body.append(heatmap_svg(result, design))
+        info = (result.analysis or {}).get("designs", {}).get(design)
+        if info:
+            para, lines = gap_text(result, design, info)
+            body.append(f"<h3>Why heads move LD less than hidden states</h3><p>{_inline(para)}</p>")
+            body.append(pd.DataFrame(gap_rows(info), columns=GAP_HEADERS).to_html(
+                index=False, table_id=f"gap-{html.escape(design)}", escape=True))
+            body.append("<ul>" + "".join(f"<li>{_inline(x)}</li>" for x in lines) + "</ul>")
     if plots:
         body.append("<h2>Plots</h2>")
         for name, data in plots.items():
             b64 = base64.b64encode(data).decode("ascii")
             body.append(f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{b64}">'
-                        f"<figcaption>{html.escape(name)}</figcaption></figure>")
+                        f"<figcaption>{html.escape(_caption(name))} <code>{html.escape(name)}</code></figcaption></figure>")
     body += [
         "<h2>Reproduce</h2>",
         f'<p>Command:</p><pre id="command">{html.escape(str(cfg.get("command") or "actpatch.run_ioi(...)"))}</pre>',

@@ -278,7 +278,7 @@ def load_model(
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"{path} is not a loadable HF checkpoint directory: {exc}") from exc
         info.update(source="local", model_id=str(path.resolve()), revision=None)
-    elif spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").split("/", 1)[-1]:
+    elif spec.startswith((".", "/", "~")) or spec.endswith(("/", os.sep)) or os.sep in spec.strip("/").split("/", 1)[-1]:
         raise ModelLoadError(f"model path {spec!r} does not exist; expected a directory, a .gguf file or a hub id")
     else:
         model, tok = _from_hub(spec, torch_dtype, revision, **load_kw)

@@ -59,14 +59,28 @@ def write_outputs(result: IOIResult, out: Path) -> list[str]:
         (stage / "report.md").write_text(render_report(result, plots), encoding="utf-8")
         images = {name: (stage / name).read_bytes() for name in plots}
         (stage / "report.html").write_text(render_html(result, images), encoding="utf-8")
+        written = sorted([f.name for f in stage.iterdir()] + ["config.json"])
         (stage / "config.json").write_text(json.dumps(
-            {"config": result.config, "model": result.model, "environment": result.environment}, indent=2) + "\n",
-            encoding="utf-8")
+            {"config": result.config, "model": result.model, "environment": result.environment, "files": written},
+            indent=2) + "\n", encoding="utf-8")
+        stale = set(_written_before(out)) - set(written)  # an earlier run's files this run does not rewrite
         for f in stage.iterdir():
             os.replace(f, out / f.name)
+        for name in stale:  # only names an earlier actpatch run listed here: never the user's own files
+            if Path(name).name == name and not name.startswith("."):
+                (out / name).unlink(missing_ok=True)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return plots
+
+
+def _written_before(out: Path) -> list[str]:
+    """The files an earlier run listed in its config.json (``files``); [] if there is none."""
+    try:
+        names = json.loads((out / "config.json").read_text(encoding="utf-8")).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
 
 
 def discard(out: Path, created: bool) -> None:

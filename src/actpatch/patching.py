@@ -38,6 +38,8 @@ from .sites import Site, resolve_pos
 
 log = logging.getLogger(__name__)
 Reduce = Callable[[Float[Tensor, "k batch vocab"]], Mapping[str, Float[Tensor, "k batch"]]]
+
+
 def _patch_fn(entries: list, k: int, n_rows: int, n_heads: int, d_head: int, is_head: bool):
     """The hook body for one module: apply every (variant j, site) patch of this chunk."""
 
@@ -54,19 +56,22 @@ def _patch_fn(entries: list, k: int, n_rows: int, n_heads: int, d_head: int, is_
         for j, src, idx, heads in entries:
             src = src[:, offset:].to(device=act.device, dtype=act.dtype)
             if idx is not None:
-                idx = idx - offset
+                idx = idx.to(act.device) - offset
+                # A position before the run's start lies in the donor/recipient shared prefix (see
+                # variant_start), where the donor's activation is the recipient's: nothing to write.
+                live = idx >= 0
+                r, idx = rows[live], idx[live]
             if is_head:
                 hs = torch.as_tensor(heads, device=act.device)
                 if idx is None:
                     view[j, :, :, hs] = src[:, :, hs]
                 else:
-                    r, p, h = rows[:, None], idx.to(act.device)[:, None], hs[None, :]
-                    view[j, r, p, h] = src[r, p, h]
+                    rr, p, h = r[:, None], idx[:, None], hs[None, :]
+                    view[j, rr, p, h] = src[rr, p, h]
             elif idx is None:
                 view[j] = src
             else:
-                p = idx.to(act.device)
-                view[j, rows, p] = src[rows, p]
+                view[j, r, idx] = src[r, idx]
         return new
 
     return fn
@@ -82,8 +87,7 @@ def patch_hooks(
     for j, variant in enumerate(chunk):
         for site in variant:
             site.validate(adapter)
-            if site.key not in donor:
-                raise KeyError(f"donor cache lacks {site.key}; capture it first")
+            donor[site]  # SiteError naming what the cache holds, before any hook is registered
             idx = resolve_pos(site.pos, batch.positions, lengths)
             heads = site.heads(adapter) if site.kind == "head" else None
             module = site.module(adapter)

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import matplotlib
@@ -14,14 +15,16 @@ import matplotlib
 matplotlib.use("Agg")  # headless: never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from .errors import ConfigError  # noqa: E402
 from .results import PLOTTERS, IOIResult  # noqa: E402
 
 STYLES = {
     ("hidden", "all"): dict(color="tab:blue", ls="-", marker="o", label="hidden state, all positions"),
-    ("hidden", "last"): dict(color="tab:blue", ls="--", marker="s", label="hidden state, END only"),
+    ("hidden", "END"): dict(color="tab:blue", ls="--", marker="s", label="hidden state, END only"),
     ("all_heads", "all"): dict(color="tab:red", ls="-", marker="o", label="all heads of the layer, all positions"),
-    ("all_heads", "last"): dict(color="tab:red", ls="--", marker="s", label="all heads of the layer, END only"),
+    ("all_heads", "END"): dict(color="tab:red", ls="--", marker="s", label="all heads of the layer, END only"),
 }
 
 
@@ -40,11 +43,12 @@ def plot_layers(result: IOIResult) -> plt.Figure:
         ax.axhline(0, color="grey", lw=0.6)
         ax.set_title(f"donor design: {design}  (n={int(result.baseline['n_pairs'])} pairs)")
         ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("mean logit(IO) - logit(S) after patching")
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
-    fig.suptitle(f"{result.model.get('model_id')}\nhidden-state vs attention-head patching (below 0 = answer flipped)",
+    fig.suptitle(f"{result.model.get('model_id')}\nhidden-state vs attention-head patching (crossing 0 = answer flipped)",
                  fontsize=10)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     return fig
@@ -84,11 +88,18 @@ def plot_attribution(result: IOIResult, design: str) -> plt.Figure:
     return fig
 
 
-NAMED = ("IO", "S1", "S1+1", "S2", "END")  # layer cells call END "last"; head cells call it "END"
+NAMED = ("IO", "S1", "S1+1", "S2", "END")
 
 
 def has_positions(result: IOIResult, design: str) -> bool:
     return any(c["design"] == design and c["experiment"] == "hidden" and c["position"] == "IO" for c in result.cells)
+
+
+def _by_position(result: IOIResult, design: str) -> IOIResult:
+    if not has_positions(result, design):
+        raise ConfigError(f"design {design!r} has no per-position cells to plot; run with by_position=True "
+                          "(--by-position)")
+    return result
 
 
 def plot_positions(result: IOIResult, design: str) -> plt.Figure:
@@ -99,12 +110,13 @@ def plot_positions(result: IOIResult, design: str) -> plt.Figure:
     for exp in ("hidden", "all_heads"):
         grid = np.full((len(result.layers), len(NAMED)), np.nan)
         for j, pos in enumerate(NAMED):
-            sel = d[(d.experiment == exp) & (d.position == ("last" if pos == "END" else pos))]
+            sel = d[(d.experiment == exp) & (d.position == pos)]
             for _, r in sel.iterrows():
                 grid[result.layers.index(int(r.layer)), j] = r.delta_logit_diff
         grids.append(grid)
     lim = float(np.nanmax(np.abs(np.stack(grids)))) or 1.0
-    fig, axes = plt.subplots(1, 2, figsize=(8, max(3.0, 0.2 * len(result.layers) + 1.8)), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(8, max(3.0, 0.2 * len(result.layers) + 1.8)), sharey=True,
+                             layout="constrained")  # room for the title above the panel titles
     for ax, grid, title in zip(axes, grids, ("hidden state", "all heads of the layer")):
         im = ax.imshow(grid, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
         ax.set_xticks(range(len(NAMED)), NAMED, fontsize=8)
@@ -121,11 +133,13 @@ def plot_heads_by_position(result: IOIResult, design: str) -> plt.Figure:
     grids = [result.head_grid(design, position=p).values for p in NAMED]
     lim = float(np.nanmax(np.abs(np.stack(grids)))) if np.isfinite(np.stack(grids)).any() else 1.0
     fig, axes = plt.subplots(1, len(NAMED), figsize=(2.2 * len(NAMED) + 1.5, max(3.0, 0.2 * len(result.layers) + 1.8)),
-                             sharey=True)
+                             sharey=True, layout="constrained")
     for ax, grid, pos in zip(axes, grids, NAMED):
         im = ax.imshow(grid, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
         ax.set_title(pos, fontsize=9)
         ax.set_xlabel("head", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # heads are whole numbers
+        ax.tick_params(axis="x", labelsize=7)
     axes[0].set_yticks(range(len(result.layers)), [str(L) for L in result.layers], fontsize=7)
     axes[0].set_ylabel("layer")
     fig.colorbar(im, ax=list(axes), label="Δ logit diff")
@@ -137,21 +151,24 @@ def save_plots(result: IOIResult, out_dir: str | Path) -> list[Path]:
     """Write every figure as PNG into ``out_dir``; returns the paths."""
     out = Path(out_dir)
     paths = []
-    figures = [("layers.png", plot_layers(result))]
-    for design in result.designs:
-        if result.has("head", design):
-            figures.append((f"heads_{design}.png", plot_heads(result, design)))
-        if result.has("head_attribution", design):
-            figures.append((f"heads_attribution_{design}.png", plot_heads(result, design, experiment="head_attribution")))
-        if result.has("head_attribution", design) and result.attribution_vs_exact(design)["n_heads"] >= 3:
-            figures.append((f"attribution_vs_exact_{design}.png", plot_attribution(result, design)))
-        if has_positions(result, design):
-            figures.append((f"positions_{design}.png", plot_positions(result, design)))
-            if result.has("head", design):
-                figures.append((f"heads_by_position_{design}.png", plot_heads_by_position(result, design)))
-    for name, fig in figures:
-        fig.savefig(out / name, dpi=120)
-        plt.close(fig)
+    figures = [("layers.png", lambda: plot_layers(result))]  # drawn one at a time: at most one open figure
+    for d in result.designs:
+        if result.has("head", d):
+            figures.append((f"heads_{d}.png", partial(plot_heads, result, d)))
+        if result.has("head_attribution", d):
+            figures.append((f"heads_attribution_{d}.png", partial(plot_heads, result, d, experiment="head_attribution")))
+        if result.has("head_attribution", d) and result.attribution_vs_exact(d)["n_heads"] >= 3:
+            figures.append((f"attribution_vs_exact_{d}.png", partial(plot_attribution, result, d)))
+        if has_positions(result, d):
+            figures.append((f"positions_{d}.png", partial(plot_positions, result, d)))
+            if result.has("head", d):
+                figures.append((f"heads_by_position_{d}.png", partial(plot_heads_by_position, result, d)))
+    for name, draw in figures:
+        fig = draw()
+        try:
+            fig.savefig(out / name, dpi=120, bbox_inches="tight")  # nothing clipped: legends, long tick labels
+        finally:
+            plt.close(fig)
         paths.append(out / name)
     return paths
 
@@ -161,6 +178,6 @@ PLOTTERS.update(
     heads=lambda result, design, **kw: plot_heads(result, design, **kw),
     heads_attribution=lambda result, design, **kw: plot_heads(result, design, experiment="head_attribution", **kw),
     attribution=lambda result, design, **kw: plot_attribution(result, design),
-    positions=lambda result, design, **kw: plot_positions(result, design),
-    heads_by_position=lambda result, design, **kw: plot_heads_by_position(result, design),
+    positions=lambda result, design, **kw: plot_positions(_by_position(result, design), design),
+    heads_by_position=lambda result, design, **kw: plot_heads_by_position(_by_position(result, design), design),
 )

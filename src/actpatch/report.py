@@ -16,7 +16,7 @@ STRONG = 0.3  # |normalised effect| from which an all-heads patch counts as more
 
 
 def _where(position: str) -> str:
-    return {"all": "all positions", "last": "END only"}.get(position, f"at {position} only")
+    return {"all": "all positions", "END": "END only"}.get(position, f"at {position} only")
 
 
 def _f(x: float) -> str:
@@ -45,7 +45,7 @@ def _layer_table(result: IOIResult, design: str) -> str:
     for rec in result.layer_records():
         cells = []
         for exp in ("hidden", "all_heads"):
-            for pos in ("all", "last"):
+            for pos in ("all", "END"):
                 v = rec[exp].get(design, {}).get(pos)
                 cells.append("" if v is None else (f"**{_f(v['logit_diff'])}**" if _flipped(v["logit_diff"], rec_ld)
                                                    else _f(v["logit_diff"])))
@@ -56,7 +56,8 @@ def _layer_table(result: IOIResult, design: str) -> str:
     return tabulate(rows, head, tablefmt="github")
 
 
-def _findings(result: IOIResult, design: str) -> list[str]:
+def findings(result: IOIResult, design: str) -> list[str]:
+    """The plain-language findings for one donor design, one Markdown-inline sentence group per item."""
     df = result.to_dataframe()
     d = df[df.design == design]
     base = result.baseline["designs"][design]
@@ -68,7 +69,7 @@ def _findings(result: IOIResult, design: str) -> list[str]:
 
     heads = d[d.experiment == "all_heads"]
     strongest = heads.loc[heads.normalised_effect.abs().idxmax()] if len(heads) else None
-    hidden_end = layers_where("hidden", "last")
+    hidden_end = layers_where("hidden", "END")
     out = [
         f"Unpatched recipients: mean LD {_f(rec)}; donors scored with the recipient's names: {_f(don)}.",
         "Hidden-state patching at **all positions** replaces the whole run from that layer on, so it gives the donor's LD "
@@ -76,7 +77,7 @@ def _findings(result: IOIResult, design: str) -> list[str]:
         f"Hidden-state patching at **END only** flips the answer (mean LD changes sign) at layers: {hidden_end or 'none'}"
         + (f" (first at layer {hidden_end[0]}, depth {hidden_end[0] / result.n_layers:.0%})." if hidden_end else "."),
     ]
-    flips = sorted(set(layers_where("all_heads", "all")) | set(layers_where("all_heads", "last")))
+    flips = sorted(set(layers_where("all_heads", "all")) | set(layers_where("all_heads", "END")))
     if strongest is not None:
         out.append(
             f"All-heads patching flips the answer at layers: {flips or 'none'}. Its strongest effect is at layer "
@@ -155,24 +156,33 @@ def _head_section(heads: dict) -> list[str]:
     return out
 
 
-def _gap_section(result: IOIResult, design: str, info: dict) -> list[str]:
-    gap = info["gap"]
-    rows = [[r["layer"], f"{r['hidden_delta']:.2f}", f"{r['heads_delta']:.2f}", f"{r['attn_share']:.2f}",
+GAP_HEADERS = ["layer", "‖Δh‖/‖h‖ hidden", "‖Δa‖/‖h‖ heads", "‖a‖/‖h‖", "hidden ΔLD", "hidden direct",
+               "hidden indirect", "heads ΔLD", "heads direct", "heads indirect"]
+
+
+def gap_rows(info: dict) -> list[list]:
+    """The account of the gap as table rows (``GAP_HEADERS``), one per layer, formatted."""
+    return [[r["layer"], f"{r['hidden_delta']:.2f}", f"{r['heads_delta']:.2f}", f"{r['attn_share']:.2f}",
              *(f"{r[k]:+.2f}" if k in r else "" for k in ("hidden_total", "hidden_direct", "hidden_indirect",
-                                                         "heads_total", "heads_direct", "heads_indirect"))] for r in gap]
+                                                         "heads_total", "heads_direct", "heads_indirect"))]
+            for r in info["gap"]]
+
+
+def gap_text(result: IOIResult, design: str, info: dict) -> tuple[str, list[str]]:
+    """The account's summary paragraph, and one line per nudge summary and path patch (Markdown inline)."""
+    gap = info["gap"]
     med = {k: float(np.median([r[k] for r in gap])) for k in ("hidden_delta", "heads_delta", "attn_share")}
-    out = ["", f"## Why heads move LD less than hidden states, donor design `{design}`", "",
-           f"At END, a hidden-state patch changes the residual stream by a median {med['hidden_delta']:.0%} of its norm "
-           f"across layers; an all-heads patch changes it by {med['heads_delta']:.0%}. The attention block's output is a "
-           f"median {med['attn_share']:.0%} of the residual norm, and under an all-heads patch everything else in the "
-           "residual (embeddings, earlier layers, this layer's MLP input) stays the recipient's. ΔLD at END splits into the direct path (the change read straight off by the "
-           "unembedding, final-norm scale frozen) and the indirect path through later layers (total - direct).", "",
-           tabulate(rows, ["layer", "‖Δh‖/‖h‖ hidden", "‖Δa‖/‖h‖ heads", "‖a‖/‖h‖", "hidden ΔLD", "direct", "indirect",
-                           "heads ΔLD", "direct", "indirect"], tablefmt="github", disable_numparse=True)]
+    para = (f"At END, a hidden-state patch changes the residual stream by a median {med['hidden_delta']:.0%} of its norm "
+            f"across layers; an all-heads patch changes it by {med['heads_delta']:.0%}. The attention block's output is a "
+            f"median {med['attn_share']:.0%} of the residual norm, and under an all-heads patch everything else in the "
+            "residual (embeddings, earlier layers, this layer's MLP input) stays the recipient's. ΔLD at END splits into "
+            "the direct path (the change read straight off by the unembedding, final-norm scale frozen) and the indirect "
+            "path through later layers (total - direct).")
+    lines = []
     for pos, n in info["nudge"].items():
         st = n["strongest"]
-        out.append(
-            f"\n- All heads, {_where(pos)}: “heads only nudge” (|normalised effect| < 0.1) holds at {len(n['nudge_layers'])} "
+        lines.append(
+            f"All heads, {_where(pos)}: “heads only nudge” (|normalised effect| < 0.1) holds at {len(n['nudge_layers'])} "
             f"of {n['n_layers']} layers. The answer flips at layers {n['flip_layers'] or 'none'}"
             f"{'; nearly flips (normalised effect ≥ 0.5) at ' + str(n['near_flip_layers']) if n['near_flip_layers'] else ''}. "
             f"Strongest: layer {st['layer']}, LD {st['logit_diff']:.2f} (normalised effect {st['normalised_effect']:.2f}).")
@@ -180,8 +190,14 @@ def _gap_section(result: IOIResult, design: str, info: dict) -> list[str]:
     for p in info["paths"]:
         senders = ", ".join(f"L{L}H{h}" for L, h in p["senders"])
         receivers = p["receivers"] if isinstance(p["receivers"], str) else ", ".join(f"L{L}H{h}" for L, h in p["receivers"])
-        out.append(f"- {p['what']}: senders {senders}; receivers {receivers}: LD {rec:.2f} → {p['logit_diff']:.2f}.")
-    return out
+        lines.append(f"{p['what']}: senders {senders}; receivers {receivers}: LD {rec:.2f} → {p['logit_diff']:.2f}.")
+    return para, lines
+
+
+def _gap_section(result: IOIResult, design: str, info: dict) -> list[str]:
+    para, lines = gap_text(result, design, info)
+    return ["", f"## Why heads move LD less than hidden states, donor design `{design}`", "", para, "",
+            tabulate(gap_rows(info), GAP_HEADERS, tablefmt="github", disable_numparse=True), ""] + [f"- {x}" for x in lines]
 
 
 def render_report(result: IOIResult, plots: list[str] | None = None) -> str:
@@ -193,7 +209,8 @@ def render_report(result: IOIResult, plots: list[str] | None = None) -> str:
         "",
         f"Model `{m.get('model_id')}` ({m.get('architecture')}, {result.n_layers} layers x {result.n_heads} heads, "
         f"d_head {m.get('d_head')}; {m.get('dtype')} on {m.get('device')}). Pairs: {int(result.baseline['n_pairs'])} per "
-        f"design, seed {cfg.get('seed')}. Sanity checks: **{status}**.",
+        + (f"design, from `{cfg['pairs_file']}` (sha256 {str(cfg.get('pairs_file_sha256'))[:12]}…)"
+           if cfg.get("pairs_file") else f"design, seed {cfg.get('seed')}") + f". Sanity checks: **{status}**.",
         "",
         "Metric: logit difference LD = logit(IO) - logit(S) at the last real token, always with the *recipient's* "
         "IO and S names. Donor activations are transplanted into the recipient run; normalised effect = "
@@ -210,7 +227,7 @@ def render_report(result: IOIResult, plots: list[str] | None = None) -> str:
                      f"(IO `{ex['answer']}`, S `{ex['wrong']}`)")
     for design in result.designs:
         lines += ["", f"## Findings, donor design `{design}`", ""]
-        lines += [f"- {s}" for s in _findings(result, design)]
+        lines += [f"- {s}" for s in findings(result, design)]
         lines += ["", "Mean LD after patching each layer (bold: the answer flipped, LD changed sign):", "",
                   _layer_table(result, design)]
     analysis = result.analysis or {}

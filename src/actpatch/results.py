@@ -33,6 +33,7 @@ CELL_COLUMNS = [
     "normalised_effect", "flip_rate", "p_io", "p_s", "n_pairs",
 ]
 LAYER_METRICS = ("logit_diff", "normalised_effect", "flip_rate", "p_io")
+METRICS = ("logit_diff", "delta_logit_diff", "normalised_effect", "flip_rate", "p_io", "p_s")
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
@@ -61,12 +62,24 @@ class HeadGrid:
 def _atomic_write(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be shared like the other outputs
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _finite(obj):
+    """``obj`` with every NaN or infinite float replaced by None: results.json stays strict JSON."""
+    if isinstance(obj, float):
+        return obj if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 @dataclass
@@ -92,6 +105,7 @@ class IOIResult:
     layers: list[int]
     examples: list[dict] = field(default_factory=list)
     analysis: dict = field(default_factory=dict)   # head classes, gap account, path patching (actpatch.analysis)
+    pairs: dict[str, list[dict]] = field(default_factory=dict)  # every prompt pair, per design
 
     @property
     def passed(self) -> bool:
@@ -112,6 +126,14 @@ class IOIResult:
         """A (layer, head) array of ``metric``: the exact single-head sweep (``experiment="head"``) or
         its gradient estimate (``"head_attribution"``), at all positions or one named position.
         Heads that were not patched (e.g. outside attribution's top-k) are NaN."""
+        self._check_design(design)
+        if metric not in METRICS:
+            raise ConfigError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+        if not self.has(experiment, design):
+            raise ConfigError(f"this result has no {experiment!r} cells for design {design!r}; it has "
+                              f"{', '.join(sorted({c['experiment'] for c in self.cells if c['design'] == design}))} "
+                              "(the single-head sweep needs head_sweep=True; head_attribution needs method "
+                              "'attribution' or 'both')")
         grid = np.full((len(self.layers), self.n_heads), np.nan)
         row = {L: i for i, L in enumerate(self.layers)}
         for c in self.cells:
@@ -119,11 +141,19 @@ class IOIResult:
                 grid[row[c["layer"]], c["head"]] = c[metric]
         return HeadGrid(grid, tuple(self.layers), metric)
 
+    def _check_design(self, design: str) -> None:
+        if design not in self.designs:
+            raise ConfigError(f"design {design!r} is not in this result; it has {', '.join(self.designs)}")
+
     def has(self, experiment: str, design: str) -> bool:
         return any(c["experiment"] == experiment and c["design"] == design for c in self.cells)
 
     def attribution_vs_exact(self, design: str) -> dict[str, object]:
         """Heads with both an exact and an attribution estimate (all positions), and their Spearman rank correlation."""
+        self._check_design(design)
+        if not (self.has("head", design) and self.has("head_attribution", design)):
+            empty = np.zeros(0)
+            return {"exact": empty, "attribution": empty, "n_heads": 0, "spearman": float("nan")}
         exact = self.head_grid(design).values.ravel()
         approx = self.head_grid(design, experiment="head_attribution").values.ravel()
         both = ~(np.isnan(exact) | np.isnan(approx))
@@ -141,6 +171,7 @@ class IOIResult:
 
     def top_heads(self, design: str, k: int = 10, experiment: str = "head") -> list[dict]:
         """The ``k`` heads whose patch at all positions moves the logit difference most (largest |delta|)."""
+        self._check_design(design)
         heads = [c for c in self.cells if c["experiment"] == experiment and c["design"] == design and c["position"] == "all"]
         return sorted(heads, key=lambda c: -abs(c["delta_logit_diff"]))[:k]
 
@@ -157,8 +188,7 @@ class IOIResult:
         if kind not in PLOTTERS:
             raise ConfigError(f"plot kind must be one of {', '.join(PLOTTERS)}, got {kind!r}")
         design = design or self.designs[0]
-        if design not in self.designs:
-            raise ConfigError(f"design {design!r} is not in this result; it has {', '.join(self.designs)}")
+        self._check_design(design)
         return PLOTTERS[kind](self, design, **kwargs)
 
     def to_json(self) -> dict:
@@ -169,7 +199,8 @@ class IOIResult:
             "position": "all", "layers": self.layers, "n_heads": self.n_heads,
             "designs": {
                 d: {
-                    **{m: grid(d, m) for m in ("logit_diff", "delta_logit_diff", "normalised_effect")},
+                    **({m: grid(d, m) for m in ("logit_diff", "delta_logit_diff", "normalised_effect")}
+                       if self.has("head", d) else {}),
                     **({"attribution_delta_logit_diff": grid(d, "delta_logit_diff", "head_attribution")}
                        if self.has("head_attribution", d) else {}),
                     **({"spearman_attribution_vs_exact": self.attribution_vs_exact(d)["spearman"]}
@@ -182,14 +213,14 @@ class IOIResult:
             "baseline": self.baseline, "layers": self.layer_records(), "heads": heads, "sanity": self.sanity,
             "config": self.config, "model": self.model, "environment": self.environment,
             "examples": self.examples, "n_layers": self.n_layers, "n_heads": self.n_heads,
-            "analysis": self.analysis,
+            "analysis": self.analysis, "pairs": self.pairs,
         }
 
     def save(self, out_dir: str | os.PathLike) -> Path:
         """Write ``results.json`` and ``results.csv`` into ``out_dir`` (created if needed)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out / "results.json", json.dumps(self.to_json(), indent=2, allow_nan=True) + "\n")
+        _atomic_write(out / "results.json", json.dumps(_finite(self.to_json()), indent=2, allow_nan=False) + "\n")
         _atomic_write(out / "results.csv", self.to_dataframe().to_csv(index=False))
         return out
 
@@ -202,8 +233,11 @@ class IOIResult:
         for c in cells:
             c["layer"] = int(c["layer"])
             c["head"] = None if c["head"] is None else int(c["head"])
+            if c.get("position") == "last":  # results saved by 0.1.0 named END "last" on layer cells
+                c["position"] = "END"
         return cls(
             config=data["config"], model=data["model"], environment=data["environment"], baseline=data["baseline"],
             cells=cells, sanity=data["sanity"], n_layers=data["n_layers"], n_heads=data["n_heads"],
             layers=data["heads"]["layers"], examples=data.get("examples", []), analysis=data.get("analysis", {}),
+            pairs=data.get("pairs", {}),
         )

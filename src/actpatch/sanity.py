@@ -152,17 +152,29 @@ def check_last_logits_parity(lm: LoadedModel, batch: PairBatch, rec_logits: Tens
 def check_fast_path(
     lm: LoadedModel, batch: PairBatch, donor_cache: ActivationCache, variants: Sequence[Sequence[Site]], fast_ld: Tensor,
 ) -> SanityCheck:
-    """The sweep's fast path (stacked variants + prefix reuse) equals one full forward pass per patch."""
-    picks = sorted({0, len(variants) // 3, 2 * len(variants) // 3, len(variants) - 1}) if variants else []
+    """The sweep's fast path (stacked variants + prefix reuse) equals one full forward pass per patch.
+
+    Recomputed: the first and last cell of every kind of patch (site type, one head or all, position),
+    so each position's prefix arithmetic is exercised, plus cells at a third and two thirds of the sweep.
+    """
+    first_last: dict[tuple, list[int]] = {}
+    for i, v in enumerate(variants):
+        kind = tuple((type(s).__name__, getattr(s, "head", None) is None, s.pos) for s in v)
+        first_last.setdefault(kind, [i, i])[1] = i
+    spread = {0, len(variants) // 3, 2 * len(variants) // 3, len(variants) - 1} if variants else set()
+    picks = sorted(spread.union(*map(set, first_last.values())))
     d = 0.0
     for i in picks:
         ref = logit_diff(run_chunk(lm, batch, donor_cache, [variants[i]])[0], batch.answer_ids, batch.wrong_ids)
         d = max(d, _diff(ref.cpu(), fast_ld[i]))
     tol = 1e-4 if next(lm.model.parameters()).dtype == torch.float32 else 5e-2
+    why = ("within float summation-order differences (the batch shape changes)" if d <= tol else
+           "the batched sweep disagrees with plain forward passes: its numbers are wrong; please report this "
+           "with the command line")
     return SanityCheck(
         "fast_path_matches_reference", d <= tol,
-        f"{len(picks)} sweep cells recomputed with one full forward each: max abs dLD = {d:.3g} "
-        "(batch shape changes float summation order)", d, tol,
+        f"{len(picks)} sweep cells ({len(first_last)} kinds of patch) recomputed with one full forward each: "
+        f"max abs dLD = {d:.3g}, {why}", d, tol,
     )
 
 
