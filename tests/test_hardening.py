@@ -317,3 +317,10 @@ def test_a_pairs_file_run_records_what_reproduces_it(gpt2_dir, tmp_path):
     assert cfg["n_pairs"] == 2 and cfg["seed"] is None and Path(cfg["pairs_file"]).is_absolute()
     assert [p["recipient"] for p in data["pairs"]["file"]] == [GOOD["recipient"], other["recipient"]]
     assert "from `" in (out / "report.md").read_text() and "seed" not in (out / "report.md").read_text().split("\n")[2]
+
+
+def test_device_map_under_torchrun_is_refused(gpt2_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; refused before any process group starts
+    out = tmp_path / "o"
+    code = main(["ioi", "--model", str(gpt2_dir), "--device-map", "auto", "--out", str(out), "--quiet"])
+    assert code == 2 and "every rank would load its own split" in capsys.readouterr().err and not out.exists()

@@ -169,3 +169,28 @@ def test_quiet_silences_the_gguf_conversion_bar():
             list(gguf_utils.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."))
         assert ("Converting" in err.getvalue()) is expect_bar
         assert gguf_utils.tqdm is original
+
+
+def test_half_precision_logit_difference_is_not_quantised(gpt2_dir):
+    """In bfloat16 the full-vocabulary logits are rounded to ~3 significant digits; the IO and S logits
+    that the metrics read are recomputed in float32 from the same final hidden state."""
+    from actpatch import generate_pairs, last_logits, tokenize_pairs
+
+    lm = load_model(str(gpt2_dir), device="cpu", dtype="bfloat16")
+    batch = tokenize_pairs(lm.tokenizer, generate_pairs(lm.tokenizer, 4, ("swap",))["swap"])
+    args = (lm, batch.recipient_ids, batch.attention_mask, batch.position("END"))
+    rounded = last_logits(*args)
+    exact = last_logits(*args, exact=batch.answer_columns())
+    assert rounded.dtype == torch.bfloat16 and exact.dtype == torch.float32
+    cols = batch.answer_columns()
+    got = exact.gather(1, cols)
+    # the reference: the same bf16 hidden state times the bf16 weights, accumulated in float32
+    out = lm.model.base_model(input_ids=batch.recipient_ids, attention_mask=batch.attention_mask)
+    h = out.last_hidden_state[torch.arange(4), batch.position("END")].float()  # (B, D)
+    w = lm.model.get_output_embeddings().weight.float()  # (V, D)
+    want = torch.einsum("bd,bnd->bn", h, w[cols])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # float32 summation order only
+    others = torch.ones_like(exact, dtype=torch.bool).scatter(1, cols, False)
+    assert torch.equal(exact[others], rounded.float()[others])  # the other columns are untouched
+    # the only-columns path agrees with the exact columns
+    torch.testing.assert_close(last_logits(*args, columns=cols), got, rtol=1e-5, atol=1e-5)

@@ -184,25 +184,38 @@ class Adapter:
             return proj.bias
 
     def unembed(
-        self, hidden: Float[Tensor, "batch d_model"], columns: Int[Tensor, "batch n"] | None = None
+        self, hidden: Float[Tensor, "batch d_model"], columns: Int[Tensor, "batch n"] | None = None,
+        exact: Int[Tensor, "batch m"] | None = None,
     ) -> Float[Tensor, "batch n"]:
         """Final-normed hidden states -> logits, including Gemma-style final logit soft-capping.
 
-        With ``columns`` only those token ids are computed, per row: (batch, n) instead of (batch, vocab).
+        With ``columns`` only those token ids are computed, per row: (batch, n) instead of (batch, vocab),
+        in float32. In half precision the full-vocabulary logits come out in the model's dtype, rounded
+        to a few parts in a thousand; ``exact`` (batch, m) names the token ids whose logits are then
+        recomputed in float32 (the metric's IO and S), so a logit difference is not quantised.
         """
         head = self.model.get_output_embeddings()
         hidden = hidden.to(execution_device(head))  # with a device map the LM head may sit on another device
         if columns is None:
             logits = head(hidden)
+            if exact is not None and torch.finfo(logits.dtype).bits < 32:
+                logits = logits.float().scatter(1, exact.to(logits.device), self._columns(head, hidden, exact))
         else:
-            columns = columns.to(hidden.device)
-            with onloaded(head):
-                logits = torch.einsum("bd,bnd->bn", hidden, head.weight[columns])  # (B, n)
-                if getattr(head, "bias", None) is not None:
-                    logits = logits + head.bias[columns]
+            logits = self._columns(head, hidden, columns)
         cap = getattr(self.model.config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    @staticmethod
+    def _columns(head: nn.Module, hidden: Tensor, columns: Tensor) -> Float[Tensor, "batch n"]:
+        """Logits of ``columns`` (B, n) only, accumulated in float32 whatever the model's dtype."""
+        columns = columns.to(hidden.device)
+        dt = torch.promote_types(hidden.dtype, torch.float32)  # float32, or float64 for a float64 model
+        with onloaded(head):
+            logits = torch.einsum("bd,bnd->bn", hidden.to(dt), head.weight[columns].to(dt))  # (B, n)
+            if getattr(head, "bias", None) is not None:
+                logits = logits + head.bias[columns].to(dt)
         return logits
 
     def describe(self) -> dict[str, object]:

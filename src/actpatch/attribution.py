@@ -16,6 +16,7 @@ The metric is the mean logit difference over pairs, so every score estimates a c
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -116,7 +117,12 @@ def _attribute_rows(
     try:
         for p in params:  # only activation gradients are needed: skip weight gradients entirely
             p.requires_grad_(False)
-        with torch.enable_grad(), hooks(specs):
+        # Offloaded modules (device map) get their weights only inside their forward; autograd would keep
+        # each one on the GPU until the backward pass, i.e. all of them at once. Saved tensors go to CPU then.
+        offloaded = any(p.device.type == "meta" for p in lm.model.parameters())
+        saving = (torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()) if offloaded
+                  else contextlib.nullcontext())
+        with torch.enable_grad(), hooks(specs), saving:
             logits = recipient_logits(lm, batch)
             metric = logit_diff(logits, batch.answer_ids, batch.wrong_ids).sum() / n_total  # this group's share of the mean
             metric.backward()
@@ -129,7 +135,7 @@ def _attribute_rows(
             grad_z = split_heads(z_rec[L].grad, a.n_heads, a.d_head)  # (B, T, H, Dh)
             # each layer's own device: with --device-map the layers may sit on different GPUs
             dz = donor[HeadSite(L)].to(z_rec[L].device).float() - split_heads(z_rec[L].detach(), a.n_heads, a.d_head).float()
-            heads.append((dz * grad_z.float()).sum(-1).permute(2, 0, 1))  # (H, B, T)
+            heads.append((dz * grad_z.float()).sum(-1).permute(2, 0, 1).cpu())  # (H, B, T), off each layer's GPU
             dh = donor[HiddenSite(L)].to(h_rec[L].device).float() - h_rec[L].detach().float()
-            hidden.append((dh * h_rec[L].grad.float()).sum(-1))  # (B, T)
-    return torch.stack(heads).cpu(), torch.stack(hidden).cpu(), float(metric.detach())
+            hidden.append((dh * h_rec[L].grad.float()).sum(-1).cpu())  # (B, T)
+    return torch.stack(heads), torch.stack(hidden), float(metric.detach())

@@ -52,6 +52,10 @@ class PairBatch:
             )
         return self.positions[name]
 
+    def answer_columns(self) -> Int[Tensor, "batch 2"]:
+        """(B, 2): each row's answer (IO) and wrong (S) token ids, the columns a logit difference reads."""
+        return torch.stack([self.answer_ids, self.wrong_ids], dim=1)
+
     def select(self, rows: slice) -> PairBatch:
         """The pairs ``rows`` (a slice) as a batch of their own; the padded width stays the same."""
         return replace(

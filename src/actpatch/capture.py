@@ -52,16 +52,29 @@ def split_heads(x: Float[Tensor, "batch pos hd"], n_heads: int, d_head: int) -> 
     return x.view(*x.shape[:-1], n_heads, d_head)  # (B, T, H*Dh) -> (B, T, H, Dh)
 
 
+def rows_at(x: Float[Tensor, "batch pos ..."], pos: Int[Tensor, "batch"], device) -> Float[Tensor, "batch ..."]:
+    """``x[b, pos[b]]`` for every row b, picked where ``x`` lives and only then moved to ``device``.
+
+    Example::
+
+        resid_end = rows_at(cache[HiddenSite(11)], batch.position("END"), "cpu")  # (B, D)
+    """
+    rows = torch.arange(x.shape[0], device=x.device)
+    return x[rows, pos.to(x.device)].to(device)
+
+
 def last_logits(
     lm: LoadedModel,
     input_ids: Int[Tensor, "batch pos"],
     attention_mask: Int[Tensor, "batch pos"],
     end: Int[Tensor, "batch"],
     columns: Int[Tensor, "batch n"] | None = None,
+    exact: Int[Tensor, "batch m"] | None = None,
 ) -> Float[Tensor, "batch vocab"]:
     """Logits at each row's END token (right padding), computed from the base model's final hidden states.
 
     ``columns`` restricts the unembedding to those token ids per row (e.g. IO and S): (B, n).
+    ``exact`` (B, m): in half precision, these ids' logits are computed in float32 (``Adapter.unembed``).
 
     Example::
 
@@ -71,13 +84,14 @@ def last_logits(
     out = lm.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     hidden = out.last_hidden_state  # (B, T, D), already final-normed
     rows = torch.arange(hidden.shape[0], device=hidden.device)
-    return lm.adapter.unembed(hidden[rows, end.to(hidden.device)], columns)  # (B, V) or (B, n)
+    return lm.adapter.unembed(hidden[rows, end.to(hidden.device)], columns, exact)  # (B, V) or (B, n)
 
 
 def recipient_logits(lm: LoadedModel, batch: PairBatch) -> Float[Tensor, "batch vocab"]:
     """END logits of the batch's recipient prompts (no hooks of its own; callers may install some)."""
     dev = lm.device
-    return last_logits(lm, batch.recipient_ids.to(dev), batch.attention_mask.to(dev), batch.position("END"))
+    return last_logits(lm, batch.recipient_ids.to(dev), batch.attention_mask.to(dev), batch.position("END"),
+                       exact=batch.answer_columns())
 
 
 def locate_nonfinite(
@@ -89,7 +103,7 @@ def locate_nonfinite(
 
     def watch(name: str):
         def fn(act: Tensor) -> None:
-            if not bad and not torch.isfinite(act[real]).all():
+            if not bad and not torch.isfinite(act[real.to(act.device)]).all():  # layers may sit on other GPUs
                 bad.append(name)
         return fn
 
@@ -151,7 +165,8 @@ def capture(
 
         specs.append((site.module(adapter), "input" if site.reads_input else "output", store))
     with torch.inference_mode(), hooks(specs):
-        logits = last_logits(lm, input_ids.to(lm.device), batch.attention_mask.to(lm.device), batch.position("END"))
+        logits = last_logits(lm, input_ids.to(lm.device), batch.attention_mask.to(lm.device), batch.position("END"),
+                             exact=batch.answer_columns())
     check_finite(lm, logits, input_ids, batch.attention_mask, "captured run's")
     return cache, logits
 

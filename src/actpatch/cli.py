@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import logging
 import json
+import logging
+import os
 import shlex
 import shutil
 import sys
@@ -31,7 +32,7 @@ from . import __version__
 from .adapters import ARCHITECTURES
 from .compare import plot_compare, render_compare, run_compare
 from .distributed import init_from_env, local_device, world
-from .errors import ActpatchError
+from .errors import ActpatchError, ConfigError
 from .config import DIRECTIONS, METHODS, IOIConfig
 from .experiments import plan_ioi, run_ioi
 from .ioi import DESIGNS
@@ -165,6 +166,10 @@ def cmd_dry_run(args: argparse.Namespace, argv: list[str]) -> int:
 def cmd_ioi(args: argparse.Namespace, argv: list[str]) -> int:
     if args.dry_run:
         return cmd_dry_run(args, argv)
+    if args.device_map and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("--device-map splits one model over this machine's devices, but this is a multi-process "
+                          "launch (torchrun): every rank would load its own split. Run one process with "
+                          "--device-map, or several without it (one GPU per rank)")
     if init_from_env():  # launched by torchrun / accelerate launch: shard the sweeps, rank 0 writes
         if args.device == "auto" and local_device():
             args.device = local_device()

@@ -200,8 +200,11 @@ def plan_ioi(config: IOIConfig | None = None, *, lm: LoadedModel | None = None, 
     designs = {}
     for design, batch in batches.items():
         positions = tuple(p for p in POSITION_NAMES if p in batch.positions) if cfg.by_position else ()
+        # with method="attribution" the top-k heads are known only after the run: plan them all at the
+        # first swept layer, an upper bound on their cost
         heads = [] if not cfg.head_sweep else (
-            [(L, h) for L in layers for h in range(a.n_heads)] if cfg.method != "attribution" else [(0, 0)] * cfg.top_k)
+            [(L, h) for L in layers for h in range(a.n_heads)] if cfg.method != "attribution"
+            else [(layers[0], 0)] * min(cfg.top_k, len(layers) * a.n_heads))
         variants = [sites for _, sites in _variants(layers, heads, positions)]
         plan, _ = plan_sweep(lm, batch, variants, cfg.max_rows, shared_prefix(batch))
         designs[design] = {"pairs": len(batch), "tokens": plan.n_positions, "patches": len(variants),

@@ -26,7 +26,7 @@ from typing import Mapping
 import torch
 
 from .batch import PairBatch
-from .capture import ActivationCache
+from .capture import ActivationCache, rows_at
 from .heads import frozen_norm, ld_direction
 from .models import LoadedModel
 from .placement import execution_device
@@ -40,18 +40,17 @@ def gap_account(
     """Per-layer residual-stream arithmetic of hidden-state vs all-heads patches (module docstring)."""
     a = lm.adapter
     dev = execution_device(lm.model.get_output_embeddings())  # the read-out's device (a device map may split the model)
-    rows = torch.arange(len(batch), device=dev)
     end = batch.position("END").to(dev)
     direction = ld_direction(lm, batch, dev)  # (B, D)
-    final = recipient[HiddenSite(a.n_layers - 1)].to(dev)[rows, end]  # (B, D) the last residual at END
+    final = rows_at(recipient[HiddenSite(a.n_layers - 1)], end, dev)  # (B, D) the last residual at END
     f = frozen_norm(a.final_norm(), final)
     records = []
     with torch.inference_mode():
         for L in range(a.n_layers):
-            h = recipient[HiddenSite(L)].to(dev)[rows, end].float()  # (B, D)
-            dh = donor[HiddenSite(L)].to(dev)[rows, end].float() - h
-            att = recipient[AttnOutSite(L)].to(dev)[rows, end].float()
-            datt = donor[AttnOutSite(L)].to(dev)[rows, end].float() - att
+            h = rows_at(recipient[HiddenSite(L)], end, dev).float()  # (B, D)
+            dh = rows_at(donor[HiddenSite(L)], end, dev).float() - h
+            att = rows_at(recipient[AttnOutSite(L)], end, dev).float()
+            datt = rows_at(donor[AttnOutSite(L)], end, dev).float() - att
             norm = h.norm(dim=-1)  # (B,)
             rec = {
                 "layer": L, "resid_norm": float(norm.mean()),

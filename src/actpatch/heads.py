@@ -28,7 +28,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from .batch import PairBatch
-from .capture import ActivationCache, capture
+from .capture import ActivationCache, capture, rows_at
 from .errors import UnsupportedArchitectureError
 from .hooks import hooks
 from .models import LoadedModel
@@ -140,15 +140,14 @@ def _attention(weights: dict[int, Tensor], batch: PairBatch) -> dict[str, Tensor
 def _dla(lm: LoadedModel, batch: PairBatch, cache: ActivationCache, logits: Tensor) -> tuple[Tensor, float]:
     a = lm.adapter
     dev = execution_device(lm.model.get_output_embeddings())  # the read-out's device (a device map may split the model)
-    rows = torch.arange(len(batch), device=dev)
     end = batch.position("END").to(dev)
-    resid = cache[HiddenSite(a.n_layers - 1)].to(dev)[rows, end]  # (B, D): the final residual at END
+    resid = rows_at(cache[HiddenSite(a.n_layers - 1)], end, dev)  # (B, D): the final residual at END
     f = frozen_norm(a.final_norm(), resid)
     direction = ld_direction(lm, batch, dev)  # (B, D)
     out = []
     with torch.inference_mode():
         for L in range(a.n_layers):
-            z = cache[HeadSite(L)].to(dev)[rows, end].float()  # (B, H, Dh)
+            z = rows_at(cache[HeadSite(L)], end, dev).float()  # (B, H, Dh)
             per_head = torch.einsum("bhd,hde->hbe", z, a.head_weights(L).to(dev).float())  # (H, B, D)
             out.append((f(per_head) * direction).sum(-1).mean(-1))  # (H,)
     logits = logits.float().cpu()

@@ -32,6 +32,7 @@ from .checkpoint import Checkpoint
 from .errors import NumericalError
 from .hooks import HookSpec, hooks
 from .models import LoadedModel
+from .placement import execution_device
 from .planning import plan_sweep, shared_prefix, variant_start
 from .prefix import RecipientState
 from .sites import Site, resolve_pos
@@ -58,20 +59,21 @@ def _patch_fn(entries: list, k: int, n_rows: int, n_heads: int, d_head: int, is_
             if idx is not None:
                 idx = idx.to(act.device) - offset
                 # A position before the run's start lies in the donor/recipient shared prefix (see
-                # variant_start), where the donor's activation is the recipient's: nothing to write.
-                live = idx >= 0
-                r, idx = rows[live], idx[live]
+                # variant_start), where the donor's activation is the recipient's: such rows keep
+                # their own value (a masked write, not a boolean index: no host sync on CUDA).
+                live = idx >= 0  # (B,)
+                idx = idx.clamp(min=0)
             if is_head:
-                hs = torch.as_tensor(heads, device=act.device)
+                hs = heads.to(act.device)  # already there unless the module moved
                 if idx is None:
                     view[j, :, :, hs] = src[:, :, hs]
                 else:
-                    rr, p, h = r[:, None], idx[:, None], hs[None, :]
-                    view[j, rr, p, h] = src[rr, p, h]
+                    r, p, h = rows[:, None], idx[:, None], hs[None, :]
+                    view[j, r, p, h] = torch.where(live[:, None, None], src[r, p, h], view[j, r, p, h])  # (B, |hs|, Dh)
             elif idx is None:
                 view[j] = src
             else:
-                view[j, r, idx] = src[r, idx]
+                view[j, rows, idx] = torch.where(live[:, None], src[rows, idx], view[j, rows, idx])  # (B, D)
         return new
 
     return fn
@@ -88,9 +90,11 @@ def patch_hooks(
         for site in variant:
             site.validate(adapter)
             donor[site]  # SiteError naming what the cache holds, before any hook is registered
-            idx = resolve_pos(site.pos, batch.positions, lengths)
-            heads = site.heads(adapter) if site.kind == "head" else None
             module = site.module(adapter)
+            dev = execution_device(module)  # index tensors made once per chunk, where the hook runs
+            idx = resolve_pos(site.pos, batch.positions, lengths)
+            idx = None if idx is None else idx.to(dev)
+            heads = torch.as_tensor(site.heads(adapter), device=dev) if site.kind == "head" else None
             entry = by_module.setdefault((id(module), site.reads_input), (module, site.reads_input, site.kind == "head", []))
             entry[3].append((j, donor[site], idx, heads))
     return [
@@ -136,16 +140,17 @@ def run_chunk(
     k = len(chunk)
     dev = lm.device
     end = batch.position("END").to(dev)
+    exact = batch.answer_columns()  # (B, 2): IO and S logits in float32 even in half precision
     with torch.inference_mode(), patched(lm, batch, donor, chunk):
         if state is None:
             ids = batch.recipient_ids.to(dev).repeat(k, 1)  # (k*B, T), variant-major
             mask = batch.attention_mask.to(dev).repeat(k, 1)
             cols = None if columns is None else columns.repeat(k, 1)  # (k*B, n)
-            logits = last_logits(lm, ids, mask, end.repeat(k), cols)  # (k*B, V)
+            logits = last_logits(lm, ids, mask, end.repeat(k), cols, exact.repeat(k, 1))  # (k*B, V)
         else:
             starts = [variant_start(v, batch, shared) for v in chunk]
             start, pos = min(s[0] for s in starts), min(s[1] for s in starts)  # each bound on its own
-            logits = state.run(lm, end, start=start, pos=pos, copies=k, columns=columns)
+            logits = state.run(lm, end, start=start, pos=pos, copies=k, columns=columns, exact=exact)
     return logits.view(k, len(batch), -1)
 
 

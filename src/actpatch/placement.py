@@ -102,7 +102,8 @@ def parameter_sums(model: nn.Module) -> list[float]:
     with torch.inference_mode():
         for prefix, module in model.named_modules():
             with _aligned([module] if _offloaded(module) else []):
-                for name, p in module.named_parameters(recurse=False):
-                    sums[f"{prefix}.{name}" if prefix else name] = float(p.double().sum())
+                for name, p in module.named_parameters(recurse=False):  # float64 in slices: no full copy
+                    sums[f"{prefix}.{name}" if prefix else name] = sum(
+                        float(part.double().sum()) for part in p.detach().flatten().split(1 << 24))
     order = [name for name, _ in model.named_parameters()]
     return [sums[n] for n in order]

@@ -32,7 +32,9 @@ def token_budget(lm: LoadedModel, n_positions: int) -> int:
     CPU: the matmuls are compute-bound at any size, but the elementwise ops between them are not,
     so chunks are sized to keep the MLP's hidden activations in the last-level cache (measured on
     GPT-2 small, 2 cores: 1,024 tokens is 27 % faster than 4,096). CUDA: as large as a quarter of the
-    free GPU memory allows. Both are capped by available memory.
+    free GPU memory allows, on the fullest GPU the model uses (a device map may split it). Both are
+    capped by available memory, and the rows by the END logits each one adds (vocabulary x the
+    model's dtype plus two float32 copies in the metrics).
 
     Example::
 
@@ -46,13 +48,26 @@ def token_budget(lm: LoadedModel, n_positions: int) -> int:
     elem = next(lm.model.parameters()).element_size()
     # residual, norms, q/k/v, per-head outputs, the MLP's hidden layer twice, eager attention scores
     per_token = elem * (8 * d + 2 * d_ff + 2 * lm.adapter.n_heads * n_positions)
-    if lm.device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(lm.device)
+    per_row = int(getattr(cfg, "vocab_size", 0) or 0) * (elem + 8)  # END logits, and float32 copies
+    cuda = _cuda_devices(lm)
+    if cuda:
+        free = min(torch.cuda.mem_get_info(dev)[0] for dev in cuda)
         budget = int(MEMORY_SHARE * free / per_token)
     else:
-        budget = min(CPU_CACHE_BYTES // (d_ff * elem),
-                     int(MEMORY_SHARE * psutil.virtual_memory().available / per_token))
+        free = psutil.virtual_memory().available
+        budget = min(CPU_CACHE_BYTES // (d_ff * elem), int(MEMORY_SHARE * free / per_token))
+    if per_row:
+        budget = min(budget, int(MEMORY_SHARE * free / per_row) * n_positions)
     return max(budget, n_positions)  # at least one row
+
+
+def _cuda_devices(lm: LoadedModel) -> list[torch.device]:
+    """The CUDA devices holding part of the model: every one under a device map, else lm.device's."""
+    placed = getattr(lm.model, "hf_device_map", None)
+    if placed:
+        devs = {torch.device(f"cuda:{d}" if isinstance(d, int) else d) for d in placed.values() if d not in ("cpu", "disk")}
+        return sorted((d for d in devs if d.type == "cuda"), key=str)
+    return [lm.device] if lm.device.type == "cuda" else []
 
 
 def variant_start(variant: Sequence[Site], batch: PairBatch, shared: int = 0) -> tuple[int, int]:

@@ -100,7 +100,7 @@ class RecipientState:
 
     def run(
         self, lm: LoadedModel, end: Int[Tensor, "batch"], start: int, pos: int, copies: int,
-        columns: Int[Tensor, "batch n"] | None = None,
+        columns: Int[Tensor, "batch n"] | None = None, exact: Int[Tensor, "batch m"] | None = None,
     ) -> Float[Tensor, "rows vocab"]:
         """Blocks ``start``.. on positions ``pos``.. of ``copies`` stacked recipient copies; END logits."""
         a = lm.adapter
@@ -117,4 +117,5 @@ class RecipientState:
         h = a.final_norm()(h)
         rows = torch.arange(h.shape[0], device=h.device)
         cols = None if columns is None else columns.repeat(copies, 1)  # (copies*B, n)
-        return a.unembed(h[rows, (end.to(h.device) - pos).repeat(copies)], cols)  # (copies*B, V or n)
+        ex = None if exact is None else exact.repeat(copies, 1)  # (copies*B, m)
+        return a.unembed(h[rows, (end.to(h.device) - pos).repeat(copies)], cols, ex)  # (copies*B, V or n)
