@@ -129,6 +129,7 @@ def _bad_inputs(tmp_path: Path, gpt2_dir: Path) -> dict[str, tuple[list[str], st
         "out is a file": (["--out", str(a_file)], "is not a folder"),
         "out under a file": (["--out", str(a_file / "sub")], "is not writable"),
         "zero pairs": (["--n-pairs", "0"], "n_pairs (--n-pairs) must be a positive int"),
+        "top-k without attribution": (["--top-k", "5"], "--top-k applies with --method attribution"),
     }
 
 

@@ -124,7 +124,9 @@ def _attribute_rows(
                   else contextlib.nullcontext())
         with torch.enable_grad(), hooks(specs), saving:
             logits = recipient_logits(lm, batch)
-            metric = logit_diff(logits, batch.answer_ids, batch.wrong_ids).sum() / n_total  # this group's share of the mean
+            # backward from the sum, divided by n_total afterwards: in float16 the per-pair gradients of a
+            # mean over many pairs would sink below the dtype's normal range
+            metric = logit_diff(logits, batch.answer_ids, batch.wrong_ids).sum()
             metric.backward()
     finally:
         for p in params:
@@ -138,4 +140,4 @@ def _attribute_rows(
             heads.append((dz * grad_z.float()).sum(-1).permute(2, 0, 1).cpu())  # (H, B, T), off each layer's GPU
             dh = donor[HiddenSite(L)].to(h_rec[L].device).float() - h_rec[L].detach().float()
             hidden.append((dh * h_rec[L].grad.float()).sum(-1).cpu())  # (B, T)
-    return torch.stack(heads), torch.stack(hidden), float(metric.detach())
+    return torch.stack(heads) / n_total, torch.stack(hidden) / n_total, float(metric.detach()) / n_total

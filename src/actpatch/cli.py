@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="exact: patch every head; attribution: gradient estimate for every head and position "
                      "(2 forwards + 1 backward), then exact patching of the top-k heads; both (default): the full "
                      "exact sweep plus attribution, compared in the report")
-    ioi.add_argument("--top-k", type=int, default=20, metavar="K",
+    ioi.add_argument("--top-k", type=int, default=None, metavar="K",
                      help="with --method attribution: heads re-checked by exact patching (default: 20)")
     ioi.add_argument("--by-position", action="store_true",
                      help="also patch hidden states, all heads and single heads at each named IOI position "
@@ -126,13 +126,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _top_k(args: argparse.Namespace) -> int:
+    if args.top_k is None:
+        return IOIConfig.top_k
+    if args.method != "attribution":
+        raise ConfigError(f"--top-k applies with --method attribution (exact patching of the top-k heads only); "
+                          f"got --top-k {args.top_k} with --method {args.method}, which patches every head")
+    return args.top_k
+
+
 def _ioi_config(args: argparse.Namespace, argv: list[str]) -> IOIConfig:
     return IOIConfig(
         model=args.model, n_pairs=args.n_pairs, pairs_file=args.pairs_file, designs=tuple(dict.fromkeys(args.donor)), direction=args.direction,
         seed=args.seed, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
         device_map=args.device_map, offload_folder=args.offload_folder,
         layers=tuple(args.layers) if args.layers else None,
-        head_sweep=not args.no_head_sweep, analysis=not args.no_analysis, method=args.method, top_k=args.top_k, by_position=args.by_position,
+        head_sweep=not args.no_head_sweep, analysis=not args.no_analysis, method=args.method, top_k=_top_k(args), by_position=args.by_position,
         max_rows=args.max_batch, progress=False if args.quiet else None,
         command=shlex.join(["actpatch", *argv]),
     )

@@ -21,8 +21,8 @@ def _f32(x: Tensor) -> Tensor:
 
 
 def _pick(logits: Tensor, ids: Tensor) -> Tensor:
-    ids = ids.to(logits.device)
-    return _f32(logits).gather(-1, ids.expand(*logits.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+    ids = ids.to(logits.device)  # gather first, then promote: no float32 copy of the whole vocabulary
+    return _f32(logits.gather(-1, ids.expand(*logits.shape[:-1]).unsqueeze(-1)).squeeze(-1))
 
 
 def logit_diff(
@@ -91,10 +91,11 @@ def ioi_scores(
         scores["logit_diff"].mean(), scores["correct"].mean()
     """
     ld = logit_diff(logits, answer_ids, wrong_ids)
+    lse = torch.logsumexp(_f32(logits), dim=-1)  # the softmax normaliser, once for both probabilities
     return {
         "logit_diff": ld,
-        "p_io": token_prob(logits, answer_ids),
-        "p_s": token_prob(logits, wrong_ids),
+        "p_io": torch.exp(_pick(logits, answer_ids) - lse),
+        "p_s": torch.exp(_pick(logits, wrong_ids) - lse),
         "correct": (ld > 0).float(),
         "top1": top1_is(logits, answer_ids),
     }
