@@ -52,7 +52,8 @@ def heatmap_svg(result: IOIResult, design: str, cell: int = 22) -> str:
     values = grid.values
     lim = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0
     left, top = 40, 20
-    width, height = left + cell * values.shape[1] + 10, top + cell * values.shape[0] + 10
+    grid_w, grid_h = cell * values.shape[1], cell * values.shape[0]
+    width, height = left + grid_w + 80, top + max(grid_h, 110) + 10  # room for the colour bar
     parts = [f'<svg class="heatmap" id="heatmap-{html.escape(design)}" xmlns="http://www.w3.org/2000/svg" '
              f'width="{width}" height="{height}" role="img" aria-label="single-head patching, donor {html.escape(design)}">']
     parts.append(f'<text x="{left - 6}" y="{top - 6}" font-size="9" text-anchor="end">L \\ H</text>')  # rows: layer, columns: head
@@ -65,8 +66,20 @@ def heatmap_svg(result: IOIResult, design: str, cell: int = 22) -> str:
             label = f"layer {layer}, head {h}: \u0394 logit diff {v:+.3f}" if np.isfinite(v) else f"layer {layer}, head {h}: not patched"
             parts.append(f'<rect x="{left + h * cell}" y="{top + i * cell}" width="{cell}" height="{cell}" '
                          f'fill="{_color(v, lim)}"><title>{html.escape(label)}</title></rect>')
+    parts += _colour_bar(left + grid_w + 14, top, lim)
     parts.append("</svg>")
     return "".join(parts)
+
+
+def _colour_bar(x: float, y: float, lim: float, steps: int = 21, h: float = 100.0) -> list[str]:
+    """A stepped vertical colour scale from +lim (top) to -lim (bottom), labelled at the ends and 0."""
+    step = h / steps
+    out = [f'<rect x="{x}" y="{y + k * step:.1f}" width="12" height="{step + 0.5:.1f}" '
+           f'fill="{_color(lim * (1 - 2 * k / (steps - 1)), lim)}"/>' for k in range(steps)]
+    for frac, text in ((0.0, f"+{lim:.2f}"), (0.5, "0"), (1.0, f"\u2212{lim:.2f}")):
+        out.append(f'<text x="{x + 16}" y="{y + frac * h + 3:.1f}" font-size="9">{text}</text>')
+    out.append(f'<text x="{x}" y="{y + h + 12:.1f}" font-size="9">\u0394 LD</text>')
+    return out
 
 
 LAYER_COLUMNS = [("hidden", "all"), ("hidden", "END"), ("all_heads", "all"), ("all_heads", "END")]
