@@ -26,7 +26,7 @@ from .gap import gap_account
 from .heads import PAPER_GPT2_HEADS, characterise, classify
 from .metrics import logit_diff
 from .models import LoadedModel
-from .patching import patch_variants
+from .patching import run_chunk
 from .paths import Receiver, path_patch
 from .sites import HeadSite
 
@@ -107,14 +107,11 @@ def design_analysis(
 
     s_inhib, movers = _heads_of(classes, "S-inhibition"), _heads_of(classes, "name mover")
     if s_inhib:
-        sites = [HeadSite(L, h, "END") for L, h in s_inhib]
-        patched = patch_variants(lm, batch, donor, [sites], lambda lg: {"ld": logit_diff(lg, ans, wrong)},
-                                 donor_from_batch=True)["ld"]
+        senders = [HeadSite(L, h, "END") for L, h in s_inhib]
         result["paths"].append({"what": "patch S-inhibition-like heads at END (ordinary activation patching)",
                                 "senders": s_inhib, "receivers": "everything downstream",
-                                "logit_diff": float(patched.mean())})
+                                "logit_diff": ld(run_chunk(lm, batch, donor, [senders])[0])})  # one plain pass
     if s_inhib and movers:
-        senders = [HeadSite(L, h, "END") for L, h in s_inhib]
         later = [(L, h) for L, h in movers if L > min(s[0] for s in s_inhib)]
         if later:
             logits = path_patch(lm, batch, donor, senders, [Receiver("q", L, h) for L, h in later], recipient=recipient)

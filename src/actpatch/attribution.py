@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from .batch import PairBatch
-from .capture import ActivationCache, recipient_logits, split_heads
+from .capture import ActivationCache, last_logits, split_heads
 from .hooks import hooks
-from .metrics import logit_diff
 from .models import LoadedModel
 from .sites import HeadSite, HiddenSite
 
@@ -81,14 +80,35 @@ def attribute(
     layers = tuple(range(lm.adapter.n_layers)) if layers is None else tuple(layers)
     rows = max_rows or max(1, GRAD_TOKENS // batch.recipient_ids.shape[1])
     heads, hidden, metric = [], [], 0.0
-    for lo in range(0, len(batch), rows):
-        part = slice(lo, lo + rows)
-        sub = ActivationCache({key: value[part] for key, value in donor.items()})
-        h, hd, m = _attribute_rows(lm, batch.select(part), sub, layers, len(batch))
-        heads.append(h)
-        hidden.append(hd)
-        metric += m
+    with _activation_gradients_only(lm):
+        for lo in range(0, len(batch), rows):
+            part = slice(lo, lo + rows)
+            sub = ActivationCache({key: value[part] for key, value in donor.items()})
+            h, hd, m = _attribute_rows(lm, batch.select(part), sub, layers, len(batch))
+            heads.append(h)
+            hidden.append(hd)
+            metric += m
     return Attribution(torch.cat(heads, dim=2), torch.cat(hidden, dim=1), layers, metric)
+
+
+@contextlib.contextmanager
+def _activation_gradients_only(lm: LoadedModel) -> Iterator[None]:
+    """Weights get no gradient (requires_grad restored afterwards, even on error). Offloaded modules
+    (device map) get their weights only inside their forward, and autograd would keep each one on
+    the GPU until the backward pass, all at once: saved tensors then go to the CPU."""
+    # (offloaded parameters sit on meta and are swapped for real ones in every forward: left alone)
+    params = [p for p in lm.model.parameters() if p.requires_grad and not p.is_meta]
+    offloaded = any(p.is_meta for p in lm.model.parameters())
+    saving = (torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()) if offloaded
+              else contextlib.nullcontext())
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        with saving:
+            yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def _attribute_rows(
@@ -112,25 +132,15 @@ def _attribute_rows(
     specs = [(lm.model.get_input_embeddings(), "output", leaf)]
     specs += [(a.attn_out(L), "input", keep(z_rec, L)) for L in layers]
     specs += [(a.block(L), "output", keep(h_rec, L)) for L in layers]
-    # (offloaded parameters sit on meta and are swapped for real ones in every forward: left alone)
-    params = [p for p in lm.model.parameters() if p.requires_grad and p.device.type != "meta"]
-    try:
-        for p in params:  # only activation gradients are needed: skip weight gradients entirely
-            p.requires_grad_(False)
-        # Offloaded modules (device map) get their weights only inside their forward; autograd would keep
-        # each one on the GPU until the backward pass, i.e. all of them at once. Saved tensors go to CPU then.
-        offloaded = any(p.device.type == "meta" for p in lm.model.parameters())
-        saving = (torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()) if offloaded
-                  else contextlib.nullcontext())
-        with torch.enable_grad(), hooks(specs), saving:
-            logits = recipient_logits(lm, batch)
-            # backward from the sum, divided by n_total afterwards: in float16 the per-pair gradients of a
-            # mean over many pairs would sink below the dtype's normal range
-            metric = logit_diff(logits, batch.answer_ids, batch.wrong_ids).sum()
-            metric.backward()
-    finally:
-        for p in params:
-            p.requires_grad_(True)
+    dev = lm.device
+    with torch.enable_grad(), hooks(specs):
+        # only IO's and S's logits: the backward pass skips the rest of the unembedding
+        logits = last_logits(lm, batch.recipient_ids.to(dev), batch.attention_mask.to(dev), batch.position("END"),
+                             columns=batch.answer_columns())  # (b, 2), float32
+        # backward from the sum, divided by n_total afterwards: in float16 the per-pair gradients of a
+        # mean over many pairs would sink below the dtype's normal range
+        metric = (logits[:, 0] - logits[:, 1]).sum()
+        metric.backward()
     with torch.no_grad():
         heads, hidden = [], []
         for L in layers:

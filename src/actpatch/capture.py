@@ -115,16 +115,21 @@ def locate_nonfinite(
     return bad[0] if bad else "the unembedding (LM head)"
 
 
+def nonfinite_rows(logits: Float[Tensor, "rows ..."]) -> list[int]:
+    """Indices of the rows (first dimension) holding any NaN or inf; [] when all is finite."""
+    return (~torch.isfinite(logits)).flatten(1).any(dim=1).nonzero().flatten().tolist()
+
+
 def check_finite(
     lm: LoadedModel, logits: Tensor, input_ids: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"],
     what: str,
 ) -> None:
     """Raise ``NumericalError`` naming the first layer that produced NaN/inf if ``logits`` are not finite."""
-    if torch.isfinite(logits).all():
+    rows = nonfinite_rows(logits)
+    if not rows:
         return
-    rows = (~torch.isfinite(logits)).flatten(1).any(dim=1).nonzero().flatten().tolist()
     where = locate_nonfinite(lm, input_ids, attention_mask)
-    dtype = next(lm.model.parameters()).dtype
+    dtype = lm.dtype
     raise NumericalError(
         f"the {what} logits contain NaN or inf (rows {rows[:8]}{' ...' if len(rows) > 8 else ''}); expected finite "
         f"values. They first appear in {where}. " + (

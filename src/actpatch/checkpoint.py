@@ -30,8 +30,14 @@ from .placement import parameter_sums
 from .sites import Site
 
 
-def sweep_fingerprint(lm: LoadedModel, batch: PairBatch, variants: Sequence[Sequence[Site]], extra: str = "") -> str:
+def sweep_fingerprint(
+    lm: LoadedModel, batch: PairBatch, variants: Sequence[Sequence[Site]], extra: str = "",
+    weight_sums: Sequence[float] | None = None,
+) -> str:
     """sha256 of what determines a sweep's numbers: weights, dtype, pairs, variants and ``extra``.
+
+    ``weight_sums``: ``placement.parameter_sums(lm.model)`` when the caller already has it (a run
+    fingerprints one sweep per design; the checksum reads every weight).
 
     Example::
 
@@ -40,7 +46,7 @@ def sweep_fingerprint(lm: LoadedModel, batch: PairBatch, variants: Sequence[Sequ
     h = hashlib.sha256()
     h.update(repr([lm.info.get(k) for k in ("model_id", "revision", "dtype", "gguf_sha256")]).encode())
     # a cheap weight checksum: catches same-named models with other weights
-    h.update(repr(parameter_sums(lm.model)).encode())
+    h.update(repr(list(parameter_sums(lm.model) if weight_sums is None else weight_sums)).encode())
     for t in (batch.recipient_ids, batch.donor_ids, batch.attention_mask, batch.answer_ids, batch.wrong_ids):
         h.update(t.cpu().numpy().tobytes())
     h.update(repr([list(v) for v in variants]).encode())

@@ -56,9 +56,9 @@ def plot_compare(results: Sequence[IOIResult]) -> plt.Figure:
     designs = [d for d in results[0].designs if all(d in r.designs for r in results)]
     fig, axes = plt.subplots(1, len(designs), figsize=(6.5 * len(designs), 4.8), squeeze=False, sharey=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    frames = [r.to_dataframe() for r in results]
     for ax, design in zip(axes[0], designs):
-        for k, result in enumerate(results):
-            df = result.to_dataframe()
+        for k, (result, df) in enumerate(zip(results, frames)):
             for exp, pos, ls, what in CURVES:
                 sel = df[(df.design == design) & (df.experiment == exp) & (df.position == pos)].sort_values("layer")
                 ax.plot(sel.depth, sel.normalised_effect, ls=ls, color=colors[k % len(colors)], lw=1.3,

@@ -35,6 +35,7 @@ from .hooks import count_hooks
 from .ioi import POSITION_NAMES, denoising, generate_pairs, load_pairs_file
 from .metrics import ioi_scores, normalised_effect
 from .models import LoadedModel, load_model
+from .placement import parameter_sums
 from .planning import plan_sweep, shared_prefix
 from .results import IOIResult
 from .sanity import check_fast_path, check_no_hooks_left, run_sanity_checks
@@ -106,6 +107,7 @@ def _exact_heads(cfg: IOIConfig, layers: list[int], n_heads: int, att: Attributi
 def run_design(
     lm: LoadedModel, batch: PairBatch, design: str, cfg: IOIConfig, layers: list[int],
     checkpoint_dir: Path | None = None, resume: bool = False, classes: list[dict] | None = None,
+    weight_sums: list[float] | None = None,
 ) -> tuple[dict, list[dict], list, dict | None]:
     """Baseline, sweeps (exact and/or attribution), sanity checks and (with ``classes``) the analysis
     of one donor design."""
@@ -128,7 +130,8 @@ def run_design(
     ckpt = None
     if checkpoint_dir is not None:
         ckpt = Checkpoint(Path(checkpoint_dir) / f"{design}.pt",
-                          sweep_fingerprint(lm, batch, variants, extra=f"ioi_scores {actpatch_version}"), resume=resume)
+                          sweep_fingerprint(lm, batch, variants, extra=f"ioi_scores {actpatch_version}",
+                                            weight_sums=weight_sums), resume=resume)
     scores = sharded_patch_variants(  # = patch_variants unless launched with torchrun on several processes
         lm, batch, don_cache, variants, reduce=lambda logits: ioi_scores(logits, ans, wrong),
         max_rows=cfg.max_rows, progress=cfg.progress, desc=design, donor_from_batch=True,
@@ -150,7 +153,7 @@ def run_design(
                    delta_logit_diff=row["logit_diff"] - rec["mean_logit_diff"],
                    normalised_effect=float(normalised_effect(row["logit_diff"], rec["mean_logit_diff"], don["mean_logit_diff"])))
     checks = run_sanity_checks(lm, batch, rec_cache, don_cache, rec_logits, don_logits, layers)
-    checks.append(check_fast_path(lm, batch, don_cache, [sites for _, sites in cells], scores["logit_diff"]))
+    checks.append(check_fast_path(lm, batch, don_cache, variants, scores["logit_diff"]))
     analysis = None
     if classes is not None:
         analysis = design_analysis(lm, batch, rec_cache, don_cache, rows, classes, rec["mean_logit_diff"])
@@ -236,10 +239,12 @@ def run_ioi(
     analysis: dict = {}
     if cfg.analysis:  # on the clean prompts, the same for every design: characterise the heads once
         analysis = {"heads": head_analysis(lm, clean), "designs": {}}
+    weight_sums = parameter_sums(lm.model) if checkpoint_dir is not None else None  # read every weight once
     for design, batch in batches.items():
         log.info("design %s: %d pairs, %d tokens wide", design, len(batch), batch.recipient_ids.shape[1])
         classes = analysis["heads"]["classes"] if cfg.analysis else None
-        base, rows, checks, extra = run_design(lm, batch, design, cfg, layers, checkpoint_dir, resume, classes)
+        base, rows, checks, extra = run_design(lm, batch, design, cfg, layers, checkpoint_dir, resume, classes,
+                                               weight_sums)
         if extra is not None:
             analysis["designs"][design] = extra
         baseline["designs"][design] = base

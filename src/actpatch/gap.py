@@ -27,9 +27,8 @@ import torch
 
 from .batch import PairBatch
 from .capture import ActivationCache, rows_at
-from .heads import frozen_norm, ld_direction
+from .heads import direct_readout
 from .models import LoadedModel
-from .placement import execution_device
 from .sites import AttnOutSite, HiddenSite
 
 
@@ -39,11 +38,7 @@ def gap_account(
 ) -> list[dict[str, float]]:
     """Per-layer residual-stream arithmetic of hidden-state vs all-heads patches (module docstring)."""
     a = lm.adapter
-    dev = execution_device(lm.model.get_output_embeddings())  # the read-out's device (a device map may split the model)
-    end = batch.position("END").to(dev)
-    direction = ld_direction(lm, batch, dev)  # (B, D)
-    final = rows_at(recipient[HiddenSite(a.n_layers - 1)], end, dev)  # (B, D) the last residual at END
-    f = frozen_norm(a.final_norm(), final)
+    dev, end, direct = direct_readout(lm, batch, recipient)
     records = []
     with torch.inference_mode():
         for L in range(a.n_layers):
@@ -57,8 +52,8 @@ def gap_account(
                 "hidden_delta": float((dh.norm(dim=-1) / norm).mean()),
                 "heads_delta": float((datt.norm(dim=-1) / norm).mean()),
                 "attn_share": float((att.norm(dim=-1) / norm).mean()),
-                "hidden_direct": float((f(dh) * direction).sum(-1).mean()),
-                "heads_direct": float((f(datt) * direction).sum(-1).mean()),
+                "hidden_direct": float(direct(dh).mean()),
+                "heads_direct": float(direct(datt).mean()),
             }
             if exact is not None:
                 for kind, key in (("hidden", "hidden"), ("heads", "all_heads")):

@@ -22,6 +22,7 @@ Definitions (Wang et al. 2022, "Interpretability in the wild"):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from jaxtyping import Float, Int
@@ -31,6 +32,7 @@ from .batch import PairBatch
 from .capture import ActivationCache, capture, rows_at
 from .errors import UnsupportedArchitectureError
 from .hooks import hooks
+from .metrics import logit_diff
 from .models import LoadedModel
 from .placement import execution_device, onloaded
 from .sites import HeadSite, HiddenSite
@@ -137,22 +139,29 @@ def _attention(weights: dict[int, Tensor], batch: PairBatch) -> dict[str, Tensor
     return result
 
 
-def _dla(lm: LoadedModel, batch: PairBatch, cache: ActivationCache, logits: Tensor) -> tuple[Tensor, float]:
-    a = lm.adapter
+def direct_readout(
+    lm: LoadedModel, batch: PairBatch, recipient: ActivationCache,
+) -> tuple[torch.device, Tensor, Callable[[Tensor], Tensor]]:
+    """The direct path to LD at END: (device, END indices there, g) with g(x) = (x through the final norm,
+    its scale frozen at the recipient's last residual) . (W_U[IO] - W_U[S]), per pair: (..., B, D) -> (..., B).
+    ``recipient`` needs the last layer's HiddenSite."""
     dev = execution_device(lm.model.get_output_embeddings())  # the read-out's device (a device map may split the model)
     end = batch.position("END").to(dev)
-    resid = rows_at(cache[HiddenSite(a.n_layers - 1)], end, dev)  # (B, D): the final residual at END
-    f = frozen_norm(a.final_norm(), resid)
+    f = frozen_norm(lm.adapter.final_norm(), rows_at(recipient[HiddenSite(lm.adapter.n_layers - 1)], end, dev))
     direction = ld_direction(lm, batch, dev)  # (B, D)
+    return dev, end, lambda x: (f(x) * direction).sum(-1)
+
+
+def _dla(lm: LoadedModel, batch: PairBatch, cache: ActivationCache, logits: Tensor) -> tuple[Tensor, float]:
+    a = lm.adapter
+    dev, end, direct = direct_readout(lm, batch, cache)
     out = []
     with torch.inference_mode():
         for L in range(a.n_layers):
             z = rows_at(cache[HeadSite(L)], end, dev).float()  # (B, H, Dh)
             per_head = torch.einsum("bhd,hde->hbe", z, a.head_weights(L).to(dev).float())  # (H, B, D)
-            out.append((f(per_head) * direction).sum(-1).mean(-1))  # (H,)
-    logits = logits.float().cpu()
-    ld = float((logits.gather(1, batch.answer_ids[:, None]) - logits.gather(1, batch.wrong_ids[:, None])).mean())
-    return torch.stack(out).cpu(), ld
+            out.append(direct(per_head).mean(-1))  # (H,)
+    return torch.stack(out).cpu(), float(logit_diff(logits.cpu(), batch.answer_ids, batch.wrong_ids).mean())
 
 
 def _copy_scores(lm: LoadedModel, name_ids: Int[Tensor, "n"], top: int = 5) -> tuple[Tensor, Tensor]:

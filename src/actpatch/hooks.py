@@ -42,6 +42,13 @@ def _input_hook(fn: HookFn):
     return hook
 
 
+def _result_hook(fn: Callable[[object], None]):
+    def hook(module, args, output):
+        fn(output)  # observe the module's whole result (e.g. attention's (output, weights)); never replace it
+
+    return hook
+
+
 def _call_hook(fn: Callable[[tuple, dict], None]):
     def hook(module, args, kwargs):
         fn(args, kwargs)  # observe only: the call goes ahead unchanged
@@ -68,7 +75,7 @@ def hooks(specs: Sequence[HookSpec]) -> Iterator[None]:
             elif where == "call":
                 handles.append(module.register_forward_pre_hook(_call_hook(fn), with_kwargs=True))
             elif where == "result":
-                handles.append(module.register_forward_hook(lambda m, a, out, fn=fn: fn(out) and None))
+                handles.append(module.register_forward_hook(_result_hook(fn)))
             else:
                 raise ValueError(f"hook kind must be 'input', 'output', 'call' or 'result', got {where!r}")
         yield

@@ -62,6 +62,11 @@ class LoadedModel:
     info: dict[str, object] = field(default_factory=dict)
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype (activations run in it; metrics are computed in float32)."""
+        return self.model.dtype
+
+    @property
     def device(self) -> torch.device:
         """Where inputs go: the input embedding's device (under a device map, its execution device)."""
         return execution_device(self.model.get_input_embeddings())
@@ -132,12 +137,11 @@ def _sha256(path: Path) -> str:
 def _from_gguf(path: Path, dtype: torch.dtype, device_map: str | dict | None = None, offload_folder: str | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    extra = {} if device_map is None else {"device_map": device_map, "offload_folder": offload_folder}
     try:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(
             str(path.parent), gguf_file=path.name, dtype=dtype, attn_implementation="eager", local_files_only=True,
-            **extra,
+            device_map=device_map, offload_folder=offload_folder,
         )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load the GGUF file {path}: {exc}. Is it a complete GGUF of a causal LM?") from exc
@@ -180,8 +184,8 @@ def _from_pretrained(source: str, dtype: torch.dtype, revision: str | None, loca
     kwargs = {"revision": revision, "local_files_only": local_only, "trust_remote_code": trust_remote_code}
     try:
         tok = AutoTokenizer.from_pretrained(source, **kwargs)
-        extra = {} if device_map is None else {"device_map": device_map, "offload_folder": offload_folder}
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="eager", **kwargs, **extra)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="eager", **kwargs,
+                                                     device_map=device_map, offload_folder=offload_folder)
     except ValueError as exc:
         if "offload_folder" in str(exc):
             raise ModelLoadError(

@@ -27,7 +27,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .batch import PairBatch
-from .capture import ActivationCache, last_logits
+from .capture import ActivationCache, last_logits, nonfinite_rows
 from .checkpoint import Checkpoint
 from .errors import NumericalError
 from .hooks import HookSpec, hooks
@@ -56,24 +56,29 @@ def _patch_fn(entries: list, k: int, n_rows: int, n_heads: int, d_head: int, is_
         rows = torch.arange(n_rows, device=act.device)
         for j, src, idx, heads in entries:
             src = src[:, offset:].to(device=act.device, dtype=act.dtype)
+            live = None
             if idx is not None:
+                # no-ops unless a pre-hook sees its input before accelerate moved it across a device split
                 idx = idx.to(act.device) - offset
-                # A position before the run's start lies in the donor/recipient shared prefix (see
-                # variant_start), where the donor's activation is the recipient's: such rows keep
-                # their own value (a masked write, not a boolean index: no host sync on CUDA).
-                live = idx >= 0  # (B,)
-                idx = idx.clamp(min=0)
+                if offset:
+                    # A position before the run's start lies in the donor/recipient shared prefix (see
+                    # variant_start), where the donor's activation is the recipient's: such rows keep
+                    # their own value (a masked write, not a boolean index: no host sync on CUDA).
+                    live = idx >= 0  # (B,)
+                    idx = idx.clamp(min=0)
             if is_head:
-                hs = heads.to(act.device)  # already there unless the module moved
+                hs = heads.to(act.device)
                 if idx is None:
                     view[j, :, :, hs] = src[:, :, hs]
                 else:
                     r, p, h = rows[:, None], idx[:, None], hs[None, :]
-                    view[j, r, p, h] = torch.where(live[:, None, None], src[r, p, h], view[j, r, p, h])  # (B, |hs|, Dh)
+                    value = src[r, p, h]  # (B, |hs|, Dh)
+                    view[j, r, p, h] = value if live is None else torch.where(live[:, None, None], value, view[j, r, p, h])
             elif idx is None:
                 view[j] = src
             else:
-                view[j, rows, idx] = torch.where(live[:, None], src[rows, idx], view[j, rows, idx])  # (B, D)
+                value = src[rows, idx]  # (B, D)
+                view[j, rows, idx] = value if live is None else torch.where(live[:, None], value, view[j, rows, idx])
         return new
 
     return fn
@@ -89,14 +94,14 @@ def patch_hooks(
     for j, variant in enumerate(chunk):
         for site in variant:
             site.validate(adapter)
-            donor[site]  # SiteError naming what the cache holds, before any hook is registered
+            src = donor[site]  # SiteError naming what the cache holds, before any hook is registered
             module = site.module(adapter)
             dev = execution_device(module)  # index tensors made once per chunk, where the hook runs
             idx = resolve_pos(site.pos, batch.positions, lengths)
             idx = None if idx is None else idx.to(dev)
             heads = torch.as_tensor(site.heads(adapter), device=dev) if site.kind == "head" else None
             entry = by_module.setdefault((id(module), site.reads_input), (module, site.reads_input, site.kind == "head", []))
-            entry[3].append((j, donor[site], idx, heads))
+            entry[3].append((j, src, idx, heads))
     return [
         (module, "input" if reads_input else "output",
          _patch_fn(entries, len(chunk), len(batch), adapter.n_heads, adapter.d_head, is_head))
@@ -204,7 +209,7 @@ def patch_variants(
                 idx = [todo[j] for j in local]
                 chunk = [variants[i] for i in idx]
                 logits = run_chunk(lm, batch, donor, chunk, state, columns, shared)  # (k, B, V or n)
-                bad = (~torch.isfinite(logits)).flatten(1).any(dim=1).nonzero().flatten().tolist()
+                bad = nonfinite_rows(logits)
                 if bad:
                     raise NumericalError(
                         f"patching {list(chunk[bad[0]])} made the recipient's logits NaN or inf, although the "

@@ -64,11 +64,13 @@ def _frozen_heads(lm: LoadedModel, batch: PairBatch, recipient: ActivationCache,
     a = lm.adapter
     lengths = batch.attention_mask.sum(dim=1)
     rows = torch.arange(len(batch))
-    frozen = {L: recipient[HeadSite(L)].clone() for L in range(a.n_layers)}  # (B, T, H, Dh) each
+    frozen = {L: recipient[HeadSite(L)] for L in range(a.n_layers)}  # (B, T, H, Dh) each, read only
     for s in senders:
         s.validate(a)
         if s.key not in donor:
             raise SiteError(f"the donor cache lacks layer {s.layer}'s heads; capture HeadSite({s.layer}) first")
+        if frozen[s.layer] is recipient[HeadSite(s.layer)]:  # copy only the layers that get senders' slices
+            frozen[s.layer] = frozen[s.layer].clone()
         hs = torch.as_tensor(s.heads(a))
         src, dst = donor[s].to(frozen[s.layer].device), frozen[s.layer]
         idx = resolve_pos(s.pos, batch.positions, lengths)

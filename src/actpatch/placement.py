@@ -22,9 +22,10 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 
 import torch
+from accelerate.utils import align_module_device, has_offloaded_params
 from torch import nn
 
 
@@ -56,10 +57,8 @@ def execution_device(module: nn.Module) -> torch.device:
 
 
 def _offloaded(module: nn.Module) -> bool:
-    hook = getattr(module, "_hf_hook", None)
-    return bool(getattr(hook, "offload", False)) and any(
-        p.device.type == "meta" for p in module.parameters(recurse=False)
-    )
+    # still on meta: an enclosing ``onloaded`` block may have loaded it already
+    return has_offloaded_params(module) and any(p.is_meta for p in module.parameters(recurse=False))
 
 
 @contextmanager
@@ -74,21 +73,11 @@ def onloaded(module: nn.Module) -> Iterator[nn.Module]:
         with onloaded(lm.model.get_output_embeddings()) as head:
             rows = head.weight[ids].clone()
     """
-    with _aligned([m for m in module.modules() if _offloaded(m)]):
-        yield module
-
-
-@contextmanager
-def _aligned(modules: list[nn.Module]) -> Iterator[None]:
-    if not modules:
-        yield
-        return
-    from accelerate.utils import align_module_device
-
     with ExitStack() as stack:
-        for m in modules:
-            stack.enter_context(align_module_device(m))
-        yield
+        for m in module.modules():
+            if _offloaded(m):
+                stack.enter_context(align_module_device(m))
+        yield module
 
 
 def parameter_sums(model: nn.Module) -> list[float]:
@@ -101,7 +90,7 @@ def parameter_sums(model: nn.Module) -> list[float]:
     sums: dict[str, float] = {}
     with torch.inference_mode():
         for prefix, module in model.named_modules():
-            with _aligned([module] if _offloaded(module) else []):
+            with align_module_device(module) if _offloaded(module) else nullcontext():
                 for name, p in module.named_parameters(recurse=False):  # float64 in slices: no full copy
                     sums[f"{prefix}.{name}" if prefix else name] = sum(
                         float(part.double().sum()) for part in p.detach().flatten().split(1 << 24))

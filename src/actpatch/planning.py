@@ -45,7 +45,7 @@ def token_budget(lm: LoadedModel, n_positions: int) -> int:
     cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     d = int(cfg.hidden_size)
     d_ff = int(getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * d)
-    elem = next(lm.model.parameters()).element_size()
+    elem = lm.dtype.itemsize
     # residual, norms, q/k/v, per-head outputs, the MLP's hidden layer twice, eager attention scores
     per_token = elem * (8 * d + 2 * d_ff + 2 * lm.adapter.n_heads * n_positions)
     per_row = int(getattr(cfg, "vocab_size", 0) or 0) * (elem + 8)  # END logits, and float32 copies

@@ -18,6 +18,7 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .errors import ConfigError  # noqa: E402
+from .ioi import POSITION_NAMES  # noqa: E402
 from .results import PLOTTERS, IOIResult  # noqa: E402
 
 STYLES = {
@@ -88,32 +89,27 @@ def plot_attribution(result: IOIResult, design: str) -> plt.Figure:
     return fig
 
 
-NAMED = ("IO", "S1", "S1+1", "S2", "END")
+NAMED = POSITION_NAMES
 
 
 def has_positions(result: IOIResult, design: str) -> bool:
     return any(c["design"] == design and c["experiment"] == "hidden" and c["position"] == "IO" for c in result.cells)
 
 
-def _by_position(result: IOIResult, design: str) -> IOIResult:
+def _require_positions(result: IOIResult, design: str) -> None:
     if not has_positions(result, design):
         raise ConfigError(f"design {design!r} has no per-position cells to plot; run with by_position=True "
                           "(--by-position)")
-    return result
 
 
 def plot_positions(result: IOIResult, design: str) -> plt.Figure:
     """Layer x named-position heatmaps of Δ LD: hidden states (left) and all heads of the layer (right)."""
+    _require_positions(result, design)
     df = result.to_dataframe()
     d = df[df.design == design]
-    grids = []
-    for exp in ("hidden", "all_heads"):
-        grid = np.full((len(result.layers), len(NAMED)), np.nan)
-        for j, pos in enumerate(NAMED):
-            sel = d[(d.experiment == exp) & (d.position == pos)]
-            for _, r in sel.iterrows():
-                grid[result.layers.index(int(r.layer)), j] = r.delta_logit_diff
-        grids.append(grid)
+    grids = [d[d.experiment == exp].pivot(index="layer", columns="position", values="delta_logit_diff")
+             .reindex(index=result.layers, columns=list(NAMED)).to_numpy(dtype=float)  # (L, positions), NaN if absent
+             for exp in ("hidden", "all_heads")]
     lim = float(np.nanmax(np.abs(np.stack(grids)))) or 1.0
     fig, axes = plt.subplots(1, 2, figsize=(8, max(3.0, 0.2 * len(result.layers) + 1.8)), sharey=True,
                              layout="constrained")  # room for the title above the panel titles
@@ -130,6 +126,7 @@ def plot_positions(result: IOIResult, design: str) -> plt.Figure:
 
 def plot_heads_by_position(result: IOIResult, design: str) -> plt.Figure:
     """One (layer, head) heatmap of single-head Δ LD per named position, on a shared colour scale."""
+    _require_positions(result, design)
     grids = [result.head_grid(design, position=p).values for p in NAMED]
     lim = float(np.nanmax(np.abs(np.stack(grids)))) if np.isfinite(np.stack(grids)).any() else 1.0
     fig, axes = plt.subplots(1, len(NAMED), figsize=(2.2 * len(NAMED) + 1.5, max(3.0, 0.2 * len(result.layers) + 1.8)),
@@ -178,6 +175,6 @@ PLOTTERS.update(
     heads=lambda result, design, **kw: plot_heads(result, design, **kw),
     heads_attribution=lambda result, design, **kw: plot_heads(result, design, experiment="head_attribution", **kw),
     attribution=lambda result, design, **kw: plot_attribution(result, design),
-    positions=lambda result, design, **kw: plot_positions(_by_position(result, design), design),
-    heads_by_position=lambda result, design, **kw: plot_heads_by_position(_by_position(result, design), design),
+    positions=lambda result, design, **kw: plot_positions(result, design),
+    heads_by_position=lambda result, design, **kw: plot_heads_by_position(result, design),
 )

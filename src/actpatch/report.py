@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 from tabulate import tabulate
 
+from .analysis import NEAR_FLIP, NUDGE
 from .results import IOIResult
 
 STRONG = 0.3  # |normalised effect| from which an all-heads patch counts as more than a nudge
@@ -182,9 +183,9 @@ def gap_text(result: IOIResult, design: str, info: dict) -> tuple[str, list[str]
     for pos, n in info["nudge"].items():
         st = n["strongest"]
         lines.append(
-            f"All heads, {_where(pos)}: “heads only nudge” (|normalised effect| < 0.1) holds at {len(n['nudge_layers'])} "
+            f"All heads, {_where(pos)}: “heads only nudge” (|normalised effect| < {NUDGE}) holds at {len(n['nudge_layers'])} "
             f"of {n['n_layers']} layers. The answer flips at layers {n['flip_layers'] or 'none'}"
-            f"{'; nearly flips (normalised effect ≥ 0.5) at ' + str(n['near_flip_layers']) if n['near_flip_layers'] else ''}. "
+            f"{f'; nearly flips (normalised effect ≥ {NEAR_FLIP}) at ' + str(n['near_flip_layers']) if n['near_flip_layers'] else ''}. "
             f"Strongest: layer {st['layer']}, LD {st['logit_diff']:.2f} (normalised effect {st['normalised_effect']:.2f}).")
     rec = result.baseline["designs"][design]["recipient"]["mean_logit_diff"]
     for p in info["paths"]:

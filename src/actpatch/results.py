@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import ConfigError
+from .sites import POSITION_ALIASES
 
 # kind -> function(result, design, **kw) -> matplotlib Figure; filled in by actpatch.plots, so that
 # plotting reads results while this module never imports the plotting code
@@ -233,8 +234,8 @@ class IOIResult:
         for c in cells:
             c["layer"] = int(c["layer"])
             c["head"] = None if c["head"] is None else int(c["head"])
-            if c.get("position") == "last":  # results saved by 0.1.0 named END "last" on layer cells
-                c["position"] = "END"
+            # results saved by 0.1.0 named END "last" on layer cells
+            c["position"] = POSITION_ALIASES.get(c["position"], c["position"])
         return cls(
             config=data["config"], model=data["model"], environment=data["environment"], baseline=data["baseline"],
             cells=cells, sanity=data["sanity"], n_layers=data["n_layers"], n_heads=data["n_heads"],

@@ -54,13 +54,9 @@ def _diff(a: Tensor, b: Tensor) -> float:
     return float((a.float() - b.to(a.device).float()).abs().max()) if a.numel() else 0.0
 
 
-def _dtype(lm: LoadedModel) -> torch.dtype:
-    return next(lm.model.parameters()).dtype
-
-
 def _ulps(lm: LoadedModel, scale: float, n: float) -> float:
     """``n`` rounding steps of the model's dtype at magnitude ``scale`` (half precision tolerances)."""
-    return n * torch.finfo(_dtype(lm)).eps * max(1.0, scale)
+    return n * torch.finfo(lm.dtype).eps * max(1.0, scale)
 
 
 def _exact_tol(lm: LoadedModel, scale: float = 1.0) -> float:
@@ -68,7 +64,7 @@ def _exact_tol(lm: LoadedModel, scale: float = 1.0) -> float:
     1e-4 in float32, two rounding steps at the logits' scale in half precision."""
     if lm.device.type == "cpu":
         return 0.0
-    return 1e-4 if _dtype(lm) == torch.float32 else _ulps(lm, scale, 2)
+    return 1e-4 if lm.dtype == torch.float32 else _ulps(lm, scale, 2)
 
 
 def _check_layers(layers: Sequence[int]) -> list[int]:
@@ -147,7 +143,7 @@ def check_head_decomposition(lm: LoadedModel, rec_cache: ActivationCache, layers
         out = rec_cache[AttnOutSite(L)].float()
         d = _diff(total, out)
         worst, worst_rel = max(worst, d), max(worst_rel, d / max(1.0, float(out.abs().max())))
-    tol = 1e-5 if _dtype(lm) == torch.float32 else 2e-2
+    tol = 1e-5 if lm.dtype == torch.float32 else 2e-2
     return SanityCheck(
         "head_decomposition", worst_rel <= tol,
         f"max abs(sum_h z_h W_O[h] + b_O - o_proj out) = {worst:.3g} (relative {worst_rel:.3g}, float summation order)", worst, tol,
@@ -163,7 +159,7 @@ def check_last_logits_parity(lm: LoadedModel, batch: PairBatch, rec_logits: Tens
     scale = float(rec_logits.abs().max())
     # float32: a row-subset matmul sums in another order; half precision: the full forward's logits are
     # rounded to the model's dtype while ours keep IO and S in float32 (Adapter.unembed's exact columns)
-    tol = 1e-4 * max(1.0, scale) if _dtype(lm) == torch.float32 else _ulps(lm, scale, 4)
+    tol = 1e-4 * max(1.0, scale) if lm.dtype == torch.float32 else _ulps(lm, scale, 4)
     return SanityCheck("end_logits_match_full_forward", d <= tol, f"max abs dlogit vs model(...).logits = {d:.3g} (row-subset matmul)", d, tol)
 
 
@@ -188,7 +184,7 @@ def check_fast_path(
         d, scale = max(d, _diff(ref.cpu(), fast_ld[i])), max(scale, float(logits.abs().max()))
     # half precision: other batch shapes may pick other kernels, whose roundings differ by a few steps
     # of the dtype at the logits' scale (float16 ~0.01, bfloat16 ~0.1 at logits of 20)
-    tol = 1e-4 if _dtype(lm) == torch.float32 else max(5e-2, _ulps(lm, scale, 2))
+    tol = 1e-4 if lm.dtype == torch.float32 else max(5e-2, _ulps(lm, scale, 2))
     why = ("within float summation-order differences (the batch shape changes)" if d <= tol else
            "the batched sweep disagrees with plain forward passes: its numbers are wrong; please report this "
            "with the command line")
