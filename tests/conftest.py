@@ -28,12 +28,13 @@ def gpt2_tokenizer(tmp_path_factory):
     return tok
 
 
-def tiny_model(arch: str, vocab_size: int = 50257):
+def tiny_model(arch: str, vocab_size: int = 50257, attn: str = "eager"):
     """A tiny randomly initialised causal LM of the given family (seeded locally, no downloads)."""
     import torch
     from transformers import (
-        Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, GPTNeoConfig, GPTNeoForCausalLM,
-        GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM,
+        Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, GPTNeoConfig,
+        GPTNeoForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
+        MistralForCausalLM, Olmo2Config, Olmo2ForCausalLM,
     )
 
     common = dict(vocab_size=vocab_size)
@@ -58,13 +59,30 @@ def tiny_model(arch: str, vocab_size: int = 50257):
                                layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=30.0,
                                **common)
         cls = Gemma3ForCausalLM
+    elif arch == "gemma2":  # post-norms, attention and final soft-capping, sliding window shorter than the prompt
+        cfg = Gemma2Config(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8, hidden_size=32,
+                           intermediate_size=64, max_position_embeddings=64, sliding_window=4,
+                           layer_types=["sliding_attention", "full_attention"], attn_logit_softcapping=5.0,
+                           final_logit_softcapping=30.0, **common)
+        cls = Gemma2ForCausalLM
+    elif arch == "olmo2":  # no pre-norms: post-attention and post-MLP norms, q/k norms over the whole projection
+        cfg = Olmo2Config(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, hidden_size=32,
+                          intermediate_size=64, max_position_embeddings=64, **common)
+        cls = Olmo2ForCausalLM
+    elif arch == "mistral":  # sliding window (4) shorter than every prompt, GQA
+        cfg = MistralConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
+                            intermediate_size=64, max_position_embeddings=64, sliding_window=4, **common)
+        cls = MistralForCausalLM
     else:
         raise ValueError(arch)
-    cfg._attn_implementation = "eager"
+    cfg._attn_implementation = attn
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(0)  # tests only: restore the global RNG right after
     try:
         model = cls(cfg).eval()
+        for name, p in model.named_parameters():  # norms start at exactly 1 (Gemma: 0): make their gains matter
+            if "norm" in name or ".ln_" in name or "layernorm" in name:
+                p.data.add_(0.3 * torch.randn_like(p))
     finally:
         torch.random.set_rng_state(gen_state)
     model.requires_grad_(False)

@@ -24,9 +24,10 @@ def result(tiny_lm):
 def test_result_structure(result, tiny_lm):
     a = tiny_lm.adapter
     assert result.passed, result.sanity
-    expected_checks = {"hooks_transparent", "self_patch_identity", "head_patch_exact", "hidden_patch_reproduces_donor",
-                       "head_decomposition", "end_logits_match_full_forward", "fast_path_matches_reference",
-                       "no_hooks_left"}
+    expected_checks = {"hooks_transparent", "self_patch_identity", "patch_writes_exactly", "donor_differs_from_recipient",
+                       "hidden_patch_reproduces_donor", "head_decomposition", "end_logits_match_full_forward",
+                       "fast_path_matches_reference", "gap_matches_forward", "path_patch_identity",
+                       "dla_matches_attention_output", "no_hooks_left"}
     assert set(result.sanity) == expected_checks
     df = result.to_dataframe()
     exact = df[df.experiment.isin(["hidden", "all_heads", "head"])]
@@ -96,7 +97,7 @@ def test_json_contract_and_roundtrip(result, tmp_path):
     layer0 = data["layers"][0]
     assert set(layer0["hidden"]["swap"]) == {"all", "END"}
     assert {"logit_diff", "normalised_effect"} <= set(layer0["all_heads"]["abc"]["END"])
-    assert data["sanity"]["head_patch_exact"]["passed"] is True
+    assert data["sanity"]["patch_writes_exactly"]["passed"] is True
     loaded = IOIResult.load(tmp_path)
     assert loaded.to_dataframe().equals(result.to_dataframe())
     assert loaded.baseline == json.loads(json.dumps(result.baseline))
@@ -120,7 +121,7 @@ def test_silent_noop_patch_is_caught(tiny_lm, monkeypatch):
     monkeypatch.setattr(patching, "_patch_fn", lambda *a, **k: (lambda act: None))
     bad = run_ioi(lm=tiny_lm, n_pairs=3, designs=("swap",), head_sweep=False, progress=False)
     assert not bad.passed
-    assert not bad.sanity["head_patch_exact"]["passed"]
+    assert not bad.sanity["patch_writes_exactly"]["passed"]
     assert not bad.sanity["hidden_patch_reproduces_donor"]["passed"]
 
 
@@ -135,6 +136,9 @@ def test_cli_writes_report_folder(gpt2_dir, tmp_path, capsys):
     assert data["model"]["source"] == "local" and data["model"]["architecture"] == "gpt2"
     report = (out / "report.md").read_text()
     assert "Sanity checks: **PASSED**" in report and "## Findings, donor design `abc`" in report
+    for name in ("patch_writes_exactly", "donor_differs_from_recipient", "dla_matches_attention_output",
+                 "gap_matches_forward", "path_patch_identity"):
+        assert f"| {name}" in report  # the sanity table names the checks
     assert (out / "layers.png").read_bytes()[:4] == b"\x89PNG"
 
 

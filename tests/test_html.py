@@ -43,7 +43,11 @@ def test_report_html_renders_in_chromium(chromium, page, tmp_path):
     assert pixels.shape[:2] == (1600, 1200)
     assert pixels.std() > 0.05 and (pixels < 0.5).mean() > 0.005, "the screenshot is blank"
     dom = _browser(chromium, tmp_path, "--dump-dom", page.as_uri()).stdout
-    assert '<table id="sanity">' in dom and dom.count('class="pass"') == 8 and 'class="fail"' not in dom
+    assert '<table id="sanity">' in dom and dom.count('class="pass"') == 12 and 'class="fail"' not in dom
+    for name in ("patch_writes_exactly", "donor_differs_from_recipient", "dla_matches_attention_output",
+                 "gap_matches_forward", "path_patch_identity", "fast_path_matches_reference"):
+        assert f'<td style="text-align:left">{name}</td>' in dom  # every check is named, with what it asserts
+    assert "independent one-forward-per-patch reference" in dom
     assert 'id="status"' in dom and "PASSED" in dom
     assert '<svg class="heatmap" id="heatmap-swap"' in dom and "<title>layer 2, head 3: Δ logit diff" in dom
     assert dom.count('src="data:image/png;base64,') >= 2  # plots are embedded, not linked

@@ -1,9 +1,9 @@
 """actpatch: activation patching for HuggingFace causal LMs, built around the IOI task.
 
 Data flows one way through small modules (the order is README's Layout line, checked by a test):
-placement -> adapters -> models -> sites -> hooks -> ioi -> batch -> capture -> checkpoint -> prefix
--> planning -> patching -> distributed -> metrics -> attribution -> heads -> gap -> paths -> analysis
--> sanity -> results -> config -> experiments -> plots -> report -> htmlreport -> outputs -> compare -> cli.
+placement -> adapters -> models -> sites -> hooks -> ioi -> batch -> capture -> reference -> checkpoint
+-> prefix -> planning -> patching -> distributed -> metrics -> attribution -> heads -> gap -> paths -> analysis
+-> sanity -> audit -> results -> config -> experiments -> plots -> report -> htmlreport -> outputs -> compare -> cli.
 
     import actpatch
     result = actpatch.run_ioi(n_pairs=16)          # bundled SmolLM2-135M, offline

@@ -63,23 +63,36 @@ class Architecture:
     # or "per_head" ([q k v] per head, GPT-NeoX)
     qkv: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
     qkv_layout: str = "separate"
+    # a norm applied to the attention output before it joins the residual stream (Gemma 2/3, OLMo 2)
+    attn_post_norm: str | None = None
+    # the module whose first input is the residual stream between attention and MLP (h + attention's
+    # write); the sanity checks measure what attention really wrote from it. Unused with a parallel residual.
+    resid_mid: str = "post_attention_layernorm"
 
 
 ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture(
         name="gpt2", model_types=("gpt2",), blocks="transformer.h", attn_out="attn.c_proj",
         mlp="mlp", final_norm="transformer.ln_f", n_heads=lambda c: c.n_head, d_head=lambda c: c.n_embd // c.n_head, conv1d=True,
-        qkv=("attn.c_attn",), qkv_layout="qkv_blocks",
+        qkv=("attn.c_attn",), qkv_layout="qkv_blocks", resid_mid="ln_2",
     ),
     Architecture(
-        name="llama", model_types=("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2"),
+        name="llama", model_types=("llama", "mistral", "qwen2", "qwen3", "olmo", "gemma"),
         blocks="model.layers", attn_out="self_attn.o_proj", mlp="mlp", final_norm="model.norm",
         n_heads=lambda c: c.num_attention_heads, d_head=_d_head,
     ),
-    Architecture(
-        name="gemma", model_types=("gemma", "gemma2", "gemma3", "gemma3_text"),
+    Architecture(  # post-norms: the attention output is normalised before the residual add
+        name="gemma2", model_types=("gemma2", "gemma3", "gemma3_text"),
         blocks="model.layers", attn_out="self_attn.o_proj", mlp="mlp", final_norm="model.norm",
         n_heads=lambda c: c.num_attention_heads, d_head=_d_head,
+        attn_post_norm="post_attention_layernorm", resid_mid="pre_feedforward_layernorm",
+    ),
+    Architecture(  # no pre-norms; q_norm / k_norm normalise the whole projection, so q and k are read after them
+        name="olmo2", model_types=("olmo2",),
+        blocks="model.layers", attn_out="self_attn.o_proj", mlp="mlp", final_norm="model.norm",
+        n_heads=lambda c: c.num_attention_heads, d_head=_d_head,
+        qkv=("self_attn.q_norm", "self_attn.k_norm", "self_attn.v_proj"),
+        attn_post_norm="post_attention_layernorm", resid_mid="mlp",
     ),
     Architecture(
         name="gpt_neox", model_types=("gpt_neox",), blocks="gpt_neox.layers",
@@ -91,7 +104,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         name="gpt_neo", model_types=("gpt_neo",), blocks="transformer.h",
         attn_out="attn.attention.out_proj", mlp="mlp", final_norm="transformer.ln_f",
         n_heads=lambda c: c.num_heads, d_head=lambda c: c.hidden_size // c.num_heads,
-        qkv=("attn.attention.q_proj", "attn.attention.k_proj", "attn.attention.v_proj"),
+        qkv=("attn.attention.q_proj", "attn.attention.k_proj", "attn.attention.v_proj"), resid_mid="ln_2",
     ),
 )
 
@@ -168,6 +181,26 @@ class Adapter:
 
     def mlp(self, layer: int) -> nn.Module:
         return _attr_path(self.blocks[layer], self.arch.mlp)
+
+    def attn_post_norm(self, layer: int) -> nn.Module | None:
+        """The norm between the attention output projection and the residual add, if the family has one."""
+        return None if self.arch.attn_post_norm is None else _attr_path(self.blocks[layer], self.arch.attn_post_norm)
+
+    @property
+    def parallel_residual(self) -> bool:
+        """True when attention and MLP both read the block input (GPT-NeoX's default, GPT-J)."""
+        return bool(getattr(self.model.config, "use_parallel_residual", False))
+
+    def resid_mid(self, layer: int) -> nn.Module | None:
+        """The module whose first input is the block input plus what attention wrote (None: parallel residual)."""
+        return None if self.parallel_residual else _attr_path(self.blocks[layer], self.arch.resid_mid)
+
+    def attn_written(self, layer: int, attn_out: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        """What the attention block adds to the residual stream, given the output projection's output."""
+        norm = self.attn_post_norm(layer)
+        if norm is None:
+            return attn_out
+        return norm(attn_out.to(execution_device(norm))).to(attn_out.device)
 
     def final_norm(self) -> nn.Module:
         return _attr_path(self.model, self.arch.final_norm)

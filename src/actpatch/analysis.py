@@ -23,7 +23,7 @@ import torch
 from .batch import PairBatch
 from .capture import ActivationCache
 from .gap import gap_account
-from .heads import PAPER_GPT2_HEADS, characterise, classify
+from .heads import PAPER_GPT2_HEADS, HeadProfile, characterise, classify
 from .metrics import logit_diff
 from .models import LoadedModel
 from .patching import run_chunk
@@ -39,12 +39,11 @@ def _grid(t: torch.Tensor) -> list[list[float]]:
     return [[round(float(v), 4) for v in row] for row in t]
 
 
-def head_analysis(lm: LoadedModel, batch: PairBatch) -> dict:
-    """Characterise and classify every head on ``batch``'s recipients; JSON-ready."""
-    names = torch.unique(torch.cat([batch.answer_ids, batch.wrong_ids]))
-    log.info("characterising %d heads on %d recipients (%d names for the copy score)",
-             lm.adapter.n_layers * lm.adapter.n_heads, len(batch), len(names))
-    prof = characterise(lm, batch, names)
+def head_analysis(lm: LoadedModel, batch: PairBatch, prof: HeadProfile | None = None) -> dict:
+    """Characterise (unless ``prof`` is given) and classify every head on ``batch``'s recipients; JSON-ready."""
+    if prof is None:
+        log.info("characterising %d heads on %d recipients", lm.adapter.n_layers * lm.adapter.n_heads, len(batch))
+        prof = characterise(lm, batch)
     classes = classify(prof)
     out = {
         "attention": {k: _grid(v) for k, v in prof.attention.items()}, "dla": _grid(prof.dla),
@@ -61,7 +60,8 @@ def head_analysis(lm: LoadedModel, batch: PairBatch) -> dict:
     return out
 
 
-def _heads_of(classes: Sequence[dict], name: str) -> list[tuple[int, int]]:
+def heads_of(classes: Sequence[dict], name: str) -> list[tuple[int, int]]:
+    """The (layer, head) pairs ``classify`` gave the class ``name``."""
     return [(c["layer"], c["head"]) for c in classes if name in c["classes"]]
 
 
@@ -105,7 +105,7 @@ def design_analysis(
     def ld(logits: torch.Tensor) -> float:
         return float(logit_diff(logits.cpu(), ans, wrong).mean())
 
-    s_inhib, movers = _heads_of(classes, "S-inhibition"), _heads_of(classes, "name mover")
+    s_inhib, movers = heads_of(classes, "S-inhibition"), heads_of(classes, "name mover")
     if s_inhib:
         senders = [HeadSite(L, h, "END") for L, h in s_inhib]
         result["paths"].append({"what": "patch S-inhibition-like heads at END (ordinary activation patching)",

@@ -19,6 +19,7 @@ import os
 import shlex
 import shutil
 import sys
+import traceback
 import warnings
 from contextlib import contextmanager
 from functools import partial
@@ -337,6 +338,11 @@ def main(argv: list[str] | None = None) -> int:
         print("actpatch: interrupted; hooks were removed, the model was left as loaded, and no results were "
               "written", file=sys.stderr)
         return 130
+    except Exception:  # a bug, not bad input: exit status 1 stays reserved for failed sanity checks
+        traceback.print_exc()
+        print("actpatch: internal error (the traceback above); this is a bug in actpatch, please report it with the "
+              "command line. Hooks were removed and no results were written.", file=sys.stderr)
+        return 3
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)

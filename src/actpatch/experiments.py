@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from . import __version__ as actpatch_version
-from .analysis import design_analysis, head_analysis
+from .analysis import design_analysis, head_analysis, heads_of
+from .audit import check_dla, check_gap, check_path_identity
 from .attribution import Attribution, attribute
 from .batch import PairBatch, tokenize_pairs
 from .capture import capture
@@ -31,6 +32,7 @@ from .checkpoint import Checkpoint, sweep_fingerprint
 from .config import IOIConfig, environment
 from .distributed import sharded_patch_variants
 from .errors import ConfigError
+from .heads import characterise
 from .hooks import count_hooks
 from .ioi import POSITION_NAMES, denoising, generate_pairs, load_pairs_file
 from .metrics import ioi_scores, normalised_effect
@@ -157,6 +159,8 @@ def run_design(
     analysis = None
     if classes is not None:
         analysis = design_analysis(lm, batch, rec_cache, don_cache, rows, classes, rec["mean_logit_diff"])
+        checks.append(check_gap(lm, batch, analysis["gap"]))
+        checks.append(check_path_identity(lm, batch, rec_cache, rec_logits, heads_of(classes, "name mover")))
     return baseline, rows, checks, analysis
 
 
@@ -237,8 +241,12 @@ def run_ioi(
     hooks_before = count_hooks(lm.model)
     baseline, cells, sanity = {"designs": {}}, [], {}
     analysis: dict = {}
+    dla_check = None
     if cfg.analysis:  # on the clean prompts, the same for every design: characterise the heads once
-        analysis = {"heads": head_analysis(lm, clean), "designs": {}}
+        log.info("characterising %d heads on %d recipients", lm.adapter.n_layers * lm.adapter.n_heads, len(clean))
+        profile = characterise(lm, clean)
+        analysis = {"heads": head_analysis(lm, clean, profile), "designs": {}}
+        dla_check = check_dla(lm, clean, profile)
     weight_sums = parameter_sums(lm.model) if checkpoint_dir is not None else None  # read every weight once
     for design, batch in batches.items():
         log.info("design %s: %d pairs, %d tokens wide", design, len(batch), batch.recipient_ids.shape[1])
@@ -251,6 +259,8 @@ def run_ioi(
         cells.extend(rows)
         for check in checks:
             sanity.setdefault(check.name, {})[design] = check.to_dict()
+    if dla_check is not None:
+        sanity[dla_check.name] = {"clean": dla_check.to_dict()}
     sanity["no_hooks_left"] = {"all": check_no_hooks_left(lm, hooks_before).to_dict()}
     first = next(iter(baseline["designs"].values()))["recipient"]
     baseline.update({**first, "n_pairs": len(next(iter(batches.values())))})

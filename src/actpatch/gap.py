@@ -11,6 +11,7 @@ gives, per layer and at END (the position the answer is read from):
 - ``hidden_delta``: ||h_L' - h_L|| / ||h_L||, the change a hidden-state patch writes (h' = donor);
 - ``heads_delta``: ||a_L' - a_L|| / ||h_L||, the change an all-heads patch writes;
 - ``attn_share``: ||a_L|| / ||h_L||, the attention block's share of the residual stream;
+  (under a post-attention norm, Gemma 2/3 and OLMo 2, a_L is the norm's output: what attention writes);
 - ``hidden_direct`` / ``heads_direct``: the part of each patch's effect on the logit difference
   that goes straight to the unembedding: the written change through the final norm (its scale
   frozen at the recipient's run) onto W_U[IO] - W_U[S], mean over pairs;
@@ -44,8 +45,9 @@ def gap_account(
         for L in range(a.n_layers):
             h = rows_at(recipient[HiddenSite(L)], end, dev).float()  # (B, D)
             dh = rows_at(donor[HiddenSite(L)], end, dev).float() - h
-            att = rows_at(recipient[AttnOutSite(L)], end, dev).float()
-            datt = rows_at(donor[AttnOutSite(L)], end, dev).float() - att
+            # what attention writes into the residual stream (through the post-norm of Gemma 2/3 and OLMo 2)
+            att = a.attn_written(L, rows_at(recipient[AttnOutSite(L)], end, dev)).float()
+            datt = a.attn_written(L, rows_at(donor[AttnOutSite(L)], end, dev)).float() - att
             norm = h.norm(dim=-1)  # (B,)
             rec = {
                 "layer": L, "resid_norm": float(norm.mean()),

@@ -21,7 +21,7 @@ Definitions (Wang et al. 2022, "Interpretability in the wild"):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -35,7 +35,7 @@ from .hooks import hooks
 from .metrics import logit_diff
 from .models import LoadedModel
 from .placement import execution_device, onloaded
-from .sites import HeadSite, HiddenSite
+from .sites import AttnOutSite, HeadSite, HiddenSite
 
 ATTENTION_PAIRS = {"END->IO": ("END", "IO"), "END->S1": ("END", "S1"), "END->S2": ("END", "S2"),
                    "S2->S1": ("S2", "S1"), "S2->S1+1": ("S2", "S1+1"), "S1+1->S1": ("S1+1", "S1")}
@@ -62,7 +62,7 @@ class HeadProfile:
     neg_copy: Float[Tensor, "layer head"]
     recipient_logit_diff: float
     n_names: int
-    axes: tuple[str, str] = field(default=("layer", "head"))
+    bias_dla: Float[Tensor, "layer"] | None = None  # the output projection's bias, per layer (None: no bias)
 
 
 def frozen_norm(norm: nn.Module, x: Float[Tensor, "batch d"]):
@@ -86,10 +86,12 @@ def frozen_norm(norm: nn.Module, x: Float[Tensor, "batch d"]):
         def f(c: Tensor) -> Tensor:
             return c.float() * scale * gain
         bias = None  # RMSNorm has none
+    own = weight.dtype if weight is not None else x.dtype  # the norm runs in its own (the model's) dtype
     with torch.no_grad():
-        expected = norm(x.to(execution_device(norm))).float().to(x.device)  # a device map may put it elsewhere
+        expected = norm(x.to(execution_device(norm), own)).float().to(x.device)  # a device map may put it elsewhere
         got = f(x) + (0 if bias is None else bias.float())
-    tol = 1e-3 if x.dtype in (torch.float32, torch.float64) else 5e-2  # the norm itself ran in half precision
+    full = all(t in (torch.float32, torch.float64) for t in (x.dtype, own))
+    tol = 1e-3 if full else 5e-2  # the norm itself ran in half precision
     if not torch.allclose(got, expected, rtol=tol, atol=tol * float(expected.abs().max()) + 1e-6):
         raise UnsupportedArchitectureError(
             f"cannot linearise the final norm {type(norm).__name__}: expected a LayerNorm or RMSNorm, and the "
@@ -120,6 +122,7 @@ def _recipient_run(lm: LoadedModel, batch: PairBatch) -> tuple[dict[int, Tensor]
         return fn
 
     sites = [HeadSite(L) for L in range(a.n_layers)] + [HiddenSite(a.n_layers - 1)]
+    sites += [AttnOutSite(L) for L in range(a.n_layers) if a.attn_post_norm(L) is not None]  # post-norm scales
     with hooks([(a.attention(L), "result", keep(L)) for L in range(a.n_layers)]):
         cache, logits = capture(lm, batch.recipient_ids, batch, sites)
     return weights, cache, logits
@@ -139,29 +142,60 @@ def _attention(weights: dict[int, Tensor], batch: PairBatch) -> dict[str, Tensor
     return result
 
 
+def ld_readout(lm: LoadedModel, batch: PairBatch, resid_end: Float[Tensor, "batch d_model"]) -> Callable[[Tensor], Tensor]:
+    """g(x) = (x through the final norm, its scale frozen at ``resid_end``) . (W_U[IO] - W_U[S]), per pair:
+    (..., B, D) -> (..., B). ``resid_end``: the recipient's last residual stream at END, (B, D)."""
+    dev = execution_device(lm.model.get_output_embeddings())  # the read-out's device (a device map may split the model)
+    f = frozen_norm(lm.adapter.final_norm(), resid_end.to(dev))
+    direction = ld_direction(lm, batch, dev)  # (B, D)
+    return lambda x: (f(x.to(dev)) * direction).sum(-1)
+
+
 def direct_readout(
     lm: LoadedModel, batch: PairBatch, recipient: ActivationCache,
 ) -> tuple[torch.device, Tensor, Callable[[Tensor], Tensor]]:
-    """The direct path to LD at END: (device, END indices there, g) with g(x) = (x through the final norm,
-    its scale frozen at the recipient's last residual) . (W_U[IO] - W_U[S]), per pair: (..., B, D) -> (..., B).
-    ``recipient`` needs the last layer's HiddenSite."""
-    dev = execution_device(lm.model.get_output_embeddings())  # the read-out's device (a device map may split the model)
+    """The direct path to LD at END: (device, END indices there, ``ld_readout`` frozen at the recipient's last
+    residual). ``recipient`` needs the last layer's HiddenSite."""
+    dev = execution_device(lm.model.get_output_embeddings())
     end = batch.position("END").to(dev)
-    f = frozen_norm(lm.adapter.final_norm(), rows_at(recipient[HiddenSite(lm.adapter.n_layers - 1)], end, dev))
-    direction = ld_direction(lm, batch, dev)  # (B, D)
-    return dev, end, lambda x: (f(x) * direction).sum(-1)
+    return dev, end, ld_readout(lm, batch, rows_at(recipient[HiddenSite(lm.adapter.n_layers - 1)], end, dev))
 
 
-def _dla(lm: LoadedModel, batch: PairBatch, cache: ActivationCache, logits: Tensor) -> tuple[Tensor, float]:
+def head_writes(
+    lm: LoadedModel, layer: int, cache: ActivationCache, end: Tensor, dev,
+) -> tuple[Float[Tensor, "head batch d_model"], Float[Tensor, "batch d_model"] | None]:
+    """What each head of ``layer`` writes into the residual stream at END, and the bias term (or None).
+
+    z_h W_O[h] (and b_O), passed through the attention post-norm when the family has one (Gemma 2/3,
+    OLMo 2), linearised with its scale frozen at the recipient's attention output, the same way the
+    final norm is: then the heads' writes plus the bias's sum to what the attention block really wrote.
+    ``cache`` needs HeadSite(layer), and AttnOutSite(layer) under a post-norm.
+    """
+    a = lm.adapter
+    z = rows_at(cache[HeadSite(layer)], end, dev).float()  # (B, H, Dh)
+    per_head = torch.einsum("bhd,hde->hbe", z, a.head_weights(layer).to(dev).float())  # (H, B, D)
+    bias = a.head_bias(layer)
+    bias = None if bias is None else bias.to(dev).float().expand(z.shape[0], -1)  # (B, D)
+    norm = a.attn_post_norm(layer)
+    if norm is not None:
+        post = frozen_norm(norm, rows_at(cache[AttnOutSite(layer)], end, dev))  # scale of the real output
+        per_head = post(per_head)
+        bias = None if bias is None else post(bias)
+    return per_head, bias
+
+
+def _dla(lm: LoadedModel, batch: PairBatch, cache: ActivationCache) -> tuple[Tensor, Tensor | None]:
+    """(L, H) DLA of every head, and (L,) the bias's (None without a bias)."""
     a = lm.adapter
     dev, end, direct = direct_readout(lm, batch, cache)
-    out = []
+    heads, biases = [], []
     with torch.inference_mode():
         for L in range(a.n_layers):
-            z = rows_at(cache[HeadSite(L)], end, dev).float()  # (B, H, Dh)
-            per_head = torch.einsum("bhd,hde->hbe", z, a.head_weights(L).to(dev).float())  # (H, B, D)
-            out.append(direct(per_head).mean(-1))  # (H,)
-    return torch.stack(out).cpu(), float(logit_diff(logits.cpu(), batch.answer_ids, batch.wrong_ids).mean())
+            per_head, bias = head_writes(lm, L, cache, end, dev)  # (H, B, D), (B, D)
+            heads.append(direct(per_head).mean(-1))  # (H,)
+            biases.append(None if bias is None else direct(bias).mean())
+    bias_dla = None if biases[0] is None else torch.stack(biases).cpu()
+    return torch.stack(heads).cpu(), bias_dla
 
 
 def _copy_scores(lm: LoadedModel, name_ids: Int[Tensor, "n"], top: int = 5) -> tuple[Tensor, Tensor]:
@@ -189,6 +223,9 @@ def _copy_scores(lm: LoadedModel, name_ids: Int[Tensor, "n"], top: int = 5) -> t
         for L in range(a.n_layers):
             zz = z[L][:, 0].view(len(ids), a.n_heads, a.d_head)  # (N, H*Dh) -> (N, H, Dh)
             ov = torch.einsum("nhd,hde->hne", zz, a.head_weights(L))  # (H, N, D)
+            post = a.attn_post_norm(L)
+            if post is not None:  # Gemma 2/3, OLMo 2: what the head writes passes the post-norm (sign-symmetric)
+                ov = post(ov.to(execution_device(post)))
             ov = ov.to(execution_device(norm))
             for sign, target in ((1.0, copy), (-1.0, neg)):
                 logits = w_u(norm(sign * ov).to(execution_device(w_u)))  # (H, N, V)
@@ -219,9 +256,10 @@ def characterise(lm: LoadedModel, batch: PairBatch, name_ids: Int[Tensor, "n"] |
         name_ids = torch.unique(torch.cat([batch.answer_ids, batch.wrong_ids]))
     weights, cache, logits = _recipient_run(lm, batch)
     attention = _attention(weights, batch)
-    dla, ld = _dla(lm, batch, cache, logits)
+    dla, bias_dla = _dla(lm, batch, cache)
+    ld = float(logit_diff(logits.cpu(), batch.answer_ids, batch.wrong_ids).mean())
     copy, neg = _copy_scores(lm, name_ids)
-    return HeadProfile(attention, dla, copy, neg, ld, len(name_ids))
+    return HeadProfile(attention, dla, copy, neg, ld, len(name_ids), bias_dla)
 
 
 def classify(prof: HeadProfile, attn: float = 0.3, copy: float = 0.5, dla_share: float = 0.05) -> list[dict]:

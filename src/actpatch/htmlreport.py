@@ -22,6 +22,7 @@ import pandas as pd
 
 from .report import GAP_HEADERS, findings, gap_rows, gap_text
 from .results import IOIResult
+from .sanity import CHECK_DESCRIPTIONS
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
@@ -101,9 +102,10 @@ def _sanity_table(result: IOIResult) -> str:
     for name, check in result.sanity.items():
         cls, word = ("pass", "pass") if check["passed"] else ("fail", "FAIL")
         rows.append(f'<tr><td style="text-align:left">{html.escape(name)}</td><td class="{cls}">{word}</td>'
+                    f'<td style="text-align:left">{html.escape(CHECK_DESCRIPTIONS.get(name, ""))}</td>'
                     f'<td style="text-align:left">{html.escape(str(check["detail"]))}</td></tr>')
-    return ('<table id="sanity"><thead><tr><th>check</th><th>result</th><th>detail</th></tr></thead><tbody>'
-            + "".join(rows) + "</tbody></table>")
+    return ('<table id="sanity"><thead><tr><th>check</th><th>result</th><th>what it asserts</th><th>detail</th></tr>'
+            '</thead><tbody>' + "".join(rows) + "</tbody></table>")
 
 
 CAPTIONS = {

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import logging
 import importlib.util
 import os
 import shutil
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 from .adapters import Adapter, get_adapter
-from .errors import ConfigError, ModelLoadError
+from .errors import ConfigError, ModelLoadError, UnsupportedArchitectureError
 from .placement import execution_device
 
 BUNDLED = {
@@ -43,6 +44,7 @@ BUNDLED = {
         "assemble": "gemma-3-270m-q4_k_m.gguf", "hf_id": "google/gemma-3-270m",
     },
 }
+log = logging.getLogger(__name__)
 DEFAULT_MODEL = "smollm2-135m"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -298,16 +300,48 @@ def load_model(
     return wrap_model(model, tok, info)
 
 
+def _force_eager(model: nn.Module) -> str:
+    """Switch ``model`` to eager attention; returns what is recorded (``"eager"`` or ``"eager (was sdpa)"``).
+
+    The fast path replays positions p.. with the recipient's cached keys and values. Under SDPA with no
+    padding transformers passes no mask and sets ``is_causal``, which torch aligns top-left when there are
+    fewer queries than keys: query p+i would see keys 0..i only. Eager attention always builds the full
+    4-D mask, and it also returns the attention weights the head analysis reads.
+    """
+    current = getattr(model.config, "_attn_implementation", None)
+    if current == "eager":
+        return "eager"
+    try:
+        model.set_attn_implementation("eager")
+    except (AttributeError, ValueError) as exc:
+        raise UnsupportedArchitectureError(
+            f"actpatch needs eager attention, and this model (attention {current!r}) cannot switch to it: {exc}. "
+            "Load it with attn_implementation='eager'."
+        ) from exc
+    if getattr(model.config, "_attn_implementation", None) != "eager":
+        raise UnsupportedArchitectureError(
+            f"actpatch needs eager attention; the model kept {model.config._attn_implementation!r}. "
+            "Load it with attn_implementation='eager'."
+        )
+    log.info("switched the model from %s to eager attention (needed for prefix reuse and attention weights)", current)
+    return f"eager (was {current})"
+
+
 def wrap_model(model: nn.Module, tokenizer: object, info: dict[str, object] | None = None) -> LoadedModel:
     """Wrap an already-built HF causal LM (e.g. a random-init test model) as a ``LoadedModel``.
+
+    The model is switched to eager attention if it uses another implementation (SDPA, flash): the
+    fast path's suffix replays and the head analysis need it. ``info["attn_implementation"]`` says so.
 
     Example::
 
         lm = wrap_model(GPT2LMHeadModel(GPT2Config(n_layer=2)), tokenizer)
     """
     adapter = get_adapter(model)
+    attn = _force_eager(model)
     full = {"model_id": getattr(model.config, "name_or_path", None) or "in-memory", "source": "object"}
     full.update(info or {})
     full.update(adapter.describe())
+    full["attn_implementation"] = attn
     full["n_params"] = sum(p.numel() for p in model.parameters())
     return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, info=full)

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from .batch import PairBatch
 from .capture import ActivationCache, last_logits, nonfinite_rows
 from .checkpoint import Checkpoint
-from .errors import NumericalError
+from .errors import DataError, NumericalError
 from .hooks import HookSpec, hooks
 from .models import LoadedModel
 from .placement import execution_device
@@ -41,26 +41,31 @@ log = logging.getLogger(__name__)
 Reduce = Callable[[Float[Tensor, "k batch vocab"]], Mapping[str, Float[Tensor, "k batch"]]]
 
 
-def _patch_fn(entries: list, k: int, n_rows: int, n_heads: int, d_head: int, is_head: bool):
-    """The hook body for one module: apply every (variant j, site) patch of this chunk."""
+def _patch_fn(entries: list, k: int, n_rows: int, n_heads: int, d_head: int, is_head: bool, start: int):
+    """The hook body for one module: apply every (variant j, site) patch of this chunk.
+
+    ``start``: the first position the forward pass computes (0 for a full pass; p for a prefix-reuse
+    replay of positions p..). Donor values are full width; position t of the run is donor position start + t.
+    """
 
     def fn(act: Tensor) -> Tensor:
-        new = act.clone()
         T = act.shape[1]
-        # a run that starts at position p (prefix reuse) sees only positions p..; donor values are full length
-        offset = entries[0][1].shape[1] - T if entries else 0
+        width = entries[0][1].shape[1]
+        if start + T != width:  # never guess the offset: a wrong one shifts every write silently
+            raise RuntimeError(f"patch hook saw {T} positions from position {start}, expected {width - start}")
+        new = act.clone()
         if is_head:
             view = new.view(k, n_rows, T, n_heads, d_head)  # (k*B, T, H*Dh) -> (k, B, T, H, Dh)
         else:
             view = new.view(k, n_rows, *act.shape[1:])  # (k*B, T, D) -> (k, B, T, D)
         rows = torch.arange(n_rows, device=act.device)
         for j, src, idx, heads in entries:
-            src = src[:, offset:].to(device=act.device, dtype=act.dtype)
+            src = src[:, start:].to(device=act.device, dtype=act.dtype)
             live = None
             if idx is not None:
                 # no-ops unless a pre-hook sees its input before accelerate moved it across a device split
-                idx = idx.to(act.device) - offset
-                if offset:
+                idx = idx.to(act.device) - start
+                if start:
                     # A position before the run's start lies in the donor/recipient shared prefix (see
                     # variant_start), where the donor's activation is the recipient's: such rows keep
                     # their own value (a masked write, not a boolean index: no host sync on CUDA).
@@ -84,10 +89,24 @@ def _patch_fn(entries: list, k: int, n_rows: int, n_heads: int, d_head: int, is_
     return fn
 
 
+def _check_donor(site: Site, src: Tensor, batch: PairBatch) -> None:
+    """A donor activation must have been captured on this batch: one row per pair, the batch's padded width."""
+    want = (len(batch), batch.recipient_ids.shape[1])
+    if tuple(src.shape[:2]) != want:
+        raise DataError(
+            f"the donor activation for {site!r} has {src.shape[0]} rows x {src.shape[1]} positions, but this batch "
+            f"has {want[0]} pairs x {want[1]} positions; capture the donor on the same batch "
+            "(capture(lm, batch.donor_ids, batch, sites)), or select the same rows of both (batch.select)."
+        )
+
+
 def patch_hooks(
-    lm: LoadedModel, batch: PairBatch, donor: ActivationCache, chunk: Sequence[Sequence[Site]]
+    lm: LoadedModel, batch: PairBatch, donor: ActivationCache, chunk: Sequence[Sequence[Site]], start: int = 0,
 ) -> list[HookSpec]:
-    """Hook specs that patch ``chunk[j]``'s sites into the j-th copy of the recipient batch."""
+    """Hook specs that patch ``chunk[j]``'s sites into the j-th copy of the recipient batch.
+
+    ``start``: the first position the patched forward pass computes (prefix reuse), 0 for a full pass.
+    """
     adapter = lm.adapter
     lengths = batch.attention_mask.sum(dim=1)
     by_module: dict[tuple[int, bool], tuple] = {}
@@ -95,6 +114,7 @@ def patch_hooks(
         for site in variant:
             site.validate(adapter)
             src = donor[site]  # SiteError naming what the cache holds, before any hook is registered
+            _check_donor(site, src, batch)
             module = site.module(adapter)
             dev = execution_device(module)  # index tensors made once per chunk, where the hook runs
             idx = resolve_pos(site.pos, batch.positions, lengths)
@@ -104,23 +124,25 @@ def patch_hooks(
             entry[3].append((j, src, idx, heads))
     return [
         (module, "input" if reads_input else "output",
-         _patch_fn(entries, len(chunk), len(batch), adapter.n_heads, adapter.d_head, is_head))
+         _patch_fn(entries, len(chunk), len(batch), adapter.n_heads, adapter.d_head, is_head, start))
         for module, reads_input, is_head, entries in by_module.values()
     ]
 
 
 @contextmanager
 def patched(
-    lm: LoadedModel, batch: PairBatch, donor: ActivationCache, chunk: Sequence[Sequence[Site]]
+    lm: LoadedModel, batch: PairBatch, donor: ActivationCache, chunk: Sequence[Sequence[Site]], start: int = 0,
 ) -> Iterator[None]:
     """Context in which forward passes over ``len(chunk)`` stacked recipient copies are patched.
+
+    ``start`` is the first position those passes compute: 0 for full passes (prefix reuse passes p).
 
     Example::
 
         with patched(lm, batch, donor, [[HeadSite(9, 6)]]):
             logits = last_logits(lm, batch.recipient_ids, batch.attention_mask, batch.position("END"))
     """
-    with hooks(patch_hooks(lm, batch, donor, chunk)):
+    with hooks(patch_hooks(lm, batch, donor, chunk, start)):
         yield
 
 
@@ -146,15 +168,18 @@ def run_chunk(
     dev = lm.device
     end = batch.position("END").to(dev)
     exact = batch.answer_columns()  # (B, 2): IO and S logits in float32 even in half precision
-    with torch.inference_mode(), patched(lm, batch, donor, chunk):
+    if state is None:
+        start = pos = 0
+    else:
+        starts = [variant_start(v, batch, shared) for v in chunk]
+        start, pos = min(s[0] for s in starts), min(s[1] for s in starts)  # each bound on its own
+    with torch.inference_mode(), patched(lm, batch, donor, chunk, start=pos):
         if state is None:
             ids = batch.recipient_ids.to(dev).repeat(k, 1)  # (k*B, T), variant-major
             mask = batch.attention_mask.to(dev).repeat(k, 1)
             cols = None if columns is None else columns.repeat(k, 1)  # (k*B, n)
             logits = last_logits(lm, ids, mask, end.repeat(k), cols, exact.repeat(k, 1))  # (k*B, V)
         else:
-            starts = [variant_start(v, batch, shared) for v in chunk]
-            start, pos = min(s[0] for s in starts), min(s[1] for s in starts)  # each bound on its own
             logits = state.run(lm, end, start=start, pos=pos, copies=k, columns=columns, exact=exact)
     return logits.view(k, len(batch), -1)
 

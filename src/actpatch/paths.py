@@ -13,6 +13,8 @@ Three runs:
 3. the recipient run with only the receivers' inputs replaced by the recorded ones.
 The result is the END logits of run 3 (for ``"logits"``, of run 2). Under grouped-query attention a
 query head's k and v belong to its KV group, so a k or v receiver changes every head of the group.
+Where q and k are normalised over the whole projection (OLMo 2's ``q_norm``/``k_norm``), receivers read
+and write them after that norm, so one head's slice never leaks into the others.
 """
 
 from __future__ import annotations
@@ -104,8 +106,18 @@ def path_patch(
     """
     if not senders or not receivers:
         raise SiteError("path patching needs at least one sender head and one receiver")
+    return paths_run(lm, batch, donor, senders, receivers, freeze_mlps=freeze_mlps, recipient=recipient)
+
+
+def paths_run(
+    lm: LoadedModel, batch: PairBatch, donor: ActivationCache, senders: Sequence[HeadSite], receivers: Sequence[Receiver],
+    *, freeze_mlps: bool = False, recipient: ActivationCache | None = None,
+) -> Float[Tensor, "batch vocab"]:
+    """``path_patch`` without its argument check: with no senders it must reproduce the recipient (a sanity check)."""
     for r in receivers:
         r.validate(lm)
+    if any(r.kind == "logits" for r in receivers) and any(r.kind != "logits" for r in receivers):
+        raise SiteError("a 'logits' receiver cannot be combined with q/k/v receivers; run them separately")
     a = lm.adapter
     sites = [HeadSite(L) for L in range(a.n_layers)] + ([MlpOutSite(L) for L in range(a.n_layers)] if freeze_mlps else [])
     if recipient is None or any(site not in recipient for site in sites):
@@ -129,9 +141,7 @@ def path_patch(
     run2 += [(module, "output", record(r, view)) for r, (module, view) in slots.items()]
     with torch.inference_mode(), hooks(run2):
         logits2 = recipient_logits(lm, batch)
-    if any(r.kind == "logits" for r in receivers):
-        if slots:
-            raise SiteError("a 'logits' receiver cannot be combined with q/k/v receivers; run them separately")
+    if not slots:  # the 'logits' receiver: run 2 is the answer
         return logits2
 
     def write(r: Receiver, view):

@@ -84,9 +84,15 @@ def variant_start(variant: Sequence[Site], batch: PairBatch, shared: int = 0) ->
 
 
 def shared_prefix(batch: PairBatch) -> int:
-    """Number of leading positions where every donor row has the recipient's tokens."""
-    same = (batch.donor_ids == batch.recipient_ids).long().cumprod(dim=1)  # (B, T): 1 until the first difference
-    return int(same.sum(dim=1).min())
+    """Number of leading positions where every donor row has the recipient's tokens.
+
+    Only real tokens count (padding is never shared), and each row's END is always recomputed: a
+    control pair (donor == recipient) or a short row must still have its END inside the replay.
+    """
+    real = batch.attention_mask.bool()  # (B, T)
+    same = ((batch.donor_ids == batch.recipient_ids) & real).long().cumprod(dim=1)  # (B, T): 1 until the first difference
+    end = batch.attention_mask.sum(dim=1) - 1  # (B,) each row's last real token
+    return int(torch.minimum(same.sum(dim=1), end).min())
 
 
 def plan_chunks(

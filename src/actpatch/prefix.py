@@ -24,6 +24,7 @@ from torch import Tensor
 from transformers.cache_utils import Cache, DynamicCache
 
 from .batch import PairBatch
+from .errors import ConfigError
 from .hooks import hooks
 from .models import LoadedModel
 
@@ -48,6 +49,12 @@ class RecipientState:
     def record(cls, lm: LoadedModel, batch: PairBatch) -> "RecipientState":
         a = lm.adapter
         dev = lm.device
+        attn = getattr(lm.model.config, "_attn_implementation", "eager")
+        if attn != "eager":  # SDPA without a mask would align the replay's causal mask top-left: wrong numbers
+            raise ConfigError(
+                f"prefix reuse needs eager attention, but the model now uses {attn!r}; expected the eager attention "
+                "wrap_model/load_model set. Call lm.model.set_attn_implementation('eager') or wrap the model again."
+            )
         hidden: list = [None] * a.n_layers
         calls: list = [None] * a.n_layers
 

@@ -12,6 +12,7 @@ from tabulate import tabulate
 
 from .analysis import NEAR_FLIP, NUDGE
 from .results import IOIResult
+from .sanity import CHECK_DESCRIPTIONS
 
 STRONG = 0.3  # |normalised effect| from which an all-heads patch counts as more than a nudge
 
@@ -240,8 +241,9 @@ def render_report(result: IOIResult, plots: list[str] | None = None) -> str:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     lines += ["", "## Sanity checks", ""]
     lines.append(tabulate(
-        [[name, "pass" if c["passed"] else "**FAIL**", c["detail"]] for name, c in result.sanity.items()],
-        ["check", "result", "detail"], tablefmt="github"))
+        [[name, "pass" if c["passed"] else "**FAIL**", CHECK_DESCRIPTIONS.get(name, ""), c["detail"]]
+         for name, c in result.sanity.items()],
+        ["check", "result", "what it asserts", "detail"], tablefmt="github"))
     env = result.environment
     lines += [
         "", "## Reproduce", "",

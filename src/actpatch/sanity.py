@@ -23,10 +23,27 @@ from torch import Tensor
 from .batch import PairBatch
 from .capture import ActivationCache, recipient_logits
 from .hooks import count_hooks, hooks
-from .metrics import logit_diff
 from .models import LoadedModel
 from .patching import patched, run_chunk
-from .sites import AttnOutSite, HeadSite, HiddenSite, Site
+from .reference import reference_logit_diff, site_columns, site_positions
+from .sites import AttnOutSite, HeadSite, HiddenSite, MlpOutSite, Site
+
+
+# what each check asserts, in one line (the reports' sanity tables); README's table says it at length
+CHECK_DESCRIPTIONS = {
+    "hooks_transparent": "no-op hooks on every block and projection leave the logits bit-identical",
+    "self_patch_identity": "patching the recipient with its own activations changes nothing",
+    "patch_writes_exactly": "every kind of patch at every position writes the donor's value at exactly its entries",
+    "donor_differs_from_recipient": "the donor's activations are not the recipient's (no silent no-op patches)",
+    "hidden_patch_reproduces_donor": "a hidden-state patch at all positions reproduces the donor's logits",
+    "head_decomposition": "the heads times W_O, plus the bias, sum to the projection's output",
+    "end_logits_match_full_forward": "the END-only read-out equals model(...).logits at END",
+    "fast_path_matches_reference": "sampled sweep cells equal an independent one-forward-per-patch reference",
+    "dla_matches_attention_output": "per layer, the heads' DLA sums to the direct effect of attention's real write",
+    "gap_matches_forward": "the gap account's attention columns equal attention's measured writes",
+    "path_patch_identity": "path patching with no senders reproduces the recipient",
+    "no_hooks_left": "the model has as many hooks afterwards as before",
+}
 
 
 @dataclass(frozen=True)
@@ -90,35 +107,85 @@ def check_self_patch(lm: LoadedModel, batch: PairBatch, rec_cache: ActivationCac
     return SanityCheck("self_patch_identity", d <= tol, f"{len(variants)} self-patches: max abs dlogit = {d:.3g}", d, tol)
 
 
-def check_head_patch_exact(
-    lm: LoadedModel, batch: PairBatch, rec_cache: ActivationCache, donor_cache: ActivationCache, layers: Sequence[int]
-) -> SanityCheck:
-    """After patching one head, the o_proj input holds the donor's slice there and the recipient's elsewhere."""
+def _observer(store: list):
+    def fn(x: Tensor) -> None:
+        store.append(x.detach().clone())
+    return fn
+
+
+def _sample_sites(lm: LoadedModel, batch: PairBatch, donor_cache: ActivationCache, layers: Sequence[int]) -> list[list[Site]]:
+    """One variant per (site kind, position): that site at each checked layer. Kinds: a single head, a pair
+    of heads, all heads, hidden state, and the attention and MLP outputs when the donor cache holds them."""
     a = lm.adapter
-    problems, moved = [], 0
-    for L in _check_layers(layers):
-        head = L % a.n_heads
-        seen: list[Tensor] = []
+    checked = _check_layers(layers)
+    positions = [None, "END"] + [p for p in batch.positions if p != "END"]
+    makers = [lambda L, p: HeadSite(L, L % a.n_heads, p), lambda L, p: HeadSite(L, None, p), lambda L, p: HiddenSite(L, p)]
+    if a.n_heads > 2:
+        makers.append(lambda L, p: HeadSite(L, ((L + 1) % a.n_heads, (L + 2) % a.n_heads), p))
+    for cls in (AttnOutSite, MlpOutSite):
+        if all(cls(L) in donor_cache for L in checked):
+            makers.append(lambda L, p, c=cls: c(L, p))
+    return [[make(L, pos) for L in checked] for make in makers for pos in positions]
 
-        def observe(x: Tensor) -> None:  # a pre-hook registered after the patch sees the patched input
-            seen.append(x.detach().view(*x.shape[:-1], a.n_heads, a.d_head))  # (B, T, H*Dh) -> (B, T, H, Dh)
 
-        with torch.inference_mode(), patched(lm, batch, donor_cache, [[HeadSite(L, head)]]):
-            with hooks([(a.attn_out(L), "input", observe)]):
-                recipient_logits(lm, batch)
-        z, z_don, z_rec = seen[0].cpu(), donor_cache[HeadSite(L)].cpu(), rec_cache[HeadSite(L)].cpu()
-        others = [h for h in range(a.n_heads) if h != head]
-        if not torch.equal(z[:, :, head], z_don[:, :, head]):
-            problems.append(f"L{L}H{head} != donor")
-        if not torch.equal(z[:, :, others], z_rec[:, :, others]):
-            problems.append(f"L{L} other heads != recipient")
-        moved += int(not torch.equal(z_don[:, :, head], z_rec[:, :, head]))
-    checked = len(_check_layers(layers))
-    detail = (
-        f"{checked} single-head patches: patched slice == donor, other heads == recipient (torch.equal); "
-        f"donor differed from recipient at {moved}/{checked}"
-    )
-    return SanityCheck("head_patch_exact", not problems, detail if not problems else "; ".join(problems), None, 0.0)
+def check_patch_writes_exactly(
+    lm: LoadedModel, batch: PairBatch, donor_cache: ActivationCache, layers: Sequence[int],
+) -> SanityCheck:
+    """Every kind of patch, at every position, writes the donor's value at exactly its (row, position, head)
+    entries and leaves every other entry of the activation as it was.
+
+    Observers are plain hooks on the patched module, one registered before the patch hook (what the
+    module would have seen) and one after it (what it sees); the expected entries come from
+    ``reference.site_positions`` / ``site_columns``, not from the patch code. Padding is not compared.
+    """
+    problems, moved, n_sites = [], 0, 0
+    real = batch.attention_mask.bool()  # (B, T)
+    for variant in _sample_sites(lm, batch, donor_cache, layers):
+        before: dict[int, list] = {id(s): [] for s in variant}
+        after: dict[int, list] = {id(s): [] for s in variant}
+        where = lambda s: "input" if s.reads_input else "output"  # noqa: E731
+        with hooks([(s.module(lm.adapter), where(s), _observer(before[id(s)])) for s in variant]):
+            with patched(lm, batch, donor_cache, [variant]):
+                with hooks([(s.module(lm.adapter), where(s), _observer(after[id(s)])) for s in variant]):
+                    recipient_logits(lm, batch)
+        for s in variant:
+            n_sites += 1
+            old, got = before[id(s)][0].cpu(), after[id(s)][0].cpu()
+            src = donor_cache[s].cpu().reshape(old.shape)  # heads (B, T, H, Dh) -> (B, T, H*Dh)
+            want = old.clone()
+            for b, row in enumerate(site_positions(s, batch)):
+                for p in row:
+                    for c in site_columns(lm, s):
+                        want[b, p, c] = src[b, p, c]
+            if not torch.equal(got[real], want[real]):
+                problems.append(f"{s} wrote other entries than its own")
+            moved += int(not torch.equal(want[real], old[real]))
+    detail = (f"{n_sites} patched sites ({n_sites // max(1, len(_check_layers(layers)))} kinds x positions, layers "
+              f"{_check_layers(layers)}): the donor's value at exactly the site's (row, position, head) entries, "
+              f"every other entry untouched (torch.equal, hooks before and after the patch); {moved} of them changed a value")
+    return SanityCheck("patch_writes_exactly", not problems, detail if not problems else "; ".join(problems[:6]), None, 0.0)
+
+
+def check_donor_differs(
+    lm: LoadedModel, batch: PairBatch, rec_cache: ActivationCache, donor_cache: ActivationCache,
+) -> SanityCheck:
+    """For every pair whose donor prompt differs from its recipient, the donor's activations differ from
+    the recipient's somewhere: a donor cache captured from the recipient by mistake makes every patch a no-op."""
+    real = batch.attention_mask.bool()
+    differs = ((batch.donor_ids != batch.recipient_ids) & real).any(dim=1)  # (B,) prompts differ
+    keys = [k for k in donor_cache if k in rec_cache]
+    moved = torch.zeros(len(batch), dtype=torch.bool)
+    for k in keys:
+        d, r = donor_cache[k], rec_cache[k].to(donor_cache[k].device)
+        moved |= (d != r).flatten(1).any(dim=1).cpu()  # (B,)
+    bad = (differs & ~moved).nonzero().flatten().tolist()
+    controls = int((~differs).sum())
+    detail = (f"{int(differs.sum())} pairs with different prompts: donor activations differ from the recipient's at "
+              f"{len(keys)} cached sites" + (f"; {controls} control pairs (donor == recipient) left out" if controls else ""))
+    if bad:
+        detail = (f"pairs {bad[:8]} have different donor and recipient prompts, but identical activations at every one "
+                  f"of {len(keys)} cached sites: the donor cache holds the recipient's run, and every patch is a no-op")
+    return SanityCheck("donor_differs_from_recipient", not bad, detail)
 
 
 def check_hidden_patch_is_donor(lm: LoadedModel, batch: PairBatch, donor_cache: ActivationCache, don_logits: Tensor, layers: Sequence[int]) -> SanityCheck:
@@ -166,10 +233,12 @@ def check_last_logits_parity(lm: LoadedModel, batch: PairBatch, rec_logits: Tens
 def check_fast_path(
     lm: LoadedModel, batch: PairBatch, donor_cache: ActivationCache, variants: Sequence[Sequence[Site]], fast_ld: Tensor,
 ) -> SanityCheck:
-    """The sweep's fast path (stacked variants + prefix reuse) equals one full forward pass per patch.
+    """The sweep's fast path (stacked variants + prefix reuse) equals the independent reference patcher
+    (``actpatch.reference``: plain hooks, explicit indices, one full forward pass per patch).
 
     Recomputed: the first and last cell of every kind of patch (site type, one head or all, position),
-    so each position's prefix arithmetic is exercised, plus cells at a third and two thirds of the sweep.
+    so every named position and each position's prefix arithmetic is exercised, plus cells at a third
+    and two thirds of the sweep.
     """
     first_last: dict[tuple, list[int]] = {}
     for i, v in enumerate(variants):
@@ -179,9 +248,8 @@ def check_fast_path(
     picks = sorted(spread.union(*map(set, first_last.values())))
     d, scale = 0.0, 1.0
     for i in picks:
-        logits = run_chunk(lm, batch, donor_cache, [variants[i]])[0]
-        ref = logit_diff(logits, batch.answer_ids, batch.wrong_ids)
-        d, scale = max(d, _diff(ref.cpu(), fast_ld[i])), max(scale, float(logits.abs().max()))
+        ref = reference_logit_diff(lm, batch, donor_cache, variants[i])
+        d, scale = max(d, _diff(ref, fast_ld[i])), max(scale, float(ref.abs().max()))
     # half precision: other batch shapes may pick other kernels, whose roundings differ by a few steps
     # of the dtype at the logits' scale (float16 ~0.01, bfloat16 ~0.1 at logits of 20)
     tol = 1e-4 if lm.dtype == torch.float32 else max(5e-2, _ulps(lm, scale, 2))
@@ -190,8 +258,8 @@ def check_fast_path(
            "with the command line")
     return SanityCheck(
         "fast_path_matches_reference", d <= tol,
-        f"{len(picks)} sweep cells ({len(first_last)} kinds of patch) recomputed with one full forward each: "
-        f"max abs dLD = {d:.3g}, {why}", d, tol,
+        f"{len(picks)} sweep cells ({len(first_last)} kinds of patch) recomputed by the independent reference patcher, "
+        f"one full forward each: max abs dLD = {d:.3g}, {why}", d, tol,
     )
 
 
@@ -219,7 +287,8 @@ def _run_all(lm, batch, rec_cache, donor_cache, rec_logits, don_logits, layers) 
     return [
         check_hooks_transparent(lm, batch, rec_logits),
         check_self_patch(lm, batch, rec_cache, rec_logits, layers),
-        check_head_patch_exact(lm, batch, rec_cache, donor_cache, layers),
+        check_patch_writes_exactly(lm, batch, donor_cache, layers),
+        check_donor_differs(lm, batch, rec_cache, donor_cache),
         check_hidden_patch_is_donor(lm, batch, donor_cache, don_logits, layers),
         check_head_decomposition(lm, rec_cache, layers),
         check_last_logits_parity(lm, batch, rec_logits),

@@ -1,0 +1,119 @@
+"""Mutation test of the engine: break one line at a time and check that the tests (and the runtime checks they
+run) catch it. Not collected by pytest; run it by hand after touching the engine:
+
+    .venv/bin/python tests/mutants.py                 # every mutant, about 20-40 minutes on 2 cores
+    .venv/bin/python tests/mutants.py head_shift eager  # only these
+
+Each mutant is applied to a copy of the source tree (``src/`` and ``tests/`` in a temporary folder, put first
+on PYTHONPATH), so the working tree is never touched. A mutant is *caught* when the test run fails. The
+script exits 1 if any mutant survives.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = ["tests/test_trust.py", "tests/test_checks.py", "tests/test_engine.py", "tests/test_attribution.py",
+         "tests/test_analysis.py", "tests/test_experiment.py", "tests/test_ioi.py"]
+
+# name: (file under src/actpatch, the exact text, its replacement, what the bug is)
+MUTANTS = {
+    "head_shift": ("patching.py", "view[j, :, :, hs] = src[:, :, hs]", "view[j, :, :, (hs + 1) % n_heads] = src[:, :, hs]",
+                   "wrong head (all positions)"),
+    "head_shift_pos": ("patching.py", "r, p, h = rows[:, None], idx[:, None], hs[None, :]",
+                       "r, p, h = rows[:, None], idx[:, None], (hs[None, :] + 1) % n_heads", "wrong head (one position)"),
+    "start_late": ("planning.py", "return (min(s.layer for s in variant), max(pos, shared))",
+                   "return (min(s.layer for s in variant), max(pos + 1, shared))", "off-by-one: replay starts one position late"),
+    "shared_plus_one": ("planning.py", "torch.minimum(same.sum(dim=1), end)", "torch.minimum(same.sum(dim=1) + 1, end)",
+                        "off-by-one: shared prefix one too long"),
+    "offset": ("patching.py", "idx = idx.to(act.device) - start", "idx = idx.to(act.device) - start + 1",
+               "off-by-one: position offset inside a replay"),
+    "end_readout": ("capture.py", "hidden[rows, end.to(hidden.device)]", "hidden[rows, end.to(hidden.device) - 1]",
+                    "off-by-one: END read-out"),
+    "end_position": ("batch.py", "end = len(rec) - 1", "end = len(rec) - 2", "off-by-one: END position"),
+    "negative_pos": ("sites.py", "idx = torch.where(idx < 0, lengths + idx, idx)",
+                     "idx = torch.where(idx < 0, lengths + idx - 1, idx)", "off-by-one: negative positions"),
+    "live_dropped": ("patching.py", "live = idx >= 0  # (B,)", "live = idx >= -10**6  # (B,)",
+                     "shared-prefix rows written at position 0"),
+    "donor_is_recipient": ("experiments.py", "don_cache, don_logits = capture(lm, batch.donor_ids,",
+                           "don_cache, don_logits = capture(lm, batch.recipient_ids,", "donor and recipient swapped (no-op donor)"),
+    "attribution_sign": ("attribution.py", "dz = donor[HeadSite(L)].to(z_rec[L].device).float() - split_heads(",
+                         "dz = -donor[HeadSite(L)].to(z_rec[L].device).float() + split_heads(", "donor and recipient swapped (attribution)"),
+    "mask_dropped_replay": ("prefix.py", "input_ids=batch.recipient_ids.to(dev), attention_mask=batch.attention_mask.to(dev),",
+                            "input_ids=batch.recipient_ids.to(dev), attention_mask=None,", "mask dropped (recorded state)"),
+    "mask_dropped_capture": ("capture.py", "out = lm.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)",
+                             "out = lm.model.base_model(input_ids=input_ids, attention_mask=None, use_cache=False)",
+                             "mask dropped (capture)"),
+    "scale_not_frozen": ("heads.py", "            return c.float() * scale * gain\n",
+                         "            return c.float() * (c.float().pow(2).mean(-1, keepdim=True) + eps).rsqrt() * gain\n",
+                         "norm scale not frozen (RMSNorm)"),
+    "ln_scale_not_frozen": ("heads.py", "return (c.float() - c.float().mean(-1, keepdim=True)) * scale * gain",
+                            "return (c.float() - c.float().mean(-1, keepdim=True)) * (c.float().var(-1, unbiased=False, keepdim=True) + eps).rsqrt() * gain",
+                            "norm scale not frozen (LayerNorm)"),
+    "post_norm_dropped": ("adapters.py", "return None if self.arch.attn_post_norm is None else",
+                          "return None if True else", "post-attention norm ignored"),
+    "eager_not_forced": ("models.py", '    if current == "eager":\n        return "eager"',
+                         '    if True:\n        return "eager"', "SDPA models not switched to eager"),
+    "group_division": ("attribution.py", "return torch.stack(heads) / n_total, torch.stack(hidden) / n_total",
+                       "return torch.stack(heads) / len(batch), torch.stack(hidden) / len(batch)",
+                       "attribution group divided by its own size"),
+    "attribution_shift": ("attribution.py", "heads.append((dz * grad_z.float()).sum(-1).permute(2, 0, 1).cpu())",
+                          "heads.append((dz * grad_z.float()).sum(-1).roll(1, 1).permute(2, 0, 1).cpu())",
+                          "attribution per position shifted by one"),
+    "hash_order": ("ioi.py", "    names = single_token_names(tokenizer)\n", "    names = tuple(set(single_token_names(tokenizer)))\n",
+                   "name order depends on PYTHONHASHSEED"),
+    "path_sender_dropped": ("paths.py", "            dst[:, :, hs] = src[:, :, hs]", "            dst[:, :, hs] = dst[:, :, hs]",
+                            "path patching senders not written"),
+    "donor_shape_unchecked": ("patching.py", "    if tuple(src.shape[:2]) != want:", "    if False:",
+                              "donor cache of another width accepted"),
+    "qk_before_norm": ("adapters.py", 'qkv=("self_attn.q_norm", "self_attn.k_norm", "self_attn.v_proj"),',
+                       'qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),', "OLMo 2 q/k written before q_norm"),
+}
+
+
+def run(name: str, timeout: int = 1800) -> tuple[bool, float, str]:
+    """(caught, seconds, last lines of the test output) for one mutant."""
+    path, old, new, _ = MUTANTS[name]
+    with tempfile.TemporaryDirectory(prefix=f"mutant-{name}-") as tmp:
+        for part in ("src", "tests"):
+            shutil.copytree(ROOT / part, Path(tmp) / part, ignore=shutil.ignore_patterns("__pycache__"))
+        for part in ("README.md", "pyproject.toml"):
+            shutil.copy(ROOT / part, Path(tmp) / part)
+        target = Path(tmp) / "src" / "actpatch" / path
+        text = target.read_text()
+        if text.count(old) != 1:
+            raise SystemExit(f"mutant {name}: expected the text once in {path}, found it {text.count(old)} times")
+        target.write_text(text.replace(old, new))
+        env = {**os.environ, "PYTHONPATH": str(Path(tmp) / "src")}
+        start = time.time()
+        try:
+            proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *TESTS],
+                                  cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout)
+            caught, out = proc.returncode != 0, proc.stdout
+        except subprocess.TimeoutExpired:
+            caught, out = True, "timed out"
+        return caught, time.time() - start, "\n".join(out.strip().splitlines()[-3:])
+
+
+def main(names: list[str]) -> int:
+    survived = []
+    for name in names or list(MUTANTS):
+        caught, secs, tail = run(name)
+        print(f"{'caught  ' if caught else 'SURVIVED'} {name:22s} {secs:6.0f} s  {MUTANTS[name][3]}", flush=True)
+        if caught:
+            print("         " + tail.splitlines()[-1] if tail else "", flush=True)
+        else:
+            survived.append(name)
+    print(f"{len(names or MUTANTS) - len(survived)} caught, {len(survived)} survived" + (f": {survived}" if survived else ""))
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

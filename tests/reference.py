@@ -1,0 +1,70 @@
+"""A stand-alone reference patcher for the tests: plain PyTorch hooks, one full forward per patch.
+
+It uses nothing of actpatch (no adapter, no sites, no position logic, no patch hook): module paths
+are written out per family below, positions are explicit ints per row, and the logit difference is
+read from ``model(...).logits`` at each row's last real token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BLOCKS = {"gpt2": "transformer.h", "gpt_neo": "transformer.h", "gpt_neox": "gpt_neox.layers"}  # else model.layers
+HEADS_IN = {"gpt2": "attn.c_proj", "gpt_neo": "attn.attention.out_proj", "gpt_neox": "attention.dense"}  # else o_proj
+
+
+def _get(root, path: str):
+    for part in path.split("."):
+        root = getattr(root, part)
+    return root
+
+
+def module_of(model, kind: str, layer: int):
+    """The module to hook: ``"hidden"`` = the block (its output), ``"heads"`` = the attention output projection."""
+    family = model.config.model_type
+    block = _get(model, BLOCKS.get(family, "model.layers"))[layer]
+    return block if kind == "hidden" else _get(block, HEADS_IN.get(family, "self_attn.o_proj"))
+
+
+def _run(model, ids, mask, kind, layer, fn):
+    """One forward with ``fn`` applied to the hooked activation (B, T, F); returns full logits."""
+    module = module_of(model, kind, layer)
+    if kind == "hidden":
+        handle = module.register_forward_hook(lambda m, a, out: (fn(out[0]), *out[1:]) if isinstance(out, tuple) else fn(out))
+    else:
+        handle = module.register_forward_pre_hook(lambda m, args: (fn(args[0]), *args[1:]))
+    try:
+        with torch.no_grad():
+            return model(input_ids=ids, attention_mask=mask).logits
+    finally:
+        handle.remove()
+
+
+def naive_patch_ld(model, rec_ids, don_ids, mask, answer, wrong, kind, layer, heads, positions, d_head):
+    """LD per row after copying the donor's activation into the recipient run.
+
+    kind: "hidden" or "heads"; heads: list of head indices (ignored for hidden); positions: one list of
+    ints per row (the positions patched in that row). Donor and recipient rows have equal lengths.
+    """
+    donor = {}
+
+    def keep(x):
+        donor["x"] = x.detach().clone()
+        return x
+
+    _run(model, don_ids, mask, kind, layer, keep)
+
+    def write(x):
+        x = x.clone()
+        for b, row in enumerate(positions):
+            for p in row:
+                if kind == "hidden":
+                    x[b, p] = donor["x"][b, p]
+                else:
+                    for h in heads:
+                        x[b, p, h * d_head:(h + 1) * d_head] = donor["x"][b, p, h * d_head:(h + 1) * d_head]
+        return x
+
+    logits = _run(model, rec_ids, mask, kind, layer, write)
+    end = mask.sum(dim=1) - 1
+    return torch.stack([logits[b, end[b], answer[b]] - logits[b, end[b], wrong[b]] for b in range(len(end))])
