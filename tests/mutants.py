@@ -46,11 +46,12 @@ MUTANTS = {
                            "don_cache, don_logits = capture(lm, batch.recipient_ids,", "donor and recipient swapped (no-op donor)"),
     "attribution_sign": ("attribution.py", "dz = donor[HeadSite(L)].to(z_rec[L].device).float() - split_heads(",
                          "dz = -donor[HeadSite(L)].to(z_rec[L].device).float() + split_heads(", "donor and recipient swapped (attribution)"),
-    "mask_dropped_replay": ("prefix.py", "input_ids=batch.recipient_ids.to(dev), attention_mask=batch.attention_mask.to(dev),",
-                            "input_ids=batch.recipient_ids.to(dev), attention_mask=None,", "mask dropped (recorded state)"),
-    "mask_dropped_capture": ("capture.py", "out = lm.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)",
-                             "out = lm.model.base_model(input_ids=input_ids, attention_mask=None, use_cache=False)",
-                             "mask dropped (capture)"),
+    # (dropping the 2-D padding mask is no bug: with right padding a real token never attends to the padding
+    # after it; dropping the replay's causal mask is one)
+    "mask_dropped": ("prefix.py", "            rest, kwargs = self._prepare(self.calls[L], copies, pos, cache)\n",
+                     "            rest, kwargs = self._prepare(self.calls[L], copies, pos, cache)\n"
+                     "            kwargs = {k: None if k == 'attention_mask' else v for k, v in kwargs.items()}\n",
+                     "causal mask dropped in the suffix replay"),
     "scale_not_frozen": ("heads.py", "            return c.float() * scale * gain\n",
                          "            return c.float() * (c.float().pow(2).mean(-1, keepdim=True) + eps).rsqrt() * gain\n",
                          "norm scale not frozen (RMSNorm)"),

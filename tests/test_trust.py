@@ -28,11 +28,11 @@ def _positions(batch, row: int) -> dict[str, int]:
     ids = batch.recipient_ids[row, :n].tolist()
     a, w = int(batch.answer_ids[row]), int(batch.wrong_ids[row])
     s = [i for i, t in enumerate(ids) if t == w]
-    return {"IO": ids.index(a), "S1": s[0], "S1+1": s[0] + 1, "S2": s[1], "END": n - 1, "n": n}
+    return {"IO": ids.index(a), "S1": s[0], "S1+1": s[0] + 1, "S2": s[1], "END": n - 1, "n": n, -1: n - 1, -2: n - 2, 2: 2}
 
 
 def _cases(n_layers: int, n_heads: int):
-    """(engine site, reference kind, heads, position name or None) for a spread of patches."""
+    """(engine site, reference kind, heads, position: a name, an int, or None for all) for a spread of patches."""
     out = []
     for L in range(n_layers):
         h = (L + 1) % n_heads
@@ -41,6 +41,8 @@ def _cases(n_layers: int, n_heads: int):
             (HiddenSite(L, "S2"), "hidden", [], "S2"), (HeadSite(L), "heads", list(range(n_heads)), None),
             (HeadSite(L, h, "IO"), "heads", [h], "IO"), (HeadSite(L, (0, h), "S1+1"), "heads", [0, h], "S1+1"),
             (HeadSite(L, h, "END"), "heads", [h], "END"), (HeadSite(L, None, "S1"), "heads", list(range(n_heads)), "S1"),
+            (HiddenSite(L, -1), "hidden", [], -1), (HeadSite(L, h, -2), "heads", [h], -2),  # ints: from the end
+            (HeadSite(L, None, 2), "heads", list(range(n_heads)), 2),  # and from the start
         ]
     return out
 
