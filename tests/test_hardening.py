@@ -215,7 +215,7 @@ def test_ctrl_c_mid_sweep_removes_hooks_keeps_model_and_resumes(tiny_lm, tmp_pat
 
 
 def test_cli_ctrl_c_then_resume(gpt2_dir, tmp_path, capsys, monkeypatch):
-    import actpatch.experiments as experiments
+    import actpatch.sweeps as experiments
 
     calls = {"n": 0}
     real = experiments.ioi_scores
@@ -234,7 +234,7 @@ def test_cli_ctrl_c_then_resume(gpt2_dir, tmp_path, capsys, monkeypatch):
     assert main(argv) == 130
     err = capsys.readouterr().err
     assert "--resume" in err and "interrupted" in err
-    assert (out / ".partial" / "swap.pt").is_file() and not (out / "results.json").exists()
+    assert (out / ".partial" / "swap-0.pt").is_file() and not (out / "results.json").exists()
     monkeypatch.setattr(experiments, "ioi_scores", real)
     assert main(argv) == 2 and "--resume" in capsys.readouterr().err  # the folder is taken: say how to go on
     assert main(argv + ["--resume"]) == 0

@@ -3,7 +3,7 @@
 Data flows one way through small modules (the order is README's Layout line, checked by a test):
 placement -> adapters -> models -> sites -> hooks -> ioi -> batch -> capture -> reference -> checkpoint
 -> prefix -> planning -> patching -> distributed -> metrics -> attribution -> heads -> gap -> paths -> analysis
--> sanity -> audit -> results -> config -> experiments -> plots -> report -> htmlreport -> outputs -> compare -> cli.
+-> sanity -> audit -> pooling -> results -> config -> sweeps -> experiments -> plots -> report -> htmlreport -> outputs -> compare -> cli.
 
     import actpatch
     result = actpatch.run_ioi(n_pairs=16)          # bundled SmolLM2-135M, offline

@@ -22,7 +22,7 @@ import torch
 
 from .batch import PairBatch
 from .capture import ActivationCache
-from .gap import gap_account
+from .gap import gap_account, with_totals
 from .heads import PAPER_GPT2_HEADS, HeadProfile, characterise, classify
 from .metrics import logit_diff
 from .models import LoadedModel
@@ -88,18 +88,15 @@ def nudge_summary(rows: Sequence[dict], recipient_ld: float) -> dict:
     return out
 
 
-def design_analysis(
-    lm: LoadedModel, batch: PairBatch, recipient: ActivationCache, donor: ActivationCache,
-    rows: Sequence[dict], classes: Sequence[dict], recipient_ld: float,
+def design_measurements(
+    lm: LoadedModel, batch: PairBatch, recipient: ActivationCache, donor: ActivationCache, classes: Sequence[dict],
 ) -> dict:
-    """Gap account, path patching and the nudge summary for one donor design; JSON-ready.
+    """The parts of a design's analysis that are means over pairs: the gap account (without the sweeps'
+    totals) and path patching; JSON-ready. Chunks of pairs are pooled by ``pooling.pool_means``.
 
     ``recipient`` / ``donor`` need HiddenSite, AttnOutSite and HeadSite of every layer.
     """
-    exact = {(r["experiment"], r["layer"]): r["delta_logit_diff"] for r in rows
-             if r["experiment"] in ("hidden", "all_heads") and r["position"] == "END"}
-    result = {"gap": gap_account(lm, batch, recipient, donor, exact), "nudge": nudge_summary(rows, recipient_ld),
-              "paths": []}
+    result = {"gap": gap_account(lm, batch, recipient, donor), "paths": []}
     ans, wrong = batch.answer_ids, batch.wrong_ids
 
     def ld(logits: torch.Tensor) -> float:
@@ -123,3 +120,23 @@ def design_analysis(
         result["paths"].append({"what": "path: name-mover-like heads (END) -> logits (later heads frozen)",
                                 "senders": movers, "receivers": "logits", "logit_diff": ld(logits)})
     return result
+
+
+def design_summary(measured: dict, rows: Sequence[dict], recipient_ld: float) -> dict:
+    """A design's analysis from its (pooled) measurements and the sweeps' cells: the gap account with the sweeps'
+    totals and the indirect parts, path patching, and where "heads only nudge" holds."""
+    exact = {(r["experiment"], r["layer"]): r["delta_logit_diff"] for r in rows
+             if r["experiment"] in ("hidden", "all_heads") and r["position"] == "END"}
+    return {"gap": with_totals(measured["gap"], exact), "nudge": nudge_summary(rows, recipient_ld),
+            "paths": measured["paths"]}
+
+
+def design_analysis(
+    lm: LoadedModel, batch: PairBatch, recipient: ActivationCache, donor: ActivationCache,
+    rows: Sequence[dict], classes: Sequence[dict], recipient_ld: float,
+) -> dict:
+    """Gap account, path patching and the nudge summary for one donor design, on one batch; JSON-ready.
+
+    ``recipient`` / ``donor`` need HiddenSite, AttnOutSite and HeadSite of every layer.
+    """
+    return design_summary(design_measurements(lm, batch, recipient, donor, classes), rows, recipient_ld)

@@ -56,13 +56,39 @@ class PairBatch:
         """(B, 2): each row's answer (IO) and wrong (S) token ids, the columns a logit difference reads."""
         return torch.stack([self.answer_ids, self.wrong_ids], dim=1)
 
-    def select(self, rows: slice) -> PairBatch:
-        """The pairs ``rows`` (a slice) as a batch of their own; the padded width stays the same."""
+    def select(self, rows: slice | Sequence[int]) -> PairBatch:
+        """The pairs ``rows`` (a slice, or a list of row indices) as a batch of their own; the padded width
+        stays the same."""
+        if not isinstance(rows, slice):
+            pairs = tuple(self.pairs[i] for i in rows)
+            rows = torch.as_tensor(list(rows), dtype=torch.long)
+            return replace(self.select(slice(None)), pairs=pairs, recipient_ids=self.recipient_ids[rows],
+                           donor_ids=self.donor_ids[rows], attention_mask=self.attention_mask[rows],
+                           answer_ids=self.answer_ids[rows], wrong_ids=self.wrong_ids[rows],
+                           positions=MappingProxyType({k: v[rows] for k, v in self.positions.items()}))
         return replace(
             self, pairs=self.pairs[rows], recipient_ids=self.recipient_ids[rows], donor_ids=self.donor_ids[rows],
             attention_mask=self.attention_mask[rows], answer_ids=self.answer_ids[rows], wrong_ids=self.wrong_ids[rows],
             positions=MappingProxyType({k: v[rows] for k, v in self.positions.items()}),
         )
+
+    def trim(self) -> PairBatch:
+        """The same pairs without the padding columns that no row uses (``select`` keeps the full width)."""
+        width = int(self.attention_mask.sum(dim=1).max())
+        return replace(self, recipient_ids=self.recipient_ids[:, :width], donor_ids=self.donor_ids[:, :width],
+                       attention_mask=self.attention_mask[:, :width])
+
+    def chunks(self, size: int) -> list[PairBatch]:
+        """Consecutive chunks of at most ``size`` pairs, each trimmed to its own longest prompt.
+
+        Example::
+
+            for part in batch.chunks(32):   # stream a large batch through a run, 32 pairs at a time
+                ...
+        """
+        if size >= len(self):
+            return [self]
+        return [self.select(slice(lo, lo + size)).trim() for lo in range(0, len(self), size)]
 
     def to(self, device) -> PairBatch:
         """A copy with every tensor on ``device``."""

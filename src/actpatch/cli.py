@@ -16,6 +16,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -41,6 +42,18 @@ from .models import BUNDLED, DEFAULT_MODEL, DTYPES, bundled_gguf, install_hint
 from .outputs import PARTIAL, discard, prepare_out, write_outputs
 
 
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+def memory_size(text: str) -> int:
+    """'2GB', '1.5GiB', '512MiB', '800M' or a number of bytes -> bytes (argparse type of --max-memory)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"expected a size such as 2GB, 1.5GiB or 512MiB, got {text!r}")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
 def _add_run_options(p: argparse.ArgumentParser, out: str, n_pairs: int) -> None:
     """The options ``ioi`` and ``compare`` share: pairs, donors, output folder, device, dtype, verbosity."""
     p.add_argument("--n-pairs", type=int, default=n_pairs, metavar="N",
@@ -55,6 +68,10 @@ def _add_run_options(p: argparse.ArgumentParser, out: str, n_pairs: int) -> None
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="model weights dtype (default: float32); "
                    "metrics are always computed in float32")
     p.add_argument("--quiet", action="store_true", help="no progress bars or summary, only errors")
+    p.add_argument("--max-memory", type=memory_size, metavar="SIZE",
+                   help="memory for one chunk of pairs and its forward passes, beyond the model (e.g. 2GB, 512MiB); "
+                   "pairs are streamed in chunks of that size, so a run's memory does not grow with --n-pairs "
+                   "(default: 1GiB on CPU, a quarter of the free GPU memory on CUDA)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,7 +160,7 @@ def _ioi_config(args: argparse.Namespace, argv: list[str]) -> IOIConfig:
         device_map=args.device_map, offload_folder=args.offload_folder,
         layers=tuple(args.layers) if args.layers else None,
         head_sweep=not args.no_head_sweep, analysis=not args.no_analysis, method=args.method, top_k=_top_k(args), by_position=args.by_position,
-        max_rows=args.max_batch, progress=False if args.quiet else None,
+        max_rows=args.max_batch, max_memory=args.max_memory, progress=False if args.quiet else None,
         command=shlex.join(["actpatch", *argv]),
     )
 
@@ -164,10 +181,12 @@ def cmd_dry_run(args: argparse.Namespace, argv: list[str]) -> int:
     plan = plan_ioi(_ioi_config(args, argv))
     print(f"{plan['model']}: {plan['n_layers']} layers x {plan['n_heads']} heads; sweeping "
           f"{_layer_list(plan['layers'])}")
-    rows = [[d, p["pairs"], p["tokens"], p["patches"], p["forward_passes"], p["forward_equivalents"],
+    rows = [[d, p["pairs"], p["pair_chunks"], p["tokens"], p["patches"], p["forward_passes"], p["forward_equivalents"],
              "yes" if p["attribution"] else "no", "yes" if p["analysis"] else "no"] for d, p in plan["designs"].items()]
-    print(tabulate(rows, ["design", "pairs", "tokens", "patches", "batched passes", "≈ full forwards", "attribution",
-                          "analysis"], tablefmt="simple"))
+    print(tabulate(rows, ["design", "pairs", "chunks", "tokens", "patches", "batched passes", "≈ full forwards",
+                          "attribution", "analysis"], tablefmt="simple"))
+    print(f"memory budget {plan['memory_budget'] / 2**20:.0f} MiB beyond the model (--max-memory): pairs are run "
+          "in chunks that fit a quarter of it")
     print("nothing was run (--dry-run); ≈ full forwards counts the exact sweep's layer-stack work in recipient "
           "forward passes")
     return 0
@@ -230,6 +249,7 @@ def cmd_compare(args: argparse.Namespace, argv: list[str]) -> int:
     created = prepare_out(out, args.overwrite, resume=False)
     cfg = IOIConfig(n_pairs=args.n_pairs, designs=tuple(dict.fromkeys(args.donor)), seed=args.seed, device=args.device,
                     dtype=args.dtype, head_sweep=args.head_sweep, method="exact" if args.head_sweep else "both",
+                    max_memory=args.max_memory,
                     progress=False if args.quiet else None, command=shlex.join(["actpatch", *argv]))
 
     def save(i: int, result) -> None:

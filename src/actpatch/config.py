@@ -51,6 +51,8 @@ class IOIConfig:
     by_position: bool = False         # also patch at each named IOI position (IO, S1, S1+1, S2, END)
     analysis: bool = True             # head classes, the hidden-vs-heads account, path patching
     max_rows: int | None = None       # rows per forward pass (None: automatic)
+    max_memory: int | None = None     # bytes for one chunk of pairs and its forward passes (None: 1 GiB on CPU,
+                                      # a quarter of free GPU memory on CUDA); pairs are streamed in such chunks
     progress: bool | None = None      # None: progress bars only on a terminal
     command: str | None = None        # the command line, when run from the CLI
 
@@ -72,6 +74,9 @@ class IOIConfig:
         if self.offload_folder is not None and self.device_map is None:
             raise ConfigError("offload_folder (--offload-folder) only applies with a device map (--device-map auto); "
                               f"got offload_folder={self.offload_folder!r} and no device_map")
+        if self.max_memory is not None and (not isinstance(self.max_memory, int) or self.max_memory < 1):
+            raise ConfigError(f"max_memory (--max-memory) must be a positive number of bytes, got {self.max_memory!r}; "
+                              "e.g. --max-memory 2GiB (a chunk always holds at least one pair)")
         if self.max_rows is not None and self.max_rows < 1:
             raise ConfigError(f"max_rows (--max-batch) must be >= 1, got {self.max_rows}")
 

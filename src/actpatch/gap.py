@@ -57,10 +57,23 @@ def gap_account(
                 "hidden_direct": float(direct(dh).mean()),
                 "heads_direct": float(direct(datt).mean()),
             }
-            if exact is not None:
-                for kind, key in (("hidden", "hidden"), ("heads", "all_heads")):
-                    if (key, L) in exact:
-                        rec[f"{kind}_total"] = float(exact[(key, L)])
-                        rec[f"{kind}_indirect"] = rec[f"{kind}_total"] - rec[f"{kind}_direct"]
             records.append(rec)
-    return records
+    return records if exact is None else with_totals(records, exact)
+
+
+def with_totals(records: list[dict[str, float]], exact: Mapping[tuple[str, int], float]) -> list[dict[str, float]]:
+    """Add ``*_total`` (the sweeps' mean LD change at END) and ``*_indirect`` = total - direct to each layer's record.
+
+    Example::
+
+        with_totals(gap_account(lm, batch, rec, don), {("hidden", 0): -1.2, ("all_heads", 0): -0.1})
+    """
+    out = []
+    for rec in records:
+        rec = dict(rec)
+        for kind, key in (("hidden", "hidden"), ("heads", "all_heads")):
+            if (key, rec["layer"]) in exact:
+                rec[f"{kind}_total"] = float(exact[(key, rec["layer"])])
+                rec[f"{kind}_indirect"] = rec[f"{kind}_total"] - rec[f"{kind}_direct"]
+        out.append(rec)
+    return out

@@ -52,14 +52,17 @@ PAPER_GPT2_HEADS = {
 }
 
 
+NAMES_PER_PASS = 32  # copy scores: full-vocabulary logits of this many names per head at a time
+
+
 @dataclass(frozen=True)
 class HeadProfile:
     """Per-head evidence, every array (L, H); ``recipient_logit_diff`` sets the DLA scale."""
 
     attention: dict[str, Float[Tensor, "layer head"]]
     dla: Float[Tensor, "layer head"]
-    copy: Float[Tensor, "layer head"]
-    neg_copy: Float[Tensor, "layer head"]
+    copy: Float[Tensor, "layer head"] | None          # None: not computed (characterise(copy=False))
+    neg_copy: Float[Tensor, "layer head"] | None
     recipient_logit_diff: float
     n_names: int
     bias_dla: Float[Tensor, "layer"] | None = None  # the output projection's bias, per layer (None: no bias)
@@ -198,7 +201,8 @@ def _dla(lm: LoadedModel, batch: PairBatch, cache: ActivationCache) -> tuple[Ten
     return torch.stack(heads).cpu(), bias_dla
 
 
-def _copy_scores(lm: LoadedModel, name_ids: Int[Tensor, "n"], top: int = 5) -> tuple[Tensor, Tensor]:
+def copy_scores(lm: LoadedModel, name_ids: Int[Tensor, "n"], top: int = 5) -> tuple[Tensor, Tensor]:
+    """(L, H) copy and negative copy scores of every head over ``name_ids`` (module docstring)."""
     a, dev = lm.adapter, lm.device
     ids = name_ids.to(dev)[:, None]  # (N, 1): each name alone
     mask = torch.ones_like(ids)
@@ -228,9 +232,13 @@ def _copy_scores(lm: LoadedModel, name_ids: Int[Tensor, "n"], top: int = 5) -> t
                 ov = post(ov.to(execution_device(post)))
             ov = ov.to(execution_device(norm))
             for sign, target in ((1.0, copy), (-1.0, neg)):
-                logits = w_u(norm(sign * ov).to(execution_device(w_u)))  # (H, N, V)
-                top_ids = logits.topk(top, dim=-1).indices.cpu()  # (H, N, top)
-                target[L] = (top_ids == ids.cpu()[None, :, :]).any(-1).float().mean(-1)
+                hits = []
+                for lo in range(0, len(ids), NAMES_PER_PASS):  # (H, n, V) logits for a few names at a time
+                    part = slice(lo, lo + NAMES_PER_PASS)
+                    logits = w_u(norm(sign * ov[:, part]).to(execution_device(w_u)))  # (H, n, V)
+                    top_ids = logits.topk(top, dim=-1).indices.cpu()  # (H, n, top)
+                    hits.append((top_ids == ids.cpu()[None, part, :]).any(-1))  # (H, n)
+                target[L] = torch.cat(hits, dim=1).float().mean(-1)
     return copy, neg
 
 
@@ -242,10 +250,14 @@ def _block0_output(lm: LoadedModel, ids: Tensor, mask: Tensor) -> Tensor:
     return got[0]
 
 
-def characterise(lm: LoadedModel, batch: PairBatch, name_ids: Int[Tensor, "n"] | None = None) -> HeadProfile:
+def characterise(
+    lm: LoadedModel, batch: PairBatch, name_ids: Int[Tensor, "n"] | None = None, *, copy: bool = True,
+) -> HeadProfile:
     """Attention, DLA and copy scores of every head on ``batch``'s recipients (see the module docstring).
 
     ``name_ids``: the single-token names for the copy score (default: the batch's IO and S tokens).
+    ``copy=False`` skips the copy scores (``copy`` and ``neg_copy`` are then None): they do not depend on
+    the pairs, so a run that streams its pairs in chunks computes them once (``copy_scores``).
 
     Example::
 
@@ -258,8 +270,8 @@ def characterise(lm: LoadedModel, batch: PairBatch, name_ids: Int[Tensor, "n"] |
     attention = _attention(weights, batch)
     dla, bias_dla = _dla(lm, batch, cache)
     ld = float(logit_diff(logits.cpu(), batch.answer_ids, batch.wrong_ids).mean())
-    copy, neg = _copy_scores(lm, name_ids)
-    return HeadProfile(attention, dla, copy, neg, ld, len(name_ids), bias_dla)
+    pos, neg = copy_scores(lm, name_ids) if copy else (None, None)
+    return HeadProfile(attention, dla, pos, neg, ld, len(name_ids), bias_dla)
 
 
 def classify(prof: HeadProfile, attn: float = 0.3, copy: float = 0.5, dla_share: float = 0.05) -> list[dict]:

@@ -197,6 +197,8 @@ def patch_variants(
     columns: Int[Tensor, "batch n"] | None = None,
     donor_from_batch: bool = False,
     checkpoint: Checkpoint | None = None,
+    budget: int | None = None,
+    bar: tqdm | None = None,
 ) -> dict[str, Float[Tensor, "variant batch"]]:
     """Run every variant and ``reduce`` its END logits; results are stacked as (K, B) per key.
 
@@ -209,7 +211,9 @@ def patch_variants(
     captured from ``batch.donor_ids``: positions before the first token where donor and recipient
     differ then need no recomputation either. ``progress=None`` shows a bar only on a terminal.
     ``checkpoint`` (see ``actpatch.checkpoint``): variants already in it are not run again, and each
-    finished chunk is added to it, saved even when the sweep is interrupted.
+    finished chunk is added to it, saved even when the sweep is interrupted. ``budget``: the run's memory
+    budget in bytes (``planning.memory_budget``) that sizes the forward passes. ``bar``: a progress bar
+    of the whole run to advance, instead of one of this sweep's own.
 
     Example::
 
@@ -223,30 +227,36 @@ def patch_variants(
     results: dict[int, dict[str, Tensor]] = dict(checkpoint.done) if checkpoint is not None else {}
     todo = [i for i in range(len(variants)) if i not in results]
     shared = shared_prefix(batch) if donor_from_batch else 0
-    plan, budget = plan_sweep(lm, batch, [variants[i] for i in todo], max_rows, shared)
+    plan, tokens = plan_sweep(lm, batch, [variants[i] for i in todo], max_rows, shared, budget, columns is None)
     log.info("sweep '%s': %d patches (%d already done) in %d forward passes of <= %s", desc, len(variants),
-             len(variants) - len(todo), len(plan.chunks), f"{max_rows} rows" if max_rows else f"{budget} tokens")
+             len(variants) - len(todo), len(plan.chunks), f"{max_rows} rows" if max_rows else f"{tokens} tokens")
     state = RecipientState.record(lm, batch) if todo else None
     disable = {True: False, None: None, False: True}[progress]  # None: tqdm shows a bar only on a TTY
+    own = bar is None
+    if own:
+        bar = tqdm(total=len(variants), initial=len(results), desc=desc, unit="patch", disable=disable, leave=False)
+    else:
+        bar.update(len(results))  # the finished ones count as done in the run's bar
     try:
-        with tqdm(total=len(variants), initial=len(results), desc=desc, unit="patch", disable=disable, leave=False) as bar:
-            for local in plan.chunks:
-                idx = [todo[j] for j in local]
-                chunk = [variants[i] for i in idx]
-                logits = run_chunk(lm, batch, donor, chunk, state, columns, shared)  # (k, B, V or n)
-                bad = nonfinite_rows(logits)
-                if bad:
-                    raise NumericalError(
-                        f"patching {list(chunk[bad[0]])} made the recipient's logits NaN or inf, although the "
-                        "unpatched runs are finite; the donor values overflow this dtype: try --dtype float32."
-                    )
-                values = {key: value.float().cpu() for key, value in reduce(logits).items()}
-                for n, i in enumerate(idx):
-                    results[i] = {key: value[n] for key, value in values.items()}
-                if checkpoint is not None:
-                    checkpoint.add(idx, values)
-                bar.update(len(chunk))
+        for local in plan.chunks:
+            idx = [todo[j] for j in local]
+            chunk = [variants[i] for i in idx]
+            logits = run_chunk(lm, batch, donor, chunk, state, columns, shared)  # (k, B, V or n)
+            bad = nonfinite_rows(logits)
+            if bad:
+                raise NumericalError(
+                    f"patching {list(chunk[bad[0]])} made the recipient's logits NaN or inf, although the "
+                    "unpatched runs are finite; the donor values overflow this dtype: try --dtype float32."
+                )
+            values = {key: value.float().cpu() for key, value in reduce(logits).items()}
+            for n, i in enumerate(idx):
+                results[i] = {key: value[n] for key, value in values.items()}
+            if checkpoint is not None:
+                checkpoint.add(idx, values)
+            bar.update(len(chunk))
     finally:  # an interrupted sweep keeps what it finished
+        if own:
+            bar.close()
         if checkpoint is not None:
             checkpoint.save()
     return {key: torch.stack([results[i][key] for i in range(len(variants))]) for key in results[0]}

@@ -113,19 +113,29 @@ def _observer(store: list):
     return fn
 
 
-def _sample_sites(lm: LoadedModel, batch: PairBatch, donor_cache: ActivationCache, layers: Sequence[int]) -> list[list[Site]]:
-    """One variant per (site kind, position): that site at each checked layer. Kinds: a single head, a pair
-    of heads, all heads, hidden state, and the attention and MLP outputs when the donor cache holds them."""
+def _sample_sites(lm: LoadedModel, batch: PairBatch, donor_cache: ActivationCache, layers: Sequence[int]) -> tuple[list[list[Site]], int]:
+    """Variants that together hold every (site kind, position) at each checked layer, and the number of kinds.
+    Kinds: one head, two heads, all heads, hidden state, and the attention and MLP outputs when the donor
+    cache holds them. Sites of different modules share a forward pass; head sites of one module do not."""
     a = lm.adapter
     checked = _check_layers(layers)
     positions = [None, "END"] + [p for p in batch.positions if p != "END"]
-    makers = [lambda L, p: HeadSite(L, L % a.n_heads, p), lambda L, p: HeadSite(L, None, p), lambda L, p: HiddenSite(L, p)]
-    if a.n_heads > 2:
-        makers.append(lambda L, p: HeadSite(L, ((L + 1) % a.n_heads, (L + 2) % a.n_heads), p))
+    shared = [lambda L, p: HeadSite(L, L % a.n_heads, p), lambda L, p: HiddenSite(L, p)]
     for cls in (AttnOutSite, MlpOutSite):
         if all(cls(L) in donor_cache for L in checked):
-            makers.append(lambda L, p, c=cls: c(L, p))
-    return [[make(L, pos) for L in checked] for make in makers for pos in positions]
+            shared.append(lambda L, p, c=cls: c(L, p))
+    groups = [shared, [lambda L, p: HeadSite(L, None, p)]]
+    if a.n_heads > 2:
+        groups.append([lambda L, p: HeadSite(L, ((L + 1) % a.n_heads, (L + 2) % a.n_heads), p)])
+    variants = [[make(L, pos) for make in group for L in checked] for group in groups for pos in positions]
+    return variants, sum(len(g) for g in groups)
+
+
+def _sample_rows(batch: PairBatch, n: int = 4) -> list[int]:
+    """Up to ``n`` rows, the shortest and the longest prompt among them (rows of different lengths and END)."""
+    lengths = batch.attention_mask.sum(dim=1)
+    picks = [int(lengths.argmin()), int(lengths.argmax())] + list(range(len(batch)))
+    return sorted(dict.fromkeys(picks))[:n] if len(batch) > n else list(range(len(batch)))
 
 
 def check_patch_writes_exactly(
@@ -137,10 +147,16 @@ def check_patch_writes_exactly(
     Observers are plain hooks on the patched module, one registered before the patch hook (what the
     module would have seen) and one after it (what it sees); the expected entries come from
     ``reference.site_positions`` / ``site_columns``, not from the patch code. Padding is not compared.
+    The patch hook is the same for every row, so up to four rows are observed, the shortest and the
+    longest prompt among them: the check's cost does not grow with the chunk of pairs.
     """
+    rows = _sample_rows(batch)
+    batch = batch.select(rows)
+    donor_cache = ActivationCache({k: v[rows] for k, v in donor_cache.items()})
     problems, moved, n_sites = [], 0, 0
     real = batch.attention_mask.bool()  # (B, T)
-    for variant in _sample_sites(lm, batch, donor_cache, layers):
+    variants, n_kinds = _sample_sites(lm, batch, donor_cache, layers)
+    for variant in variants:
         before: dict[int, list] = {id(s): [] for s in variant}
         after: dict[int, list] = {id(s): [] for s in variant}
         where = lambda s: "input" if s.reads_input else "output"  # noqa: E731
@@ -160,9 +176,10 @@ def check_patch_writes_exactly(
             if not torch.equal(got[real], want[real]):
                 problems.append(f"{s} wrote other entries than its own")
             moved += int(not torch.equal(want[real], old[real]))
-    detail = (f"{n_sites} patched sites ({n_sites // max(1, len(_check_layers(layers)))} kinds x positions, layers "
-              f"{_check_layers(layers)}): the donor's value at exactly the site's (row, position, head) entries, "
-              f"every other entry untouched (torch.equal, hooks before and after the patch); {moved} of them changed a value")
+    detail = (f"{n_sites} patched sites ({n_kinds} kinds x {n_sites // max(1, n_kinds * len(_check_layers(layers)))} "
+              f"positions x layers {_check_layers(layers)}, rows {rows}): the donor's value at exactly the site's "
+              f"(row, position, head) entries, every other entry untouched (torch.equal, hooks before and after the "
+              f"patch); {moved} of them changed a value")
     return SanityCheck("patch_writes_exactly", not problems, detail if not problems else "; ".join(problems[:6]), None, 0.0)
 
 
@@ -219,10 +236,11 @@ def check_head_decomposition(lm: LoadedModel, rec_cache: ActivationCache, layers
 
 def check_last_logits_parity(lm: LoadedModel, batch: PairBatch, rec_logits: Tensor) -> SanityCheck:
     """Our END-only unembedding equals the full model's logits at END."""
-    with torch.inference_mode():
-        full = lm.model(input_ids=batch.recipient_ids.to(lm.device), attention_mask=batch.attention_mask.to(lm.device)).logits
-    rows = torch.arange(len(batch), device=full.device)
-    d = _diff(full[rows, batch.position("END").to(full.device)], rec_logits)
+    end = batch.position("END").to(lm.device)
+    with torch.inference_mode():  # the model's own LM head, at each row's END only: (B, 1, V)
+        full = lm.model(input_ids=batch.recipient_ids.to(lm.device), attention_mask=batch.attention_mask.to(lm.device),
+                        logits_to_keep=end[:, None]).logits
+    d = _diff(full[:, 0], rec_logits)
     scale = float(rec_logits.abs().max())
     # float32: a row-subset matmul sums in another order; half precision: the full forward's logits are
     # rounded to the model's dtype while ours keep IO and S in float32 (Adapter.unembed's exact columns)
