@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ["tests/test_trust.py", "tests/test_checks.py", "tests/test_engine.py", "tests/test_attribution.py",
-         "tests/test_analysis.py", "tests/test_experiment.py", "tests/test_ioi.py"]
+         "tests/test_scale.py", "tests/test_analysis.py", "tests/test_experiment.py", "tests/test_ioi.py"]
 
 # name: (file under src/actpatch, the exact text, its replacement, what the bug is)
 MUTANTS = {
@@ -42,8 +42,8 @@ MUTANTS = {
                      "idx = torch.where(idx < 0, lengths + idx - 1, idx)", "off-by-one: negative positions"),
     "live_dropped": ("patching.py", "live = idx >= 0  # (B,)", "live = idx >= -10**6  # (B,)",
                      "shared-prefix rows written at position 0"),
-    "donor_is_recipient": ("experiments.py", "don_cache, don_logits = capture(lm, batch.donor_ids,",
-                           "don_cache, don_logits = capture(lm, batch.recipient_ids,", "donor and recipient swapped (no-op donor)"),
+    "donor_is_recipient": ("sweeps.py", "don_cache, don_logits = capture(lm, part.donor_ids,",
+                           "don_cache, don_logits = capture(lm, part.recipient_ids,", "donor and recipient swapped (no-op donor)"),
     "attribution_sign": ("attribution.py", "dz = donor[HeadSite(L)].to(z_rec[L].device).float() - split_heads(",
                          "dz = -donor[HeadSite(L)].to(z_rec[L].device).float() + split_heads(", "donor and recipient swapped (attribution)"),
     # (dropping the 2-D padding mask is no bug: with right padding a real token never attends to the padding
@@ -76,6 +76,13 @@ MUTANTS = {
                               "donor cache of another width accepted"),
     "qk_before_norm": ("adapters.py", 'qkv=("self_attn.q_norm", "self_attn.k_norm", "self_attn.v_proj"),',
                        'qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),', "OLMo 2 q/k written before q_norm"),
+    "pool_unweighted": ("pooling.py", "        return sum(w * p for w, p in zip(weights, parts)) / total\n    if isinstance(first, dict):",
+                        "        return sum(parts) / len(parts)\n    if isinstance(first, dict):",
+                        "chunks of pairs pooled without their sizes"),
+    "trim_short": ("batch.py", "width = int(self.attention_mask.sum(dim=1).max())",
+                   "width = int(self.attention_mask.sum(dim=1).max()) - 1", "a chunk trimmed one token short"),
+    "logit_cap_ignored": ("planning.py", "(row_cap is None or rows <= row_cap))", "True)",
+                          "rows of full-vocabulary logits not capped (memory, not numbers)"),
 }
 
 

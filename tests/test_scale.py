@@ -95,3 +95,19 @@ def test_one_progress_bar_covers_the_whole_run(tiny_lm, capsys):
     err = capsys.readouterr().err
     n = 2 * 3 * (2 * 2 * 3 + 3 * 4)  # designs x chunks x (layer cells + head cells)
     assert f"{n}/{n}" in err and "abc 3/3" in err
+
+
+def test_rows_of_full_vocabulary_logits_are_capped(tiny_lm):
+    """A pass of END patches computes one position per row: a token cap alone would stack rows of logits
+    without bound. With full logits every pass stays within ``logit_rows``; reading two columns, it need not."""
+    from actpatch import HeadSite, generate_pairs, tokenize_pairs
+    from actpatch.planning import logit_rows, plan_sweep
+
+    batch = tokenize_pairs(tiny_lm.tokenizer, generate_pairs(tiny_lm.tokenizer, 5, designs=("abc",))["abc"])
+    variants = [[HeadSite(L, h, "END")] for L in range(3) for h in range(4)]
+    budget = 2 * 10 * 50257 * (4 + 8)  # ten rows of float32 logits (and the metrics' copies) in half of it
+    assert logit_rows(tiny_lm, budget) == 10
+    capped, _ = plan_sweep(tiny_lm, batch, variants, budget=budget)
+    assert max(len(c) for c in capped.chunks) * len(batch) <= 10
+    columns, _ = plan_sweep(tiny_lm, batch, variants, budget=budget, full_logits=False)
+    assert len(columns.chunks) < len(capped.chunks)
