@@ -1,7 +1,9 @@
-"""IOI metrics: pure functions of END logits and answer token ids (no model, no I/O).
+"""Metrics: pure functions of END logits and answer token ids (no model, no I/O).
 
     ld = logit_diff(logits, answer_ids, wrong_ids)           # (B,) logit(IO) - logit(S)
     effect = normalised_effect(patched_ld, recipient_ld, donor_ld)   # 0 = unchanged, 1 = donor
+    ld = set_logit_diff(logits, answer, answer_mask, wrong, wrong_mask)  # answer sets: padded (B, K) + mask
+    kl = kl_from(recipient_logits, patched_logits)           # needs no answers
 
 Logit difference is the headline metric. The seed's probability ratio P(IO) / P(S) equals
 exp(logit difference) exactly (the softmax normaliser cancels), so it is reported as a
@@ -11,8 +13,10 @@ companion, not as an independent number. Every function computes in at least flo
 from __future__ import annotations
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
+
+from .errors import DataError
 
 
 def _f32(x: Tensor) -> Tensor:
@@ -99,3 +103,82 @@ def ioi_scores(
         "correct": (ld > 0).float(),
         "top1": top1_is(logits, answer_ids),
     }
+
+
+# --- answer sets and task-neutral metrics ---------------------------------------------------------------
+# A set of answer tokens per row is a padded (B, K) id tensor with a (B, K) mask of the real entries, so rows
+# may hold sets of different sizes. A single token is the set of one: every function below then agrees with
+# its single-token counterpart above.
+
+
+def set_logsumexp(
+    logits: Float[Tensor, "*batch vocab"], ids: Int[Tensor, "batch k"], mask: Bool[Tensor, "batch k"]
+) -> Float[Tensor, "*batch"]:
+    """log Σ_{t in set} exp(logit_t) per row, over the masked-in entries of ``ids``.
+
+    Example::
+
+        set_logsumexp(logits, torch.tensor([[262, 257]]), torch.tensor([[True, False]]))  # == logits[..., 262]
+    """
+    if ids.shape != mask.shape or ids.dim() != 2:
+        raise DataError(f"an answer set is a (batch, k) id tensor with a mask of the same shape; got ids "
+                        f"{tuple(ids.shape)} and mask {tuple(mask.shape)}. Pad the sets to one k and mask the padding.")
+    if not bool(mask.any(dim=-1).all()):
+        rows = (~mask.any(dim=-1)).nonzero().flatten().tolist()
+        raise DataError(f"every row needs at least one answer token; rows {rows} have an empty set. "
+                        "Give each pair at least one token in `answer` and in `wrong`.")
+    ids, mask = ids.to(logits.device), mask.to(logits.device)
+    picked = _f32(logits.gather(-1, ids.expand(*logits.shape[:-1], ids.shape[-1])))  # (*, B, K)
+    return picked.masked_fill(~mask, float("-inf")).logsumexp(dim=-1)
+
+
+def set_logit_diff(
+    logits: Float[Tensor, "*batch vocab"], answer: Int[Tensor, "batch k"], answer_mask: Bool[Tensor, "batch k"],
+    wrong: Int[Tensor, "batch j"], wrong_mask: Bool[Tensor, "batch j"],
+) -> Float[Tensor, "*batch"]:
+    """logsumexp(answer logits) - logsumexp(wrong logits): exp of it stays P(answer set) / P(wrong set).
+
+    Example::
+
+        set_logit_diff(logits, answer, answer_mask, wrong, wrong_mask)  # (B,)
+    """
+    return set_logsumexp(logits, answer, answer_mask) - set_logsumexp(logits, wrong, wrong_mask)
+
+
+def set_logprob(
+    logits: Float[Tensor, "*batch vocab"], answer: Int[Tensor, "batch k"], answer_mask: Bool[Tensor, "batch k"]
+) -> Float[Tensor, "*batch"]:
+    """log P(answer set): the set's logsumexp minus the softmax normaliser.
+
+    Example::
+
+        set_logprob(logits, answer, answer_mask).exp()  # P(any answer token)
+    """
+    return set_logsumexp(logits, answer, answer_mask) - torch.logsumexp(_f32(logits), dim=-1)
+
+
+def prob_diff(
+    logits: Float[Tensor, "*batch vocab"], answer: Int[Tensor, "batch k"], answer_mask: Bool[Tensor, "batch k"],
+    wrong: Int[Tensor, "batch j"], wrong_mask: Bool[Tensor, "batch j"],
+) -> Float[Tensor, "*batch"]:
+    """P(answer set) - P(wrong set), each a sum of softmax probabilities.
+
+    Example::
+
+        prob_diff(logits, answer, answer_mask, wrong, wrong_mask)  # in [-1, 1]
+    """
+    lse = torch.logsumexp(_f32(logits), dim=-1)
+    return (set_logsumexp(logits, answer, answer_mask) - lse).exp() - (set_logsumexp(logits, wrong, wrong_mask) - lse).exp()
+
+
+def kl_from(reference: Float[Tensor, "*batch vocab"], logits: Float[Tensor, "*batch vocab"]) -> Float[Tensor, "*batch"]:
+    """KL(P_reference || P_logits) per row, in nats: 0 when the next-token distributions agree. Needs no answers.
+
+    ``reference`` is the unpatched recipient's logits and broadcasts over leading variant dimensions.
+
+    Example::
+
+        kl_from(recipient_logits, patched_logits)  # (K, B) for (K, B, V) patched logits
+    """
+    ref = torch.log_softmax(_f32(reference), dim=-1)
+    return (ref.exp() * (ref - torch.log_softmax(_f32(logits), dim=-1))).sum(dim=-1)
