@@ -68,3 +68,22 @@ def test_bundled_variable_length_batch_equals_one_pair_at_a_time(smollm):
 
     variants = [[HeadSite(16)], [HeadSite(23, 3)], [HiddenSite(20, "S2")], [HeadSite(24, None, "END")], [HiddenSite(28)]]
     batched_equals_single(smollm, 4, variants)
+
+
+@pytest.mark.parametrize("prompt, substring", [
+    ("The Eiffel Tower is located in the city of", "Eiffel Tower"),
+    ("The Colosseum is located in the city of", "Colosse"),   # ends inside a token: that token
+    ("The war lasted from the year 1732 to the year 17", "1732"),  # SmolLM2 splits digits: the token "2"
+    ("The café in Zürich", "Zürich"),
+    ("Tokyo is 東京 in Japanese", "東京"),  # bytes of one character split across tokens: the last holds it
+])
+def test_substring_position_on_the_bundled_tokenizer(smollm, prompt, substring):
+    """The token holding a substring's last character, against decoding growing prefixes of the ids."""
+    from actpatch.batch import substring_position
+
+    tok = smollm.tokenizer
+    ids = tok(prompt)["input_ids"]
+    last = prompt.find(substring) + len(substring) - 1
+    expected = next(i for i in range(len(ids))
+                    if tok.decode(ids[: i + 1], skip_special_tokens=True).startswith(prompt[: last + 1]))
+    assert substring_position(tok, prompt, substring) == expected

@@ -23,7 +23,7 @@ from actpatch.ioi import (
     load_pairs_file,
     single_token_names,
 )
-from actpatch.batch import PairBatch, tokenize_pairs
+from actpatch.batch import PairBatch, substring_position, tokenize_pairs
 
 CLEAN = "When Mary and John went to the store, John gave a drink to"
 #        0    1     2   3     4    5  6   7     8 9     10   11 12    13   (GPT-2 tokens)
@@ -334,3 +334,50 @@ def test_denoising_swaps_roles_and_keeps_clean_positions(gpt2_tokenizer):
     assert {p.design for p in denoising(pairs)} == {"abc-denoise"}
     with pytest.raises(DataError, match="expected the answer"):  # abc's corrupted prompt has neither name
         tokenize_pairs(gpt2_tokenizer, denoising(pairs))
+
+
+# --- substring_position: named positions from substrings (pairs of any length) -----------------------------
+
+def _by_prefix_decoding(tokenizer, prompt: str, substring: str) -> int:
+    """The plain reference: decode growing prefixes of the ids until the text reaches the substring's last char."""
+    ids = tokenizer(prompt)["input_ids"]
+    last = prompt.find(substring) + len(substring) - 1
+    for i in range(len(ids)):
+        # startswith, not length: a token of part of a character's bytes decodes to '\ufffd', not the character
+        if tokenizer.decode(ids[: i + 1], skip_special_tokens=True).startswith(prompt[: last + 1]):
+            return i
+    raise AssertionError("the prefixes never reach the substring")
+
+
+@pytest.mark.parametrize("prompt, substring", [
+    ("The Eiffel Tower is located in the city of", "Eiffel Tower"),
+    ("The Eiffel Tower is located in the city of", "Eiffel"),
+    ("The Eiffel Tower is located in the city of", "Eif"),           # ends inside a token: that token
+    ("The Colosseum is located in the city of", "Colosseum"),
+    ("When Mary and John went to the store, John gave a drink to", "John"),  # the first occurrence
+    ("The war lasted from the year 1732 to the year 17", "1732"),
+    ("Paris, then Paris again", "Paris"),
+    ("The café in Zürich", "Zürich"),                                # multi-byte characters
+    ("The café in Zürich", "café"),                                  # ends on a character of two bytes
+    ("Ein Fluß, ein Ærø und ein 東京", "東京"),
+])
+def test_substring_position_matches_prefix_decoding(gpt2_tokenizer, prompt, substring):
+    got = substring_position(gpt2_tokenizer, prompt, substring)
+    assert got == _by_prefix_decoding(gpt2_tokenizer, prompt, substring)
+
+
+def test_substring_position_by_hand(gpt2_tokenizer):
+    prompt = "When Mary and John went to the store, John gave a drink to"
+    ids = gpt2_tokenizer(prompt)["input_ids"]
+    assert gpt2_tokenizer.decode(ids[substring_position(gpt2_tokenizer, prompt, "John")]) == " John"
+    assert substring_position(gpt2_tokenizer, prompt, "John") == 3        # When(0) Mary(1) and(2) John(3)
+    # When(0) Mary(1) and(2) John(3) went(4) to(5) the(6) store(7) ,(8) John(9) gave(10) a(11) drink(12) to(13)
+    assert substring_position(gpt2_tokenizer, prompt, "John gave") == 10
+    assert substring_position(gpt2_tokenizer, prompt, "to") == 5          # the first " to", not END's
+    assert substring_position(gpt2_tokenizer, prompt, "drink to") == len(ids) - 1 == 13
+
+
+@pytest.mark.parametrize("substring", ["Berlin", ""])
+def test_substring_not_in_the_prompt_is_a_clear_error(gpt2_tokenizer, substring):
+    with pytest.raises(DataError, match="expected .* to occur in the prompt"):
+        substring_position(gpt2_tokenizer, "The Eiffel Tower is in", substring)

@@ -7,6 +7,7 @@ of each named position (IO, S1, S1+1, S2, END), kept only when found in every ro
     batch = tokenize_pairs(tokenizer, pairs["swap"])       # PairBatch of right-padded (B, T) id tensors
     end = batch.position("END")                            # (B,) index of each row's last real token
     half = batch.select(slice(0, 8))                       # the first 8 pairs, same padded width
+    substring_position(tokenizer, "The Eiffel Tower is in", "Eiffel Tower")  # index of the token " Tower"
 """
 
 from __future__ import annotations
@@ -111,6 +112,33 @@ def _single_token(tokenizer, text: str, what: str, i: int, pair: PromptPair) -> 
             "use single-token names (with their leading space, e.g. ' Mary')."
         )
     return ids[0]
+
+
+def substring_position(tokenizer, prompt: str, substring: str) -> int:
+    """Index of the token holding the last character of the first occurrence of ``substring`` in ``prompt``.
+
+    The prompt is tokenized as ``tokenize_pairs`` does (special tokens included), so the index addresses the
+    same ids. Where a character is split across tokens (bytes of one UTF-8 character), the last of them holds it.
+
+    Example::
+
+        substring_position(tok, "The Eiffel Tower is in", "Eiffel Tower")  # the token " Tower"
+    """
+    at = prompt.find(substring) if substring else -1
+    if at < 0:
+        raise DataError(f"expected {substring!r} to occur in the prompt {prompt!r}, but it does not; "
+                        "give a non-empty substring copied exactly from the prompt.")
+    last = at + len(substring) - 1
+    try:
+        offsets = tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]
+    except NotImplementedError as exc:  # slow (Python) tokenizers have no character offsets
+        raise DataError(f"named positions need character offsets, which the tokenizer {type(tokenizer).__name__} "
+                        "does not give; load the model's fast tokenizer (use_fast=True).") from exc
+    holders = [i for i, (start, end) in enumerate(offsets) if start <= last < end]
+    if not holders:
+        raise DataError(f"no token of {prompt!r} holds character {last} ({prompt[last]!r}) of {substring!r}; "
+                        "the tokenizer dropped it (normalisation?). Choose another substring.")
+    return holders[-1]
 
 
 def tokenize_pairs(
