@@ -128,7 +128,7 @@ def token_budget(lm: LoadedModel, n_positions: int, budget: int | None = None) -
     elem = lm.dtype.itemsize
     # residual, norms, q/k/v, per-head outputs, the MLP's hidden layer twice, eager attention scores
     per_token = elem * (8 * d + 2 * d_ff + 2 * lm.adapter.n_heads * n_positions)
-    tokens = (memory_budget(lm) if budget is None else budget) // 2 // per_token
+    tokens = memory_budget(lm, budget) // 2 // per_token
     if not _cuda_devices(lm):
         tokens = min(CPU_CACHE_BYTES // (d_ff * elem), tokens)
     return max(tokens, n_positions)  # at least one row
@@ -144,7 +144,7 @@ def logit_rows(lm: LoadedModel, budget: int | None = None) -> int:
         logit_rows(lm)   # e.g. 910 for a 49,152-token vocabulary in a 1 GiB budget
     """
     vocab = _dims(lm)[2] or 1
-    return max(1, (memory_budget(lm) if budget is None else budget) // 2 // (vocab * (lm.dtype.itemsize + 8)))
+    return max(1, memory_budget(lm, budget) // 2 // (vocab * (lm.dtype.itemsize + 8)))
 
 
 def _cuda_devices(lm: LoadedModel) -> list[torch.device]:
