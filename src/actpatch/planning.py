@@ -105,7 +105,7 @@ def pair_chunk(lm: LoadedModel, n_positions: int, budget: int) -> int:
 
     Example::
 
-        pair_chunk(lm, 20, memory_budget(lm))   # e.g. 23 pairs of 20 tokens for SmolLM2-135M in 1 GiB
+        pair_chunk(lm, 20, memory_budget(lm))   # e.g. 24 pairs of 20 tokens for SmolLM2-135M in 1 GiB
     """
     return max(1, (budget // 4) // pair_bytes(lm, n_positions))
 
