@@ -68,3 +68,61 @@ def naive_patch_ld(model, rec_ids, don_ids, mask, answer, wrong, kind, layer, he
     logits = _run(model, rec_ids, mask, kind, layer, write)
     end = mask.sum(dim=1) - 1
     return torch.stack([logits[b, end[b], answer[b]] - logits[b, end[b], wrong[b]] for b in range(len(end))])
+
+
+def naive_patch_end_logits(model, rec_ids, don_ids, kind, layer, heads, writes, d_head):
+    """END logits (V,) of one recipient (a list of ids, no padding, a batch of one) after copying the donor's
+    activation (its own list of ids, any length) from donor position q to recipient position p, for every
+    ``(p, q)`` in ``writes``. kind: "hidden" or "heads" (the listed heads' slices only)."""
+    donor = {}
+
+    def keep(x):
+        donor["x"] = x.detach().clone()
+        return x
+
+    _run(model, torch.tensor([don_ids]), torch.ones(1, len(don_ids), dtype=torch.long), kind, layer, keep)
+
+    def write(x):
+        x = x.clone()
+        for p, q in writes:
+            if kind == "hidden":
+                x[0, p] = donor["x"][0, q]
+            else:
+                for h in heads:
+                    x[0, p, h * d_head:(h + 1) * d_head] = donor["x"][0, q, h * d_head:(h + 1) * d_head]
+        return x
+
+    logits = _run(model, torch.tensor([rec_ids]), torch.ones(1, len(rec_ids), dtype=torch.long), kind, layer, write)
+    return logits[0, -1]
+
+
+def naive_patch_module(model, rec_ids, don_ids, module, pre: bool, cols, writes):
+    """END logits (V,) of one recipient after copying the donor's ``module`` activation (its input when ``pre``, else
+    its output), features ``cols`` (a slice), from donor position q to recipient position p for each (p, q)."""
+    donor = {}
+
+    def hook(fn):
+        if pre:
+            return module.register_forward_pre_hook(lambda m, a, kw: ((fn(a[0]), *a[1:]), kw) if a else
+                                                    (a, {**kw, "hidden_states": fn(kw["hidden_states"])}), with_kwargs=True)
+        return module.register_forward_hook(lambda m, a, out: (fn(out[0]), *out[1:]) if isinstance(out, tuple) else fn(out))
+
+    def keep(x):
+        donor["x"] = x.detach().clone()
+        return x
+
+    def write(x):
+        x = x.clone()
+        for p, q in writes:
+            x[0, p, cols] = donor["x"][0, q, cols]
+        return x
+
+    logits = {}
+    for ids, fn, name in ((don_ids, keep, "donor"), (rec_ids, write, "recipient")):
+        handle = hook(fn)
+        try:
+            with torch.no_grad():
+                logits[name] = model(input_ids=torch.tensor([ids])).logits[0, -1]
+        finally:
+            handle.remove()
+    return logits["recipient"]

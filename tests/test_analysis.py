@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from actpatch import AttnOutSite, HeadSite, HiddenSite, SiteError, capture, count_hooks, generate_pairs, tokenize_pairs, wrap_model
+from actpatch import AttnOutSite, HeadSite, HiddenSite, SiteError, capture, count_hooks, generate_pairs, tokenize_ioi, wrap_model
 from actpatch.gap import gap_account
 from actpatch.heads import characterise, classify, frozen_norm
 from actpatch.paths import Receiver, path_patch
@@ -20,7 +20,7 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 def setup(request, gpt2_tokenizer):
     lm = wrap_model(tiny_model(request.param), gpt2_tokenizer, {"spec": f"tiny-{request.param}"})
     pairs = generate_pairs(lm.tokenizer, 4, designs=("abc",), seed=4)["abc"]
-    batch = tokenize_pairs(lm.tokenizer, pairs)
+    batch = tokenize_ioi(lm.tokenizer, pairs)
     donor, _ = capture(lm, batch.donor_ids, batch, [HeadSite(L) for L in range(lm.adapter.n_layers)])
     return request.param, lm, batch, donor
 

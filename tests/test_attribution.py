@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from actpatch import HeadSite, HiddenSite, capture, count_hooks, generate_pairs, hooks, last_logits, tokenize_pairs, wrap_model
+from actpatch import HeadSite, HiddenSite, capture, count_hooks, generate_pairs, hooks, last_logits, tokenize_ioi, wrap_model
 from actpatch.attribution import attribute
 from actpatch.metrics import logit_diff
 
@@ -17,7 +17,7 @@ from actpatch.metrics import logit_diff
 @pytest.mark.parametrize("arch,eps,rel", [("gpt2", 1e-4, 1e-5), ("llama", 1e-2, 5e-3)])
 def test_attribution_is_the_directional_derivative(arch, eps, rel, gpt2_tokenizer):
     lm = wrap_model(tiny_model(arch).double(), gpt2_tokenizer)
-    batch = tokenize_pairs(gpt2_tokenizer, generate_pairs(gpt2_tokenizer, 4, designs=("abc",), seed=3)["abc"])
+    batch = tokenize_ioi(gpt2_tokenizer, generate_pairs(gpt2_tokenizer, 4, designs=("abc",), seed=3)["abc"])
     a = lm.adapter
     sites = [HeadSite(L) for L in range(a.n_layers)] + [HiddenSite(L) for L in range(a.n_layers)]
     donor, _ = capture(lm, batch.donor_ids, batch, sites)
@@ -58,7 +58,7 @@ def test_attribution_leaves_parameters_as_found(gpt2_tokenizer):
     model = tiny_model("gpt2")
     model.requires_grad_(True)
     lm = wrap_model(model, gpt2_tokenizer)
-    batch = tokenize_pairs(gpt2_tokenizer, generate_pairs(gpt2_tokenizer, 2, designs=("swap",))["swap"])
+    batch = tokenize_ioi(gpt2_tokenizer, generate_pairs(gpt2_tokenizer, 2, designs=("swap",))["swap"])
     donor, _ = capture(lm, batch.donor_ids, batch, [HeadSite(L) for L in range(3)] + [HiddenSite(L) for L in range(3)])
     attribute(lm, batch, donor)
     assert all(p.requires_grad and p.grad is None for p in model.parameters())

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from actpatch import count_hooks, generate_pairs, last_logits, load_model, run_ioi, tokenize_pairs
+from actpatch import count_hooks, generate_pairs, last_logits, load_model, run_ioi, tokenize_ioi
 from actpatch.metrics import ioi_scores
 from actpatch.models import bundled_gguf
 
@@ -30,7 +30,7 @@ def test_bundled_model_loads_offline_with_eager_attention(smollm):
 def test_bundled_ioi_baseline_accuracy(smollm):
     """Reference (embedded-model.md, 200 prompts): 97.5 % accuracy, mean LD 5.0."""
     pairs = generate_pairs(smollm.tokenizer, 60, designs=("swap",), seed=0)["swap"]
-    batch = tokenize_pairs(smollm.tokenizer, pairs)
+    batch = tokenize_ioi(smollm.tokenizer, pairs)
     with torch.inference_mode():
         logits = last_logits(smollm, batch.recipient_ids, batch.attention_mask, batch.position("END"))
     scores = ioi_scores(logits, batch.answer_ids, batch.wrong_ids)

@@ -18,7 +18,7 @@ from conftest import tiny_model
 
 import actpatch.patching as patching
 import actpatch.paths as paths
-from actpatch import HeadSite, HiddenSite, AttnOutSite, attribute, capture, generate_pairs, patch_variants, tokenize_pairs, wrap_model
+from actpatch import HeadSite, HiddenSite, AttnOutSite, attribute, capture, generate_pairs, patch_variants, tokenize_ioi, wrap_model
 from actpatch.adapters import Adapter
 from actpatch.audit import check_dla, check_gap, check_path_identity
 from actpatch.gap import gap_account
@@ -27,7 +27,7 @@ from actpatch.sanity import check_fast_path, run_sanity_checks
 
 
 def _setup(lm, n: int = 3, design: str = "abc"):
-    batch = tokenize_pairs(lm.tokenizer, generate_pairs(lm.tokenizer, n, designs=(design,), seed=3)[design])
+    batch = tokenize_ioi(lm.tokenizer, generate_pairs(lm.tokenizer, n, designs=(design,), seed=3)[design])
     a = lm.adapter
     sites = [s(L) for L in range(a.n_layers) for s in (HeadSite, HiddenSite, AttnOutSite)]
     rec, rec_logits = capture(lm, batch.recipient_ids, batch, sites)
@@ -47,9 +47,13 @@ def test_the_checks_pass_on_the_real_engine(tiny_lm):
 def test_a_positioned_patch_on_the_neighbouring_head_is_caught(tiny_lm, monkeypatch):
     original = patching._patch_fn
 
-    def neighbour(entries, k, n_rows, n_heads, d_head, is_head, start):
-        entries = [(j, src, idx, (h + 1) % n_heads if is_head and idx is not None else h) for j, src, idx, h in entries]
-        return original(entries, k, n_rows, n_heads, d_head, is_head, start)
+    d_head = tiny_lm.adapter.d_head
+    width = tiny_lm.adapter.n_heads * d_head
+
+    def neighbour(entries, k, n_rows, start, width_):  # head columns shifted by one head, at one position
+        entries = [(j, src, si, di, c if c is None or di is None else (c + d_head) % width)
+                   for j, src, si, di, c in entries]
+        return original(entries, k, n_rows, start, width_)
 
     monkeypatch.setattr(patching, "_patch_fn", neighbour)
     batch, rec, don, rec_logits, don_logits = _setup(tiny_lm)
@@ -88,7 +92,7 @@ def test_control_pairs_are_not_flagged_as_no_op_patches(tiny_lm):
 
     pairs = generate_pairs(tiny_lm.tokenizer, 2, designs=("abc",), seed=3)["abc"]
     pairs = [pairs[0], PromptPair(pairs[1].recipient, pairs[1].recipient, pairs[1].answer, pairs[1].wrong, "control")]
-    batch = tokenize_pairs(tiny_lm.tokenizer, pairs)
+    batch = tokenize_ioi(tiny_lm.tokenizer, pairs)
     sites = [s(L) for L in range(3) for s in (HeadSite, HiddenSite, AttnOutSite)]
     rec, rec_logits = capture(tiny_lm, batch.recipient_ids, batch, sites)
     don, don_logits = capture(tiny_lm, batch.donor_ids, batch, sites)

@@ -8,7 +8,7 @@ from conftest import tiny_model
 
 from actpatch import (
     AttnOutSite, HeadSite, HiddenSite, MlpOutSite, SiteError, UnsupportedArchitectureError, capture, count_hooks,
-    generate_pairs, get_adapter, hooks, last_logits, patch_variants, patched, run_chunk, tokenize_pairs, wrap_model,
+    generate_pairs, get_adapter, hooks, last_logits, patch_variants, patched, run_chunk, tokenize_ioi, wrap_model,
 )
 from actpatch.metrics import ioi_scores
 
@@ -20,7 +20,7 @@ BATCH_RTOL, BATCH_ATOL = 1e-5, 1e-6
 @pytest.fixture(scope="module")
 def batch(tiny_lm):
     pairs = generate_pairs(tiny_lm.tokenizer, 5, designs=("abc",), seed=1)["abc"]
-    return tokenize_pairs(tiny_lm.tokenizer, pairs)
+    return tokenize_ioi(tiny_lm.tokenizer, pairs)
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +148,7 @@ def test_patches_inside_the_shared_prefix_are_no_ops_on_the_fast_path(tiny_lm, d
     """
     a = tiny_lm.adapter
     pairs = generate_pairs(tiny_lm.tokenizer, 4, designs=(design,), seed=2)[design]
-    b = tokenize_pairs(tiny_lm.tokenizer, pairs)
+    b = tokenize_ioi(tiny_lm.tokenizer, pairs)
     sites = [HeadSite(L) for L in range(a.n_layers)] + [HiddenSite(L) for L in range(a.n_layers)]
     cache, _ = capture(tiny_lm, b.donor_ids, b, sites)
     rec_cache, rec_logits = capture(tiny_lm, b.recipient_ids, b, [])

@@ -51,7 +51,7 @@ def test_every_architecture_passes_the_sanity_checks(arch, gpt2_tokenizer):
     # the sweep's numbers are recomputed here one full forward pass per cell (the simple reference path)
     import actpatch
 
-    batch = actpatch.tokenize_pairs(gpt2_tokenizer, actpatch.generate_pairs(gpt2_tokenizer, 4, designs=("abc",))["abc"])
+    batch = actpatch.tokenize_ioi(gpt2_tokenizer, actpatch.generate_pairs(gpt2_tokenizer, 4, designs=("abc",))["abc"])
     a = lm.adapter
     donor, _ = actpatch.capture(lm, batch.donor_ids, batch, [HeadSite(L) for L in range(a.n_layers)] + [HiddenSite(L) for L in range(a.n_layers)])
     for row in exact.sample(12, random_state=0).itertuples():

@@ -13,7 +13,7 @@ from conftest import tiny_model
 
 from actpatch import (
     HeadSite, HiddenSite, NumericalError, ResumeError, SiteError, capture, count_hooks, generate_pairs,
-    patch_variants, run_ioi, tokenize_pairs, wrap_model,
+    patch_variants, run_ioi, tokenize_ioi, wrap_model,
 )
 from actpatch.checkpoint import Checkpoint, sweep_fingerprint
 from actpatch.cli import main
@@ -45,12 +45,12 @@ def _sweep(lm, batch, variants, **kw):
 
 def batched_equals_single(lm, n_pairs: int, variants) -> None:
     pairs = generate_pairs(lm.tokenizer, n_pairs, designs=("swap",), seed=3)["swap"]
-    batch = tokenize_pairs(lm.tokenizer, pairs)
+    batch = tokenize_ioi(lm.tokenizer, pairs)
     lengths = batch.attention_mask.sum(1)
     assert len(set(lengths.tolist())) > 1, "the test needs prompts of different lengths in one batch"
     together = _sweep(lm, batch, variants)
     for i, pair in enumerate(pairs):
-        alone = _sweep(lm, tokenize_pairs(lm.tokenizer, [pair]), variants)
+        alone = _sweep(lm, tokenize_ioi(lm.tokenizer, [pair]), variants)
         for key in ("logit_diff", "p_io"):
             torch.testing.assert_close(together[key][:, i], alone[key][:, 0], rtol=RTOL, atol=ATOL)
 
@@ -66,12 +66,12 @@ def test_donor_of_other_length_is_a_clear_error(tiny_lm):
     pair = PromptPair("When Mary and John went to the store, John gave a drink to",
                       "When Mary and John went to the big old store, Mary gave a drink to", " Mary", " John", "file")
     with pytest.raises(DataError, match="equal lengths"):
-        tokenize_pairs(tiny_lm.tokenizer, [pair])
+        tokenize_ioi(tiny_lm.tokenizer, [pair])
 
 
 def test_out_of_range_sites_are_site_errors(tiny_lm):
     pairs = generate_pairs(tiny_lm.tokenizer, 2, designs=("swap",))["swap"]
-    batch = tokenize_pairs(tiny_lm.tokenizer, pairs)
+    batch = tokenize_ioi(tiny_lm.tokenizer, pairs)
     donor, _ = capture(tiny_lm, batch.donor_ids, batch, _sites(tiny_lm))
     for bad, text in [(HeadSite(0, 99), "head"), (HeadSite(7, 0), "layer"), (HiddenSite(0, 999), "position"),
                       (HiddenSite(0, -999), "position"), (HiddenSite(0, "NOPE"), "NOPE")]:
@@ -189,7 +189,7 @@ class Interrupt:
 
 def test_ctrl_c_mid_sweep_removes_hooks_keeps_model_and_resumes(tiny_lm, tmp_path):
     pairs = generate_pairs(tiny_lm.tokenizer, 3, designs=("swap",), seed=2)["swap"]
-    batch = tokenize_pairs(tiny_lm.tokenizer, pairs)
+    batch = tokenize_ioi(tiny_lm.tokenizer, pairs)
     donor, _ = capture(tiny_lm, batch.donor_ids, batch, _sites(tiny_lm))
     variants = _variants(tiny_lm)
     before = {k: v.clone() for k, v in tiny_lm.model.state_dict().items()}
@@ -294,9 +294,9 @@ def test_remote_code_is_never_run_without_the_flag(tmp_path, gpt2_tokenizer):
 
 
 def test_a_site_missing_from_the_donor_cache_is_a_site_error(tiny_lm):
-    from actpatch import SiteError, capture, generate_pairs, run_chunk, tokenize_pairs
+    from actpatch import SiteError, capture, generate_pairs, run_chunk, tokenize_ioi
 
-    batch = tokenize_pairs(tiny_lm.tokenizer, generate_pairs(tiny_lm.tokenizer, 2, ("swap",))["swap"])
+    batch = tokenize_ioi(tiny_lm.tokenizer, generate_pairs(tiny_lm.tokenizer, 2, ("swap",))["swap"])
     cache, _ = capture(tiny_lm, batch.donor_ids, batch, [HeadSite(0)])
     with pytest.raises(SiteError, match=r"no captured activation for HeadSite\(layer=1.*it holds: head of layer 0"):
         run_chunk(tiny_lm, batch, cache, [[HeadSite(1)]])

@@ -51,6 +51,7 @@ def test_report_html_renders_in_chromium(chromium, page, tmp_path):
     assert 'id="status"' in dom and "PASSED" in dom
     assert '<svg class="heatmap" id="heatmap-swap"' in dom and "<title>layer 2, head 3: Δ logit diff" in dom
     assert dom.count('src="data:image/png;base64,') >= 2  # plots are embedded, not linked
+    assert 0 < dom.index('alt="layers.png"') < dom.index("<table")  # the headline figure opens the page
     assert 'id="command"' in dom and "actpatch ioi --model" in dom and 'id="config"' in dom
     # the Markdown report's findings and account of the gap are in the page too
     assert '<ul class="findings" id="findings-swap">' in dom and '<table border="1" class="dataframe" id="gap-swap">' in dom

@@ -23,7 +23,8 @@ from actpatch.ioi import (
     load_pairs_file,
     single_token_names,
 )
-from actpatch.batch import PairBatch, substring_position, tokenize_pairs
+from actpatch.batch import PairBatch, substring_position
+from actpatch.ioi import tokenize_ioi
 
 CLEAN = "When Mary and John went to the store, John gave a drink to"
 #        0    1     2   3     4    5  6   7     8 9     10   11 12    13   (GPT-2 tokens)
@@ -135,7 +136,7 @@ def test_generate_donor_structure(gpt2_tokenizer):
 def test_generated_pairs_tokenize_with_equal_lengths_and_positions(gpt2_tokenizer):
     out = generate_pairs(gpt2_tokenizer, 60, designs=DESIGNS, seed=1)
     for d in DESIGNS:
-        batch = tokenize_pairs(gpt2_tokenizer, out[d])
+        batch = tokenize_ioi(gpt2_tokenizer, out[d])
         assert len(batch) == 60 and set(batch.positions) == set(POSITION_NAMES)
         assert torch.equal(batch.recipient_ids != gpt2_tokenizer.eos_token_id, batch.attention_mask.bool())
         assert torch.equal(batch.donor_ids != gpt2_tokenizer.eos_token_id, batch.attention_mask.bool())
@@ -173,12 +174,12 @@ def test_generate_too_few_single_token_names():
         generate_pairs(CharTokenizer(), 4)
 
 
-# --------------------------------------------------------------------------- tokenize_pairs
+# --------------------------------------------------------------------------- tokenize_ioi
 
 
 def test_positions_hand_written_example(gpt2_tokenizer):
     tok = gpt2_tokenizer
-    batch = tokenize_pairs(tok, [PromptPair(CLEAN, CLEAN.replace("Mary", "Anna"), " Mary", " John", "file")])
+    batch = tokenize_ioi(tok, [PromptPair(CLEAN, CLEAN.replace("Mary", "Anna"), " Mary", " John", "file")])
     rec = batch.recipient_ids[0]
     assert rec.tolist() == tok(CLEAN)["input_ids"] and rec.dtype == torch.long and rec.shape == (14,)
     expected = {"IO": 1, "S1": 3, "S1+1": 4, "S2": 9, "END": 13}
@@ -193,12 +194,12 @@ def test_positions_come_from_ids_shifted_prefix_and_bos(gpt2_tokenizer):
     from transformers import GPT2TokenizerFast
 
     pair = PromptPair("Yesterday " + CLEAN, "Yesterday " + CLEAN.replace("Mary", "Anna"), " Mary", " John", "file")
-    shifted = tokenize_pairs(gpt2_tokenizer, [pair])
+    shifted = tokenize_ioi(gpt2_tokenizer, [pair])
     assert {k: v.item() for k, v in shifted.positions.items()} == {"IO": 2, "S1": 4, "S1+1": 5, "S2": 10, "END": 14}
     # A tokenizer that adds BOS: the same GPT-2 files with add_bos_token=True.
     bos_tok = GPT2TokenizerFast.from_pretrained(gpt2_tokenizer.name_or_path, add_bos_token=True)
     pair = PromptPair(CLEAN, CLEAN.replace("Mary", "Anna"), " Mary", " John", "file")
-    batch = tokenize_pairs(bos_tok, [pair])
+    batch = tokenize_ioi(bos_tok, [pair])
     assert batch.recipient_ids[0, 0] == bos_tok.bos_token_id and batch.recipient_ids.shape == (1, 15)
     assert {k: v.item() for k, v in batch.positions.items()} == {"IO": 2, "S1": 4, "S1+1": 5, "S2": 10, "END": 14}
 
@@ -208,7 +209,7 @@ def test_right_padding_mixed_lengths(gpt2_tokenizer):
     short = PromptPair(CLEAN, CLEAN.replace("Mary", "Anna"), " Mary", " John", "file")
     long_text = "Then, Mary and John had a lot of fun at the park. John gave a ring to"
     long = PromptPair(long_text, long_text.replace("John", "Paul"), " Mary", " John", "file")
-    batch = tokenize_pairs(tok, [short, long])
+    batch = tokenize_ioi(tok, [short, long])
     n_long = len(tok(long_text)["input_ids"])
     assert n_long > 14 and batch.recipient_ids.shape == (2, n_long) == batch.donor_ids.shape
     assert batch.position("END").tolist() == [13, n_long - 1]
@@ -220,7 +221,7 @@ def test_right_padding_mixed_lengths(gpt2_tokenizer):
 
 
 def test_pairbatch_position_errors_and_to(gpt2_tokenizer):
-    batch = tokenize_pairs(gpt2_tokenizer, generate_pairs(gpt2_tokenizer, 3)["swap"])
+    batch = tokenize_ioi(gpt2_tokenizer, generate_pairs(gpt2_tokenizer, 3)["swap"])
     with pytest.raises(SiteError, match="IO, S1, S1\\+1, S2, END"):
         batch.position("S3")
     moved = batch.to("cpu")
@@ -232,20 +233,20 @@ def test_tokenize_errors(gpt2_tokenizer):
     tok = gpt2_tokenizer
     ok = PromptPair(CLEAN, CLEAN.replace("Mary", "Anna"), " Mary", " John", "file")
     with pytest.raises(DataError, match="no prompt pairs"):
-        tokenize_pairs(tok, [])
+        tokenize_ioi(tok, [])
     with pytest.raises(DataError, match=r"pair 1 .*Zyxwvutsrq.*exactly one token"):
-        tokenize_pairs(tok, [ok, PromptPair(CLEAN, CLEAN, " Zyxwvutsrq", " John", "file")])
+        tokenize_ioi(tok, [ok, PromptPair(CLEAN, CLEAN, " Zyxwvutsrq", " John", "file")])
     with pytest.raises(DataError, match=r"pair 0 .*wrong.*exactly one token"):
-        tokenize_pairs(tok, [PromptPair(CLEAN, CLEAN, " Mary", " Zyxwvutsrq", "file")])
-    with pytest.raises(DataError, match="same token"):
-        tokenize_pairs(tok, [PromptPair(CLEAN, CLEAN, " Mary", " Mary", "file")])
+        tokenize_ioi(tok, [PromptPair(CLEAN, CLEAN, " Mary", " Zyxwvutsrq", "file")])
+    with pytest.raises(DataError, match="share the token"):
+        tokenize_ioi(tok, [PromptPair(CLEAN, CLEAN, " Mary", " Mary", "file")])
     with pytest.raises(DataError, match=r"14 tokens but donor .* has 20"):
-        tokenize_pairs(tok, [PromptPair(CLEAN, CLEAN.replace("Mary", "Zyxwvutsrq"), " Mary", " John", "file")])
+        tokenize_ioi(tok, [PromptPair(CLEAN, CLEAN.replace("Mary", "Zyxwvutsrq"), " Mary", " John", "file")])
     missing_io = PromptPair(CLEAN, CLEAN, " Anna", " John", "file")
     with pytest.raises(DataError, match=r"pair 0 \('When Mary"):
-        tokenize_pairs(tok, [missing_io])
+        tokenize_ioi(tok, [missing_io])
     # Without require_positions, a position missing in any row is left out; found ones stay.
-    batch = tokenize_pairs(tok, [ok, missing_io], require_positions=False)
+    batch = tokenize_ioi(tok, [ok, missing_io], require_positions=False)
     assert set(batch.positions) == {"S1", "S1+1", "S2", "END"}
     with pytest.raises(SiteError, match="available: S1, S1\\+1, S2, END"):
         batch.position("IO")
@@ -273,7 +274,7 @@ def test_load_pairs_round_trip_blank_lines_extra_fields(tmp_path, gpt2_tokenizer
     ]
     assert pairs[0].template is None and pairs[0].order is None
     assert load_pairs_file(str(path)) == pairs
-    batch = tokenize_pairs(gpt2_tokenizer, pairs, require_positions=False)
+    batch = tokenize_ioi(gpt2_tokenizer, pairs, require_positions=False)
     assert set(batch.positions) == set(POSITION_NAMES)
 
 
@@ -326,14 +327,14 @@ def test_denoising_swaps_roles_and_keeps_clean_positions(gpt2_tokenizer):
     from actpatch.ioi import denoising
 
     pairs = generate_pairs(gpt2_tokenizer, 4, designs=("abc",), seed=2)["abc"]
-    noise = tokenize_pairs(gpt2_tokenizer, pairs)
-    denoise = tokenize_pairs(gpt2_tokenizer, denoising(pairs), positions_from="donor")
+    noise = tokenize_ioi(gpt2_tokenizer, pairs)
+    denoise = tokenize_ioi(gpt2_tokenizer, denoising(pairs), positions_from="donor")
     assert torch.equal(denoise.recipient_ids, noise.donor_ids) and torch.equal(denoise.donor_ids, noise.recipient_ids)
     assert all(torch.equal(denoise.positions[k], noise.positions[k]) for k in noise.positions)
     assert torch.equal(denoise.answer_ids, noise.answer_ids)
     assert {p.design for p in denoising(pairs)} == {"abc-denoise"}
     with pytest.raises(DataError, match="expected the answer"):  # abc's corrupted prompt has neither name
-        tokenize_pairs(gpt2_tokenizer, denoising(pairs))
+        tokenize_ioi(gpt2_tokenizer, denoising(pairs))
 
 
 # --- substring_position: named positions from substrings (pairs of any length) -----------------------------

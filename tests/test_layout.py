@@ -53,3 +53,21 @@ def test_the_package_docstring_names_the_same_chain():
 
     doc = " ".join(actpatch.__doc__.split())
     assert " -> ".join(_chain()) in doc
+
+
+ENGINE = ["sites", "hooks", "pairs", "batch", "capture", "reference", "checkpoint", "prefix", "planning", "patching",
+          "distributed", "metrics", "attribution", "sanity", "pooling"]
+TASK_MODULES = {"tasks", "ioi"}
+
+
+def test_the_engine_imports_no_task():
+    """Follow every engine module's imports, transitively: none reaches a task (ioi) or the task registry."""
+    reached, todo = set(), list(ENGINE)
+    while todo:
+        name = todo.pop()
+        if name in reached:
+            continue
+        reached.add(name)
+        todo += [d for d in _local_imports(PACKAGE / f"{name}.py") if (PACKAGE / f"{d}.py").is_file()]
+    assert reached & TASK_MODULES == set(), f"the engine reaches {sorted(reached & TASK_MODULES)}"
+    assert "ioi" in _local_imports(PACKAGE / "experiments.py")  # the check can see an import when there is one

@@ -109,7 +109,7 @@ def test_device_map_with_offloaded_layers_gives_the_same_numbers(gpt2_dir, tmp_p
     directly) and the checkpoint fingerprint must all see the real weights."""
     from actpatch import run_ioi
     from actpatch.checkpoint import sweep_fingerprint
-    from actpatch import generate_pairs, tokenize_pairs
+    from actpatch import generate_pairs, tokenize_ioi
     from actpatch.sites import HeadSite
 
     plain = load_model(str(gpt2_dir), device="cpu")
@@ -131,7 +131,7 @@ def test_device_map_with_offloaded_layers_gives_the_same_numbers(gpt2_dir, tmp_p
     assert a.analysis["designs"].keys() == b.analysis["designs"].keys()
     # the model is left as found: offloaded weights are back on meta
     assert {n: p.device.type for n, p in off.model.named_parameters()} == placed
-    batch = tokenize_pairs(plain.tokenizer, generate_pairs(plain.tokenizer, 3, ("swap",))["swap"])
+    batch = tokenize_ioi(plain.tokenizer, generate_pairs(plain.tokenizer, 3, ("swap",))["swap"])
     assert sweep_fingerprint(plain, batch, [[HeadSite(1)]]) == sweep_fingerprint(off, batch, [[HeadSite(1)]])
 
 
@@ -174,10 +174,10 @@ def test_quiet_silences_the_gguf_conversion_bar():
 def test_half_precision_logit_difference_is_not_quantised(gpt2_dir):
     """In bfloat16 the full-vocabulary logits are rounded to ~3 significant digits; the IO and S logits
     that the metrics read are recomputed in float32 from the same final hidden state."""
-    from actpatch import generate_pairs, last_logits, tokenize_pairs
+    from actpatch import generate_pairs, last_logits, tokenize_ioi
 
     lm = load_model(str(gpt2_dir), device="cpu", dtype="bfloat16")
-    batch = tokenize_pairs(lm.tokenizer, generate_pairs(lm.tokenizer, 4, ("swap",))["swap"])
+    batch = tokenize_ioi(lm.tokenizer, generate_pairs(lm.tokenizer, 4, ("swap",))["swap"])
     args = (lm, batch.recipient_ids, batch.attention_mask, batch.position("END"))
     rounded = last_logits(*args)
     exact = last_logits(*args, exact=batch.answer_columns())

@@ -100,10 +100,10 @@ def test_one_progress_bar_covers_the_whole_run(tiny_lm, capsys):
 def test_rows_of_full_vocabulary_logits_are_capped(tiny_lm):
     """A pass of END patches computes one position per row: a token cap alone would stack rows of logits
     without bound. With full logits every pass stays within ``logit_rows``; reading two columns, it need not."""
-    from actpatch import HeadSite, generate_pairs, tokenize_pairs
+    from actpatch import HeadSite, generate_pairs, tokenize_ioi
     from actpatch.planning import logit_rows, plan_sweep
 
-    batch = tokenize_pairs(tiny_lm.tokenizer, generate_pairs(tiny_lm.tokenizer, 5, designs=("abc",))["abc"])
+    batch = tokenize_ioi(tiny_lm.tokenizer, generate_pairs(tiny_lm.tokenizer, 5, designs=("abc",))["abc"])
     variants = [[HeadSite(L, h, "END")] for L in range(3) for h in range(4)]
     budget = 2 * 10 * 50257 * (4 + 8)  # ten rows of float32 logits (and the metrics' copies) in half of it
     assert logit_rows(tiny_lm, budget) == 10

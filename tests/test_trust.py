@@ -13,7 +13,7 @@ from conftest import tiny_model
 from reference import naive_patch_ld
 
 from actpatch import (
-    DataError, HeadSite, HiddenSite, PromptPair, capture, generate_pairs, patch_variants, tokenize_pairs, wrap_model,
+    DataError, HeadSite, HiddenSite, PromptPair, capture, generate_pairs, patch_variants, tokenize_ioi, wrap_model,
 )
 from actpatch.errors import ConfigError
 from actpatch.prefix import RecipientState
@@ -68,7 +68,7 @@ def test_fast_path_matches_the_standalone_reference(family, gpt2_tokenizer):
     every prompt (Gemma 2/3, Mistral), soft-capping (Gemma 2/3), post-norms (Gemma 2/3, OLMo 2); padded rows."""
     model = tiny_model(family)
     lm = wrap_model(model, gpt2_tokenizer)
-    batch = tokenize_pairs(gpt2_tokenizer, generate_pairs(gpt2_tokenizer, 4, designs=("abc",), seed=3)["abc"])
+    batch = tokenize_ioi(gpt2_tokenizer, generate_pairs(gpt2_tokenizer, 4, designs=("abc",), seed=3)["abc"])
     assert int(batch.attention_mask.sum(1).min()) < batch.recipient_ids.shape[1], "rows of different lengths"
     _compare_with_reference(model, lm, batch)
 
@@ -76,7 +76,7 @@ def test_fast_path_matches_the_standalone_reference(family, gpt2_tokenizer):
 def _one_template(tokenizer, n: int, design: str = "abc"):
     """Pairs of one template (ABBA and BABA orders), so every row has the same length: no padding, no mask."""
     pairs = generate_pairs(tokenizer, 15 * n, designs=(design,), seed=2)[design]
-    return tokenize_pairs(tokenizer, [p for p in pairs if p.template == 0][:n])
+    return tokenize_ioi(tokenizer, [p for p in pairs if p.template == 0][:n])
 
 
 def test_sdpa_model_is_switched_to_eager_and_gives_reference_numbers(gpt2_tokenizer):
@@ -100,14 +100,14 @@ def test_donor_cache_of_another_width_is_refused(tiny_lm):
     """Bug 3: rows captured on a wider padded batch were written at shifted positions."""
     tok = tiny_lm.tokenizer
     pairs = generate_pairs(tok, 4, designs=("abc",), seed=3)["abc"]
-    wide = tokenize_pairs(tok, pairs)
+    wide = tokenize_ioi(tok, pairs)
     short = sorted(range(4), key=lambda i: len(tok(pairs[i].recipient)["input_ids"]))[:2]
-    narrow = tokenize_pairs(tok, [pairs[i] for i in short])
+    narrow = tokenize_ioi(tok, [pairs[i] for i in short])
     assert narrow.recipient_ids.shape[1] < wide.recipient_ids.shape[1]
     donor, _ = capture(tiny_lm, wide.donor_ids, wide, [HeadSite(1)])
     donor = type(donor)({k: v[short] for k, v in donor.items()})  # the right rows, at the wide batch's width
     for state in (False, True):
-        with pytest.raises(DataError, match="positions, but this batch has 2 pairs"):
+        with pytest.raises(DataError, match="positions, but this batch's donors are 2 pairs"):
             patch_variants(tiny_lm, narrow, donor, [[HeadSite(1, 0, "END")]], donor_from_batch=state,
                            reduce=lambda lg: {"x": lg[..., 0]})
 
@@ -120,7 +120,7 @@ def test_control_pairs_have_exactly_zero_effect(tiny_lm, all_controls):
     long_ = "Then, Anna and Paul had a lot of fun at the restaurant. {} gave a book to"  # differs at S2, position 14
     pairs = [PromptPair(short, short, " Mary", " John", "control"),
              PromptPair(long_.format("Paul"), long_.format("Paul" if all_controls else "Anna"), " Anna", " Paul", "s2io")]
-    batch = tokenize_pairs(tok, pairs)
+    batch = tokenize_ioi(tok, pairs)
     assert int(batch.positions["S2"][1]) > int(batch.positions["END"][0])
     a = tiny_lm.adapter
     donor, rec_logits = capture(tiny_lm, batch.donor_ids, batch, [HeadSite(L) for L in range(a.n_layers)]
@@ -141,7 +141,7 @@ def test_olmo2_query_receiver_does_not_leak_into_other_heads(gpt2_tokenizer):
 
     model = tiny_model("olmo2")
     lm = wrap_model(model, gpt2_tokenizer)
-    batch = tokenize_pairs(gpt2_tokenizer, generate_pairs(gpt2_tokenizer, 3, designs=("abc",), seed=3)["abc"])
+    batch = tokenize_ioi(gpt2_tokenizer, generate_pairs(gpt2_tokenizer, 3, designs=("abc",), seed=3)["abc"])
     donor, _ = capture(lm, batch.donor_ids, batch, [HeadSite(0)])
     seen = []
     o_proj = model.model.layers[1].self_attn.o_proj  # written out by hand, not through the adapter

@@ -1,13 +1,15 @@
-"""actpatch: activation patching for HuggingFace causal LMs, built around the IOI task.
+"""actpatch: activation patching for HuggingFace causal LMs: IOI built in, and any contrastive task of your own.
 
 Data flows one way through small modules (the order is README's Layout line, checked by a test):
-placement -> adapters -> models -> sites -> hooks -> ioi -> batch -> capture -> reference -> checkpoint
+placement -> adapters -> models -> sites -> hooks -> pairs -> batch -> capture -> reference -> checkpoint
 -> prefix -> planning -> patching -> distributed -> metrics -> attribution -> heads -> gap -> paths -> analysis
--> sanity -> audit -> pooling -> results -> config -> sweeps -> experiments -> plots -> report -> htmlreport -> outputs -> compare -> cli.
+-> sanity -> audit -> pooling -> tasks -> ioi -> results -> pairsresult -> config -> sweeps -> experiments -> contrast -> plots -> report
+-> htmlreport -> pairsreport -> outputs -> compare -> cli.
 
     import actpatch
     result = actpatch.run_ioi(n_pairs=16)          # bundled SmolLM2-135M, offline
     result.to_dataframe().head()
+    df = actpatch.patch(lm, "facts.jsonl", sites="heads", positions=["subject", "END"], metric="kl")   # your own pairs
 """
 
 import logging as _logging
@@ -29,10 +31,12 @@ from .errors import (
 from .checkpoint import Checkpoint, sweep_fingerprint
 from .compare import run_compare
 from .config import IOIConfig
+from .contrast import PairsConfig, patch, run_pairs
 from .experiments import plan_ioi, run_ioi
 from .heads import characterise, classify
 from .hooks import count_hooks, hooks
-from .ioi import PromptPair, generate_pairs, load_pairs_file
+from .ioi import generate_pairs, tokenize_ioi
+from .pairs import PromptPair, load_pairs_file
 from .metrics import ioi_scores, logit_diff, normalised_effect, prob_ratio, token_prob
 from .models import DEFAULT_MODEL, LoadedModel, load_model, wrap_model
 from .patching import patch_variants, patched, run_chunk
@@ -40,6 +44,8 @@ from .planning import plan_chunks, token_budget
 from .paths import Receiver, path_patch
 from .prefix import RecipientState
 from .results import HeadGrid, IOIResult
+from .pairsresult import PairsResult
+from .tasks import TASKS, Task, get_task, register
 from .sanity import SanityCheck, run_sanity_checks
 from .sites import AttnOutSite, HeadSite, HiddenSite, MlpOutSite
 from . import plots as _plots  # noqa: F401,E402  registers the kinds of IOIResult.plot()
@@ -55,5 +61,6 @@ __all__ = [
     "SiteError", "UnsupportedArchitectureError", "capture", "count_hooks", "generate_pairs", "get_adapter", "hooks",
     "ioi_scores", "last_logits", "load_model", "load_pairs_file", "logit_diff", "normalised_effect", "patch_variants",
     "patched", "plan_ioi", "prob_ratio", "run_chunk", "run_ioi", "run_sanity_checks", "supported_model_types", "token_prob",
-    "tokenize_pairs", "wrap_model",
+    "tokenize_ioi", "tokenize_pairs", "wrap_model", "PairsConfig", "PairsResult", "patch", "run_pairs", "TASKS",
+    "Task", "get_task", "register",
 ]

@@ -179,6 +179,22 @@ class Adapter:
             return module, lambda out: out.view(*out.shape[:2], 3, H, Dh)[:, :, idx, head]  # (B, T, 3, H, Dh)
         return module, lambda out: out.view(*out.shape[:2], H, 3, Dh)[:, :, head, idx]  # (B, T, H, 3, Dh)
 
+    def qkv_module(self, layer: int, which: str) -> nn.Module:
+        """The module whose output holds ``which`` ("q", "k" or "v") of ``layer`` (one fused module for all three
+        in GPT-2 and GPT-NeoX)."""
+        idx = "qkv".index(which)
+        return _attr_path(self.blocks[layer], self.arch.qkv[idx if self.arch.qkv_layout == "separate" else 0])
+
+    def qkv_start(self, which: str, head: int) -> int:
+        """Where head ``head``'s d_head features of ``which`` start in ``qkv_module``'s output, (B, T, F) flat. For
+        k and v under grouped-query attention ``head`` is the KV head (group); for q it is the query head."""
+        idx, H, Dh = "qkv".index(which), self.n_heads, self.d_head
+        if self.arch.qkv_layout == "separate":
+            return head * Dh  # (B, T, H', Dh) flat
+        if self.arch.qkv_layout == "qkv_blocks":
+            return (idx * H + head) * Dh  # (B, T, 3, H, Dh) flat
+        return (head * 3 + idx) * Dh  # per_head: (B, T, H, 3, Dh) flat
+
     def mlp(self, layer: int) -> nn.Module:
         return _attr_path(self.blocks[layer], self.arch.mlp)
 

@@ -27,6 +27,7 @@ from torch import Tensor
 from .batch import PairBatch
 from .capture import ActivationCache, last_logits, split_heads
 from .hooks import hooks
+from .errors import DataError
 from .models import LoadedModel
 from .sites import HeadSite, HiddenSite
 
@@ -77,6 +78,10 @@ def attribute(
         att = attribute(lm, batch, donor)
 
     """
+    if batch.donor_mask is not None or batch.donor_positions is not None:
+        raise DataError("attribution multiplies donor - recipient at the same positions, so it needs position-aligned "
+                        f"pairs (equal lengths, the same named positions); this batch's pairs {batch.unequal_rows()[:8]} "
+                        "(or named positions) differ. Use exact patching (--method exact) for such pairs.")
     layers = tuple(range(lm.adapter.n_layers)) if layers is None else tuple(layers)
     rows = max_rows or max(1, GRAD_TOKENS // batch.recipient_ids.shape[1])
     heads, hidden, metric = [], [], 0.0

@@ -18,7 +18,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from .batch import PairBatch
-from .errors import NumericalError, SiteError
+from .errors import DataError, NumericalError, SiteError
 from .hooks import hooks
 from .models import LoadedModel
 from .sites import Site
@@ -87,6 +87,18 @@ def last_logits(
     return lm.adapter.unembed(hidden[rows, end.to(hidden.device)], columns, exact)  # (B, V) or (B, n)
 
 
+def side_of(input_ids: Tensor, batch: PairBatch) -> str:
+    """Which prompts of ``batch`` ``input_ids`` are: "donor" when they are ``batch.donor_ids`` (the same tensor, or
+    equal to it and not to the recipient's), else "recipient"."""
+    if input_ids is batch.donor_ids:
+        return "donor"
+    if input_ids is batch.recipient_ids:
+        return "recipient"
+    ids = input_ids.cpu()
+    same = lambda t: ids.shape == t.shape and torch.equal(ids, t.cpu())  # noqa: E731
+    return "donor" if same(batch.donor_ids) and not same(batch.recipient_ids) else "recipient"
+
+
 def recipient_logits(lm: LoadedModel, batch: PairBatch) -> Float[Tensor, "batch vocab"]:
     """END logits of the batch's recipient prompts (no hooks of its own; callers may install some)."""
     dev = lm.device
@@ -146,6 +158,8 @@ def capture(
 ) -> tuple[ActivationCache, Float[Tensor, "batch vocab"]]:
     """One forward pass of ``input_ids`` (donor or recipient rows of ``batch``) that records ``sites``.
 
+    ``batch.donor_ids`` run with the donor's mask and END (``side_of``), so donors may be longer or shorter.
+
     Whole activations are kept per (kind, layer), whatever the sites' heads and positions, so one
     donor run serves every later patch of that layer.
 
@@ -155,6 +169,12 @@ def capture(
 
     """
     adapter = lm.adapter
+    side = side_of(input_ids, batch)
+    mask = batch.donor_attention_mask if side == "donor" else batch.attention_mask
+    end = batch.donor_position("END") if side == "donor" else batch.position("END")
+    if input_ids.shape != mask.shape:
+        raise DataError(f"capture got ids of shape {tuple(input_ids.shape)}, but the batch's {side} prompts are "
+                        f"{tuple(mask.shape)}; pass batch.recipient_ids or batch.donor_ids of the same batch.")
     cache = ActivationCache()
     specs = []
     seen = set()
@@ -170,8 +190,7 @@ def capture(
 
         specs.append((site.module(adapter), "input" if site.reads_input else "output", store))
     with torch.inference_mode(), hooks(specs):
-        logits = last_logits(lm, input_ids.to(lm.device), batch.attention_mask.to(lm.device), batch.position("END"),
-                             exact=batch.answer_columns())
-    check_finite(lm, logits, input_ids, batch.attention_mask, "captured run's")
+        logits = last_logits(lm, input_ids.to(lm.device), mask.to(lm.device), end, exact=batch.answer_columns())
+    check_finite(lm, logits, input_ids, mask, "captured run's")
     return cache, logits
 

@@ -47,8 +47,13 @@ def sweep_fingerprint(
     h.update(repr([lm.info.get(k) for k in ("model_id", "revision", "dtype", "gguf_sha256")]).encode())
     # a cheap weight checksum: catches same-named models with other weights
     h.update(repr(list(parameter_sums(lm.model) if weight_sums is None else weight_sums)).encode())
-    for t in (batch.recipient_ids, batch.donor_ids, batch.attention_mask, batch.answer_ids, batch.wrong_ids):
+    tensors = [batch.recipient_ids, batch.donor_ids, batch.attention_mask, batch.donor_attention_mask, *batch.answers()]
+    for side in ("recipient", "donor"):  # named positions, each side (pairs of different lengths)
+        named = batch.side_positions(side)
+        tensors += [named[k] for k in sorted(named)]
+    for t in tensors:
         h.update(t.cpu().numpy().tobytes())
+    h.update(repr(sorted(batch.positions)).encode())
     h.update(repr([list(v) for v in variants]).encode())
     h.update(extra.encode())
     return h.hexdigest()

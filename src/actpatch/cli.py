@@ -1,6 +1,7 @@
 """The ``actpatch`` command line: parse options, build a config, run, write the report folder.
 
     actpatch ioi --n-pairs 16 --out runs/demo      # the seed's experiment on the bundled model
+    actpatch run --pairs-file facts.jsonl --positions subject END --out runs/facts   # your own task
     actpatch compare --models smollm2-135m gemma3-270m   # the same comparison on several models
     actpatch models                                # supported architectures, bundled model status
 
@@ -36,10 +37,13 @@ from .compare import plot_compare, render_compare, run_compare
 from .distributed import init_from_env, local_device, world
 from .errors import ActpatchError, ConfigError
 from .config import DIRECTIONS, METHODS, IOIConfig
+from .contrast import PairsConfig, run_pairs, site_families
 from .experiments import plan_ioi, run_ioi
 from .ioi import DESIGNS
 from .models import BUNDLED, DEFAULT_MODEL, DTYPES, bundled_gguf, install_hint
+from .metrics import TASK_METRICS
 from .outputs import PARTIAL, discard, prepare_out, write_outputs
+from .pairsreport import findings
 
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
@@ -129,6 +133,32 @@ def build_parser() -> argparse.ArgumentParser:
                      "CPU cache size or free GPU memory)")
     ioi.add_argument("--dry-run", action="store_true",
                      help="print the plan (pairs, patches, forward passes, estimated cost) and exit without running")
+
+    run = sub.add_parser(
+        "run", help="patch your own pairs (or a registered task): named positions, pairs of different lengths, any metric",
+        description="Hidden states vs attention heads on any contrastive task. With --pairs-file, each JSONL line has "
+        "recipient, donor, answer and wrong (a string or a list of one-token strings) and optional positions "
+        '{"name": ["substring in recipient", "substring in donor"]}; END is always defined. '
+        "`actpatch run ioi ...` is `actpatch ioi ...` (the same options).",
+    )
+    run.add_argument("task", nargs="?", default="pairs", metavar="TASK",
+                     help="a registered task (ioi, ...), or leave it out and give --pairs-file (default: pairs)")
+    run.add_argument("--pairs-file", metavar="FILE", help="JSONL of your pairs (see above)")
+    run.add_argument("--model", default=DEFAULT_MODEL, metavar="SPEC", help=f"model spec as for ioi (default: {DEFAULT_MODEL})")
+    run.add_argument("--positions", nargs="+", metavar="NAME",
+                     help="positions to patch at: names from the pairs' positions, END, or all (equal lengths only); "
+                     "default: every named position and END")
+    run.add_argument("--metric", choices=TASK_METRICS, default="logit_diff",
+                     help="logit_diff (default; logsumexp over answer sets), prob_diff (P(answer set) - P(wrong set)), "
+                     "logprob (log P(answer set)), kl (KL from the unpatched recipient's next-token distribution; needs "
+                     "no answers)")
+    run.add_argument("--sites", nargs="+", default=["all"], metavar="FAMILY",
+                     help="hidden, all_heads, head, attn, mlp, or all (= hidden all_heads head), heads (= all_heads "
+                     "head), layers (= hidden all_heads); default: all")
+    run.add_argument("--layers", type=int, nargs="+", metavar="L", help="patch only these layers (default: all)")
+    run.add_argument("--trust-remote-code", action="store_true", help="as for ioi")
+    run.add_argument("--max-batch", type=int, metavar="ROWS", help="max rows per forward pass (default: automatic)")
+    _add_run_options(run, out="runs/pairs", n_pairs=16)
 
     cmp = sub.add_parser(
         "compare", help="run the IOI experiment on several models and compare them on a shared depth axis",
@@ -234,6 +264,12 @@ def _cmd_ioi(args: argparse.Namespace, argv: list[str]) -> int:
         b = result.baseline
         print(f"{result.model.get('model_id')}: recipients accuracy {b['accuracy']:.2f}, mean LD {b['mean_logit_diff']:.2f} "
               f"({int(b['n_pairs'])} pairs)")
+    return _finish(result, out, plots, args.quiet)
+
+
+def _finish(result, out: Path, plots: list[str], quiet: bool) -> int:
+    """Print the sanity checks and the files written; exit status 1 when a check failed."""
+    if not quiet:
         for name, check in result.sanity.items():
             print(f"  sanity {name}: {'pass' if check['passed'] else 'FAIL'}")
         print(f"wrote {out}/report.html, report.md, results.json, results.csv, config.json, {', '.join(plots)}")
@@ -242,6 +278,35 @@ def _cmd_ioi(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"actpatch: sanity checks failed: {', '.join(failed)}; see {out}/report.md", file=sys.stderr)
         return 1
     return 0
+
+
+def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.task != "pairs" and args.pairs_file is not None:
+        raise ConfigError(f"give a task ({args.task!r}) or a pairs file (--pairs-file), not both")
+    if args.task != "pairs" and len(args.donor) > 1:
+        raise ConfigError(f"actpatch run {args.task} takes one donor design (--donor), got {args.donor}")
+    out = Path(args.out)
+    created = prepare_out(out, args.overwrite, resume=False)
+    cfg = PairsConfig(model=args.model, task=args.task, pairs_file=args.pairs_file, n_pairs=args.n_pairs,
+                      design=args.donor[0] if args.task != "pairs" and args.donor != ["swap", "abc"] else None,
+                      seed=args.seed, positions=tuple(args.positions) if args.positions else None, metric=args.metric,
+                      sites=site_families(args.sites), layers=tuple(args.layers) if args.layers else None,
+                      device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                      max_memory=args.max_memory, max_rows=args.max_batch, progress=False if args.quiet else None,
+                      command=shlex.join(["actpatch", *argv]))
+    try:
+        result = run_pairs(cfg)
+        plots = write_outputs(result, out)
+    except BaseException:
+        discard(out, created)
+        raise
+    if not args.quiet:
+        rec, don = result.baseline["recipient"], result.baseline["donor"]
+        print(f"{result.model.get('model_id')}: {result.baseline['n_pairs']} pairs, {result.metric} recipient "
+              f"{rec[f'mean_{result.metric}']:.4g}, donor {don[f'mean_{result.metric}']:.4g}")
+        for line in findings(result):
+            print(f"  {line}")
+    return _finish(result, out, plots, args.quiet)
 
 
 def cmd_compare(args: argparse.Namespace, argv: list[str]) -> int:
@@ -336,6 +401,8 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["run", "ioi"]:  # `actpatch run ioi ...` is `actpatch ioi ...`
+        argv = ["ioi", *argv[2:]]
     args = build_parser().parse_args(argv)
     logger = logging.getLogger("actpatch")
     handler = logging.StreamHandler(sys.stderr)
@@ -350,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
         quiet_loading = args.quiet or not sys.stderr.isatty()
         with _quiet_transformers(quiet_loading), warnings.catch_warnings():
             warnings.showwarning = _show_warning
-            return cmd_ioi(args, argv) if args.command == "ioi" else cmd_compare(args, argv)
+            commands = {"ioi": cmd_ioi, "run": cmd_run, "compare": cmd_compare}
+            return commands[args.command](args, argv)
     except ActpatchError as exc:
         print(f"actpatch: error: {exc}", file=sys.stderr)
         return 2

@@ -25,12 +25,12 @@ from tqdm.auto import tqdm
 
 from .analysis import head_analysis
 from .audit import check_dla
-from .batch import PairBatch, tokenize_pairs
+from .batch import PairBatch
 from .config import IOIConfig, environment
 from .errors import ConfigError
 from .heads import characterise, copy_scores
 from .hooks import count_hooks
-from .ioi import denoising, generate_pairs, load_pairs_file
+from .ioi import denoising, generate_pairs, load_pairs_file, tokenize_ioi
 from .models import LoadedModel, load_model
 from .placement import parameter_sums
 from .planning import memory_budget, pair_chunk, plan_sweep, release_memory, shared_prefix
@@ -64,17 +64,17 @@ def _prepare(config: IOIConfig | None, lm: LoadedModel | None, overrides: dict):
                         device_map=cfg.device_map, offload_folder=cfg.offload_folder)
     layers = _layers(cfg, lm.adapter.n_layers)
     if file_pairs is not None:
-        clean = tokenize_pairs(lm.tokenizer, file_pairs, require_positions=False)
+        clean = tokenize_ioi(lm.tokenizer, file_pairs, require_positions=False)
         return cfg, lm, layers, {"file": clean}, clean
     pairs = generate_pairs(lm.tokenizer, cfg.n_pairs, designs=cfg.designs, seed=cfg.seed)
     batches = {}
     for d in cfg.designs:
         if cfg.direction in ("noising", "both"):
-            batches[d] = tokenize_pairs(lm.tokenizer, pairs[d])
+            batches[d] = tokenize_ioi(lm.tokenizer, pairs[d])
         if cfg.direction in ("denoising", "both"):
-            batches[f"{d}-denoise"] = tokenize_pairs(lm.tokenizer, denoising(pairs[d]), positions_from="donor")
+            batches[f"{d}-denoise"] = tokenize_ioi(lm.tokenizer, denoising(pairs[d]), positions_from="donor")
     first = cfg.designs[0]  # the clean prompts; already tokenized unless the run is denoising only
-    return cfg, lm, layers, batches, batches[first] if first in batches else tokenize_pairs(lm.tokenizer, pairs[first])
+    return cfg, lm, layers, batches, batches[first] if first in batches else tokenize_ioi(lm.tokenizer, pairs[first])
 
 
 def _heads_planned(cfg: IOIConfig, layers: list[int], n_heads: int) -> list[tuple[int, int]]:

@@ -35,9 +35,12 @@ def _output_hook(fn: HookFn):
 
 
 def _input_hook(fn: HookFn):
-    def hook(module, args):
+    def hook(module, args, kwargs):
+        if not args:  # a block called with hidden_states=... (its first input by name)
+            new = fn(kwargs["hidden_states"])
+            return None if new is None else (args, {**kwargs, "hidden_states": new})
         new = fn(args[0])
-        return None if new is None else (new, *args[1:])
+        return None if new is None else ((new, *args[1:]), kwargs)
 
     return hook
 
@@ -71,7 +74,7 @@ def hooks(specs: Sequence[HookSpec]) -> Iterator[None]:
             if where == "output":
                 handles.append(module.register_forward_hook(_output_hook(fn)))
             elif where == "input":
-                handles.append(module.register_forward_pre_hook(_input_hook(fn)))
+                handles.append(module.register_forward_pre_hook(_input_hook(fn), with_kwargs=True))
             elif where == "call":
                 handles.append(module.register_forward_pre_hook(_call_hook(fn), with_kwargs=True))
             elif where == "result":

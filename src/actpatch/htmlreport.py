@@ -2,7 +2,7 @@
 
     page = render_html(result, {"layers.png": png_bytes, ...})   # a str; the CLI writes report.html
 
-What is in it: the status and model, the sanity checks as a pass/fail table, the baseline, the head
+What is in it: the headline figure (hidden states vs heads per layer) first, the status and model, the sanity checks as a pass/fail table, the baseline, the head
 classes, and per design the findings, the per-layer table, the account of the gap and one heatmap of
 the single-head sweep as inline SVG (hovering
 a cell shows its layer, head and value through the cell's SVG <title>, so the interactivity needs
@@ -128,6 +128,12 @@ def _caption(name: str) -> str:
     return stem
 
 
+def _figure(name: str, data: bytes) -> str:
+    b64 = base64.b64encode(data).decode("ascii")
+    return (f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{b64}">'
+            f"<figcaption>{html.escape(_caption(name))} <code>{html.escape(name)}</code></figcaption></figure>")
+
+
 def render_html(result: IOIResult, plots: dict[str, bytes] | None = None) -> str:
     """The whole page as one string (no external files, no script)."""
     m, cfg = result.model, result.config
@@ -137,6 +143,7 @@ def render_html(result: IOIResult, plots: dict[str, bytes] | None = None) -> str
                 for d, base in result.baseline["designs"].items() for who in ("recipient", "donor")]
     body = [
         f"<h1>IOI activation patching — {html.escape(str(m.get('model_id')))}</h1>",
+        *([_figure("layers.png", plots["layers.png"])] if plots and "layers.png" in plots else []),  # the headline first
         f'<p>{result.n_layers} layers × {result.n_heads} heads, {html.escape(str(m.get("dtype")))} on '
         f'{html.escape(str(m.get("device")))}; {int(result.baseline["n_pairs"])} pairs per design. Sanity checks: '
         f'<strong class="status-{"pass" if ok else "fail"}" id="status">{status}</strong></p>',
@@ -178,10 +185,7 @@ def render_html(result: IOIResult, plots: dict[str, bytes] | None = None) -> str
             body.append("<ul>" + "".join(f"<li>{_inline(x)}</li>" for x in lines) + "</ul>")
     if plots:
         body.append("<h2>Plots</h2>")
-        for name, data in plots.items():
-            b64 = base64.b64encode(data).decode("ascii")
-            body.append(f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{b64}">'
-                        f"<figcaption>{html.escape(_caption(name))} <code>{html.escape(name)}</code></figcaption></figure>")
+        body += [_figure(name, data) for name, data in plots.items() if name != "layers.png"]
     body += [
         "<h2>Reproduce</h2>",
         f'<p>Command:</p><pre id="command">{html.escape(str(cfg.get("command") or "actpatch.run_ioi(...)"))}</pre>',

@@ -1,25 +1,24 @@
-"""IOI prompt pairs for activation patching: templates, names, generation, JSONL loading (``batch`` tokenizes).
+"""The IOI task: templates, names, pair generation, and IOI's named positions (IO, S1, S1+1, S2) for tokenizing.
 
 A pair is a clean *recipient* prompt ("When Mary and John went to the store, John gave a drink to") and a
 position-aligned corrupted *donor* ("swap": IO and S exchanged, "abc": three fresh names, "s2io": S2 -> IO).
 Usage::
 
     pairs = generate_pairs(tokenizer, 32, designs=("swap", "abc"), seed=0)
-    pairs = load_pairs_file("my_pairs.jsonl")               # or your own: recipient, donor, answer, wrong
+    batch = tokenize_ioi(tokenizer, pairs["swap"])            # PairBatch with IO, S1, S1+1, S2 and END
 """
 
 from __future__ import annotations
 
-import json
 import random
 import re
-import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
-from os import PathLike
-from pathlib import Path
+from dataclasses import replace
 
-from .errors import DataError, PairsFileError
+from .batch import PairBatch, PositionFinder, tokenize_pairs
+from .errors import DataError
+from .pairs import PromptPair, load_pairs_file  # noqa: F401  (load_pairs_file: the IOI pairs file is the generic one)
+from .tasks import Task, register
 
 # The 15 BABA templates of Wang et al. 2022 (Easy-Transformer ioi_dataset.py), cut before the final " [A]".
 BABA_TEMPLATES: tuple[str, ...] = (
@@ -66,27 +65,7 @@ OBJECTS: tuple[str, ...] = (
 )
 DESIGNS: tuple[str, ...] = ("swap", "abc", "s2io")
 POSITION_NAMES: tuple[str, ...] = ("IO", "S1", "S1+1", "S2", "END")
-_FIELDS = ("recipient", "donor", "answer", "wrong")
 _SLOT = re.compile(r"(\[A\]|\[B\])")
-
-
-@dataclass(frozen=True)
-class PromptPair:
-    """A clean recipient prompt, its position-aligned donor, and the recipient's answer (IO) and wrong (S) tokens.
-
-    Example::
-
-        PromptPair("When Mary and John went to the store, John gave a drink to",
-                   "When Mary and John went to the store, Mary gave a drink to", " Mary", " John", "swap")
-    """
-
-    recipient: str
-    donor: str
-    answer: str
-    wrong: str
-    design: str
-    template: int | None = None
-    order: str | None = None
 
 
 def single_token_names(tokenizer, names: Sequence[str] = NAMES) -> tuple[str, ...]:
@@ -159,77 +138,53 @@ def generate_pairs(
     return out
 
 
-MAX_PAIRS_FILE_BYTES = 256 * 2**20
+def ioi_positions(positions_from: str = "recipient", require_positions: bool = True) -> PositionFinder:
+    """IOI's named positions: IO (the answer's token), S1 and S2 (the wrong name's first two), S1+1; found on the
+    recipient's tokens, or the donor's with ``positions_from="donor"``, and the same on both sides (IOI pairs
+    are position-aligned)."""
+
+    def find(i: int, pair: PromptPair, rec: list, don: list, answer: list, wrong: list) -> tuple[dict, dict]:
+        if len(rec) != len(don):
+            raise DataError(
+                f"pair {i}: recipient {pair.recipient!r} has {len(rec)} tokens but donor {pair.donor!r} has {len(don)}; "
+                "IOI's position-aligned patching needs equal lengths: use the same template and single-token names "
+                "(or `actpatch run` with named positions for pairs of different lengths)."
+            )
+        named = rec if positions_from == "recipient" else don
+        hits_a = [k for k, t in enumerate(named) if t == answer[0]]
+        hits_w = [k for k, t in enumerate(named) if t == wrong[0]]
+        io = hits_a[0] if hits_a else None
+        s1 = hits_w[0] if hits_w else None
+        s2 = hits_w[1] if len(hits_w) > 1 else None
+        if require_positions and (io is None or s2 is None):
+            raise DataError(
+                f"pair {i} ({pair.recipient!r}): expected the answer {pair.answer!r} once and the wrong name "
+                f"{pair.wrong!r} twice among the {positions_from}'s tokens, found them {len(hits_a)} and {len(hits_w)} "
+                "times; fix the prompt, or pass require_positions=False to drop the IO/S positions."
+            )
+        found = {"IO": io, "S1": s1, "S1+1": None if s1 is None or s1 >= len(rec) - 1 else s1 + 1, "S2": s2}
+        return found, dict(found)
+
+    return find
 
 
-def load_pairs_file(path: str | PathLike) -> list[PromptPair]:
-    """Read a JSONL file of {"recipient", "donor", "answer", "wrong"} objects (blank lines skipped; extra keys ignored).
+def tokenize_ioi(
+    tokenizer, pairs: Sequence[PromptPair], *, require_positions: bool = True, positions_from: str = "recipient",
+) -> PairBatch:
+    """Tokenize IOI pairs and find IO, S1, S1+1, S2 and END (``ioi_positions``); one answer and one wrong token each.
 
     Example::
 
-        pairs = load_pairs_file("pairs.jsonl")
-        batch = tokenize_pairs(lm.tokenizer, pairs, require_positions=False)
+        batch = tokenize_ioi(lm.tokenizer, generate_pairs(lm.tokenizer, 8)["swap"])
+        batch.position("S2")
     """
-    p, where = Path(path), str(path)
-    try:
-        size = p.stat().st_size
-        if size > MAX_PAIRS_FILE_BYTES:
-            raise DataError(
-                f"pairs file {where!r} is {size / 2**20:.0f} MiB; expected at most {MAX_PAIRS_FILE_BYTES // 2**20} MiB "
-                "(about a million pairs, far more than a patching sweep can use). Split it, or pass a sample."
-            )
-        if p.is_dir():
-            raise DataError(f"pairs file {where!r} is a folder; expected a JSONL file.")
-        raw = p.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"pairs file {where!r} does not exist; check the path (expected a JSONL file).") from None
-    except OSError as e:
-        raise DataError(f"pairs file {where!r} cannot be read ({e.strerror or e}); pass a readable JSONL file.") from None
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line_no = raw[: e.start].count(b"\n") + 1
-        raise PairsFileError(
-            where, line_no, f"is not valid UTF-8 (byte {raw[e.start]:#04x}); save the file as UTF-8."
-        ) from None
-    example = '{"recipient": "...", "donor": "...", "answer": " Mary", "wrong": " John"}'
-    pairs: list[PromptPair] = []
-    for line_no, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PairsFileError(where, line_no, f"invalid JSON ({e.msg}, column {e.colno}); expected {example}") from None
-        except RecursionError:
-            raise PairsFileError(where, line_no, f"JSON nested too deeply; expected a flat object like {example}") from None
-        if not isinstance(obj, dict):
-            raise PairsFileError(where, line_no, f"expected a JSON object like {example}, got {type(obj).__name__}.")
-        for key in _FIELDS:
-            if key not in obj:
-                raise PairsFileError(where, line_no, f"missing field {key!r}; every line needs {', '.join(_FIELDS)}.")
-            if not isinstance(obj[key], str) or not obj[key].strip():
-                raise PairsFileError(
-                    where, line_no, f"field {key!r} must be a non-empty string, got {obj[key]!r:.200}; expected {example}"
-                )
-            try:
-                obj[key].encode("utf-8")
-            except UnicodeEncodeError:
-                raise PairsFileError(where, line_no, f"field {key!r} holds an unpaired surrogate escape (\\ud8xx); "
-                                     "expected text that is valid Unicode.") from None
-        for key in ("answer", "wrong"):
-            if not obj[key].startswith(" "):
-                warnings.warn(
-                    f"{where}, line {line_no}: {key} {obj[key]!r} has no leading space; in the prompt the name follows "
-                    f"a space, so you probably want {' ' + obj[key]!r}.",
-                    stacklevel=2,
-                )
-        pairs.append(PromptPair(obj["recipient"], obj["donor"], obj["answer"], obj["wrong"], "file"))
-    if not pairs:
-        raise DataError(f"pairs file {where!r} contains no pairs; expected one JSON object per line like {example}")
-    return pairs
+    if positions_from not in ("recipient", "donor"):
+        raise DataError(f"positions_from must be 'recipient' or 'donor', got {positions_from!r}")
+    for i, pair in enumerate(pairs):
+        if not isinstance(pair.answer, str) or not isinstance(pair.wrong, str):
+            raise DataError(f"pair {i} ({pair.recipient!r}): IOI needs one answer (IO) and one wrong name (S), got "
+                            f"answer={pair.answer!r}, wrong={pair.wrong!r}; use `actpatch run` for answer sets.")
+    return tokenize_pairs(tokenizer, pairs, find=ioi_positions(positions_from, require_positions))
 
 
 def denoising(pairs: Sequence[PromptPair]) -> list[PromptPair]:
@@ -240,3 +195,8 @@ def denoising(pairs: Sequence[PromptPair]) -> list[PromptPair]:
     are found on the clean prompt.
     """
     return [replace(p, recipient=p.donor, donor=p.recipient, design=f"{p.design}-denoise") for p in pairs]
+
+
+register(Task("ioi", "indirect object identification (Wang et al. 2022)",
+              generate=lambda tok, n, designs, seed: generate_pairs(tok, n, designs=designs, seed=seed),
+              tokenize=lambda tok, pairs: tokenize_ioi(tok, pairs), designs=DESIGNS, positions=POSITION_NAMES))

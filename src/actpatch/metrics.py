@@ -182,3 +182,39 @@ def kl_from(reference: Float[Tensor, "*batch vocab"], logits: Float[Tensor, "*ba
     """
     ref = torch.log_softmax(_f32(reference), dim=-1)
     return (ref.exp() * (ref - torch.log_softmax(_f32(logits), dim=-1))).sum(dim=-1)
+
+
+TASK_METRICS = ("logit_diff", "prob_diff", "logprob", "kl")  # what ``actpatch run --metric`` and ``patch`` take
+
+
+def task_scores(
+    metric: str, logits: Float[Tensor, "*batch vocab"], answer: Int[Tensor, "batch k"], wrong: Int[Tensor, "batch j"],
+    recipient: Float[Tensor, "batch vocab"] | None = None,
+) -> dict[str, Float[Tensor, "*batch"]]:
+    """Per-row scores of one run: ``metric`` under its own name, and where the pair has answers the companions
+    ``logit_diff`` (over the sets), ``p_answer`` and ``p_wrong``. Sets are (B, K) ids padded with -1; a row with
+    no answers is all -1. ``recipient``: the unpatched recipient's logits, which ``kl`` is measured from.
+
+    Example::
+
+        task_scores("kl", patched, *batch.answers(), recipient=recipient_logits)["kl"]   # (K, B)
+    """
+    if metric not in TASK_METRICS:
+        raise DataError(f"metric must be one of {', '.join(TASK_METRICS)}, got {metric!r}")
+    out: dict[str, Tensor] = {}
+    if bool((answer >= 0).any()):
+        am, wm = answer >= 0, wrong >= 0
+        a, w = answer.clamp(min=0), wrong.clamp(min=0)
+        lse = torch.logsumexp(_f32(logits), dim=-1)  # the softmax normaliser, once
+        la, lw = set_logsumexp(logits, a, am), set_logsumexp(logits, w, wm)
+        out.update(logit_diff=la - lw, p_answer=(la - lse).exp(), p_wrong=(lw - lse).exp())
+        out.update(prob_diff=out["p_answer"] - out["p_wrong"], logprob=la - lse)
+    elif metric != "kl":
+        raise DataError(f"the {metric} metric reads answer tokens, but these pairs have none; give each pair an "
+                        "`answer` and a `wrong` token (or sets), or use --metric kl.")
+    if metric == "kl":
+        if recipient is None:
+            raise DataError("the kl metric is measured from the unpatched recipient's logits; pass recipient=...")
+        out["kl"] = kl_from(recipient.to(logits.device), logits)
+    keep = (metric, "logit_diff", "p_answer", "p_wrong")
+    return {k: v for k, v in out.items() if k in keep}

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from .errors import ConfigError
 from .htmlreport import render_html
+from .pairsreport import render_pairs_html, render_pairs_md, save_pair_plots
+from .pairsresult import PairsResult
 from .plots import save_plots
 from .report import render_report
 from .results import IOIResult
@@ -46,7 +48,7 @@ def prepare_out(out: Path, overwrite: bool, resume: bool) -> bool:
     return created
 
 
-def write_outputs(result: IOIResult, out: Path) -> list[str]:
+def write_outputs(result: IOIResult | PairsResult, out: Path) -> list[str]:
     """Write every output file into a staging folder inside ``out``, then rename each into place.
 
     Only fixed file names (and donor design names from a fixed list) are used: nothing from prompt
@@ -55,10 +57,12 @@ def write_outputs(result: IOIResult, out: Path) -> list[str]:
     stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
     try:
         result.save(stage)
-        plots = [p.name for p in save_plots(result, stage)]
-        (stage / "report.md").write_text(render_report(result, plots), encoding="utf-8")
+        pairs = isinstance(result, PairsResult)
+        plots = save_pair_plots(result, stage) if pairs else [p.name for p in save_plots(result, stage)]
+        (stage / "report.md").write_text((render_pairs_md if pairs else render_report)(result, plots), encoding="utf-8")
         images = {name: (stage / name).read_bytes() for name in plots}
-        (stage / "report.html").write_text(render_html(result, images), encoding="utf-8")
+        (stage / "report.html").write_text((render_pairs_html if pairs else render_html)(result, images),
+                                           encoding="utf-8")
         written = sorted([f.name for f in stage.iterdir()] + ["config.json"])
         (stage / "config.json").write_text(json.dumps(
             {"config": result.config, "model": result.model, "environment": result.environment, "files": written},

@@ -41,49 +41,49 @@ log = logging.getLogger(__name__)
 Reduce = Callable[[Float[Tensor, "k batch vocab"]], Mapping[str, Float[Tensor, "k batch"]]]
 
 
-def _patch_fn(entries: list, k: int, n_rows: int, n_heads: int, d_head: int, is_head: bool, start: int):
+def _patch_fn(entries: list, k: int, n_rows: int, start: int, width: int):
     """The hook body for one module: apply every (variant j, site) patch of this chunk.
 
     ``start``: the first position the forward pass computes (0 for a full pass; p for a prefix-reuse
-    replay of positions p..). Donor values are full width; position t of the run is donor position start + t.
+    replay of positions p..); ``width``: the recipient's padded width. Each entry is (j, donor activation,
+    donor index, recipient index, feature columns): a named position reads the donor at its own index and
+    writes the recipient's; columns (a head's d_head features, ...) None = the whole feature vector.
     """
 
     def fn(act: Tensor) -> Tensor:
         T = act.shape[1]
-        width = entries[0][1].shape[1]
         if start + T != width:  # never guess the offset: a wrong one shifts every write silently
             raise RuntimeError(f"patch hook saw {T} positions from position {start}, expected {width - start}")
         new = act.clone()
-        if is_head:
-            view = new.view(k, n_rows, T, n_heads, d_head)  # (k*B, T, H*Dh) -> (k, B, T, H, Dh)
-        else:
-            view = new.view(k, n_rows, *act.shape[1:])  # (k*B, T, D) -> (k, B, T, D)
+        view = new.view(k, n_rows, T, -1)  # (k*B, T, F) -> (k, B, T, F); heads are F = H*Dh
         rows = torch.arange(n_rows, device=act.device)
-        for j, src, idx, heads in entries:
-            src = src[:, start:].to(device=act.device, dtype=act.dtype)
-            live = None
-            if idx is not None:
-                # no-ops unless a pre-hook sees its input before accelerate moved it across a device split
-                idx = idx.to(act.device) - start
-                if start:
-                    # A position before the run's start lies in the donor/recipient shared prefix (see
-                    # variant_start), where the donor's activation is the recipient's: such rows keep
-                    # their own value (a masked write, not a boolean index: no host sync on CUDA).
-                    live = idx >= 0  # (B,)
-                    idx = idx.clamp(min=0)
-            if is_head:
-                hs = heads.to(act.device)
-                if idx is None:
-                    view[j, :, :, hs] = src[:, :, hs]
+        for j, src, src_idx, dst_idx, cols in entries:
+            src = src.flatten(2).to(device=act.device, dtype=act.dtype)  # (B, Td, F): heads (B, Td, H, Dh) flat
+            cols = None if cols is None else cols.to(act.device)
+            if dst_idx is None:  # all positions: rows of equal lengths, so donor position t is recipient position t
+                part = src[:, start:start + T]  # (B, <=T, F): a narrower donor pads only where both are padding
+                if cols is None:
+                    view[j, :, : part.shape[1]] = part
                 else:
-                    r, p, h = rows[:, None], idx[:, None], hs[None, :]
-                    value = src[r, p, h]  # (B, |hs|, Dh)
-                    view[j, r, p, h] = value if live is None else torch.where(live[:, None, None], value, view[j, r, p, h])
-            elif idx is None:
-                view[j] = src
+                    view[j, :, : part.shape[1], cols] = part[:, :, cols]
+                continue
+            # no-ops unless a pre-hook sees its input before accelerate moved it across a device split
+            src_idx, dst = src_idx.to(act.device), dst_idx.to(act.device) - start
+            live = None
+            if start:
+                # A recipient position before the run's start is one that variant_start proved a no-op: inside the
+                # donor/recipient shared prefix, read from the same index. Such rows keep their own value (a
+                # masked write, not a boolean index: no host sync on CUDA).
+                live = dst >= 0  # (B,)
+                dst = dst.clamp(min=0)
+            if cols is None:
+                value = src[rows, src_idx]  # (B, F)
+                view[j, rows, dst] = value if live is None else torch.where(live[:, None], value, view[j, rows, dst])
             else:
-                value = src[rows, idx]  # (B, D)
-                view[j, rows, idx] = value if live is None else torch.where(live[:, None], value, view[j, rows, idx])
+                r, c = rows[:, None], cols[None, :]
+                value = src[r, src_idx[:, None], c]  # (B, C)
+                p = dst[:, None]
+                view[j, r, p, c] = value if live is None else torch.where(live[:, None], value, view[j, r, p, c])
         return new
 
     return fn
@@ -91,12 +91,25 @@ def _patch_fn(entries: list, k: int, n_rows: int, n_heads: int, d_head: int, is_
 
 def _check_donor(site: Site, src: Tensor, batch: PairBatch) -> None:
     """A donor activation must have been captured on this batch: one row per pair, the batch's padded width."""
-    want = (len(batch), batch.recipient_ids.shape[1])
+    want = (len(batch), batch.donor_ids.shape[1])
     if tuple(src.shape[:2]) != want:
         raise DataError(
-            f"the donor activation for {site!r} has {src.shape[0]} rows x {src.shape[1]} positions, but this batch "
-            f"has {want[0]} pairs x {want[1]} positions; capture the donor on the same batch "
+            f"the donor activation for {site!r} has {src.shape[0]} rows x {src.shape[1]} positions, but this batch's "
+            f"donors are {want[0]} pairs x {want[1]} positions; capture the donor on the same batch "
             "(capture(lm, batch.donor_ids, batch, sites)), or select the same rows of both (batch.select)."
+        )
+
+
+def require_equal_lengths(batch: PairBatch, site: Site) -> None:
+    """Patching at all positions maps donor position t to recipient position t: refuse pairs of unequal lengths."""
+    bad = batch.unequal_rows()
+    if bad:
+        i = bad[0]
+        raise DataError(
+            f"{site!r} patches all positions, which needs donor and recipient of equal token length, but pair {i} "
+            f"({batch.pairs[i].recipient!r} -> {int(batch.lengths()[i])} tokens, donor {batch.pairs[i].donor!r} -> "
+            f"{int(batch.lengths('donor')[i])} tokens) differs ({len(bad)} such pairs); patch at named positions "
+            "or END instead (--positions), or make the prompts the same length."
         )
 
 
@@ -108,7 +121,7 @@ def patch_hooks(
     ``start``: the first position the patched forward pass computes (prefix reuse), 0 for a full pass.
     """
     adapter = lm.adapter
-    lengths = batch.attention_mask.sum(dim=1)
+    rec_len, don_len = batch.lengths(), batch.lengths("donor")
     by_module: dict[tuple[int, bool], tuple] = {}
     for j, variant in enumerate(chunk):
         for site in variant:
@@ -117,16 +130,19 @@ def patch_hooks(
             _check_donor(site, src, batch)
             module = site.module(adapter)
             dev = execution_device(module)  # index tensors made once per chunk, where the hook runs
-            idx = resolve_pos(site.pos, batch.positions, lengths)
-            idx = None if idx is None else idx.to(dev)
-            heads = torch.as_tensor(site.heads(adapter), device=dev) if site.kind == "head" else None
-            entry = by_module.setdefault((id(module), site.reads_input), (module, site.reads_input, site.kind == "head", []))
-            entry[3].append((j, src, idx, heads))
-    return [
-        (module, "input" if reads_input else "output",
-         _patch_fn(entries, len(chunk), len(batch), adapter.n_heads, adapter.d_head, is_head, start))
-        for module, reads_input, is_head, entries in by_module.values()
-    ]
+            dst = resolve_pos(site.pos, batch.positions, rec_len)
+            src_idx = resolve_pos(site.pos, batch.side_positions("donor"), don_len)
+            if dst is None:
+                require_equal_lengths(batch, site)
+            else:
+                dst, src_idx = dst.to(dev), src_idx.to(dev)
+            cols = site.columns(adapter)
+            cols = None if cols is None else torch.as_tensor(cols, device=dev)
+            entry = by_module.setdefault((id(module), site.reads_input), (module, site.reads_input, []))
+            entry[2].append((j, src, src_idx, dst, cols))
+    width = batch.recipient_ids.shape[1]
+    return [(module, "input" if reads_input else "output", _patch_fn(entries, len(chunk), len(batch), start, width))
+            for module, reads_input, entries in by_module.values()]
 
 
 @contextmanager

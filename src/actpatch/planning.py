@@ -160,13 +160,23 @@ def variant_start(variant: Sequence[Site], batch: PairBatch, shared: int = 0) ->
     """(first layer, first position) a variant can change: nothing before either needs recomputing.
 
     ``shared``: positions before it hold identical tokens in donor and recipient, so (causal model)
-    every donor activation there equals the recipient's and patching it changes nothing.
+    every donor activation there equals the recipient's at the same index: a patch that writes such a
+    position from the same donor index changes nothing. One that reads another donor index (pairs of
+    different lengths, named positions) changes its position wherever it lies.
     """
     if not variant:
         return (0, 0)
-    lengths = batch.attention_mask.sum(dim=1)
-    pos = min(0 if s.pos is None else int(resolve_pos(s.pos, batch.positions, lengths).min()) for s in variant)
-    return (min(s.layer for s in variant), max(pos, shared))
+    rec_len, don_len = batch.lengths(), batch.lengths("donor")
+    pos = []
+    for s in variant:
+        dst = resolve_pos(s.pos, batch.positions, rec_len)
+        if dst is None:  # all positions (equal lengths): the shared prefix is a no-op
+            pos.append(shared)
+            continue
+        src = resolve_pos(s.pos, batch.side_positions("donor"), don_len)
+        first = torch.where((dst >= shared) | (src != dst), dst, torch.full_like(dst, shared))  # (B,)
+        pos.append(int(first.min()))
+    return (min(s.layer for s in variant), min(pos))
 
 
 def shared_prefix(batch: PairBatch) -> int:
@@ -175,9 +185,10 @@ def shared_prefix(batch: PairBatch) -> int:
     Only real tokens count (padding is never shared), and each row's END is always recomputed: a
     control pair (donor == recipient) or a short row must still have its END inside the replay.
     """
-    real = batch.attention_mask.bool()  # (B, T)
-    same = ((batch.donor_ids == batch.recipient_ids) & real).long().cumprod(dim=1)  # (B, T): 1 until the first difference
-    end = batch.attention_mask.sum(dim=1) - 1  # (B,) each row's last real token
+    w = min(batch.recipient_ids.shape[1], batch.donor_ids.shape[1])
+    real = batch.attention_mask[:, :w].bool() & batch.donor_attention_mask[:, :w].bool()  # (B, w)
+    same = ((batch.donor_ids[:, :w] == batch.recipient_ids[:, :w]) & real).long().cumprod(dim=1)  # (B, w): 1 until the first difference
+    end = batch.lengths() - 1  # (B,) each row's last real token
     return int(torch.minimum(same.sum(dim=1), end).min())
 
 

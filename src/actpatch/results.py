@@ -83,16 +83,33 @@ def _finite(obj):
     return obj
 
 
+def save_tables(out_dir: str | os.PathLike, record: dict, cells: pd.DataFrame) -> Path:
+    """Write ``record`` as strict JSON (``results.json``) and ``cells`` as ``results.csv``, atomically."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / "results.json", json.dumps(_finite(record), indent=2, allow_nan=False) + "\n")
+    _atomic_write(out / "results.csv", cells.to_csv(index=False))
+    return out
+
+
+def load_tables(out_dir: str | os.PathLike) -> tuple[dict, list[dict]]:
+    """``results.json`` and the cells of ``results.csv`` (NaN read as None, layer and head as ints)."""
+    out = Path(out_dir)
+    data = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    df = pd.read_csv(out / "results.csv").astype({"head": "Int64"})
+    cells = [{k: (None if pd.isna(v) else v) for k, v in row.items()} for row in df.to_dict("records")]
+    for c in cells:
+        c["layer"], c["head"] = int(c["layer"]), None if c["head"] is None else int(c["head"])
+    return data, cells
+
+
 @dataclass
-class IOIResult:
-    """Everything one ``actpatch ioi`` run found: cells with named axes, baseline, sanity, analysis, provenance.
+class RunRecord:
+    """What every run's result holds: config, model, environment, baseline, cells, sanity checks, model shape.
 
     Example::
 
-        result = actpatch.run_ioi(n_pairs=8)
-        result.to_dataframe()          # one row per cell: experiment, design, direction, layer, head, position, ...
-        result.plot("heads", "swap")   # a matplotlib figure
-        result.save("runs/x"); IOIResult.load("runs/x")
+        result.passed, result.config["command"], result.sanity["no_hooks_left"]["detail"]
     """
 
     config: dict
@@ -104,14 +121,28 @@ class IOIResult:
     n_layers: int
     n_heads: int
     layers: list[int]
-    examples: list[dict] = field(default_factory=list)
-    analysis: dict = field(default_factory=dict)   # head classes, gap account, path patching (actpatch.analysis)
-    pairs: dict[str, list[dict]] = field(default_factory=dict)  # every prompt pair, per design
 
     @property
     def passed(self) -> bool:
         """True when every sanity check passed."""
         return all(check["passed"] for check in self.sanity.values())
+
+
+@dataclass
+class IOIResult(RunRecord):
+    """Everything one ``actpatch ioi`` run found: cells with named axes, baseline, sanity, analysis, provenance.
+
+    Example::
+
+        result = actpatch.run_ioi(n_pairs=8)
+        result.to_dataframe()          # one row per cell: experiment, design, direction, layer, head, position, ...
+        result.plot("heads", "swap")   # a matplotlib figure
+        result.save("runs/x"); IOIResult.load("runs/x")
+    """
+
+    examples: list[dict] = field(default_factory=list)
+    analysis: dict = field(default_factory=dict)   # head classes, gap account, path patching (actpatch.analysis)
+    pairs: dict[str, list[dict]] = field(default_factory=dict)  # every prompt pair, per design
 
     @property
     def designs(self) -> list[str]:
@@ -219,21 +250,12 @@ class IOIResult:
 
     def save(self, out_dir: str | os.PathLike) -> Path:
         """Write ``results.json`` and ``results.csv`` into ``out_dir`` (created if needed)."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out / "results.json", json.dumps(_finite(self.to_json()), indent=2, allow_nan=False) + "\n")
-        _atomic_write(out / "results.csv", self.to_dataframe().to_csv(index=False))
-        return out
+        return save_tables(out_dir, self.to_json(), self.to_dataframe())
 
     @classmethod
     def load(cls, out_dir: str | os.PathLike) -> "IOIResult":
-        out = Path(out_dir)
-        data = json.loads((out / "results.json").read_text(encoding="utf-8"))
-        df = pd.read_csv(out / "results.csv").astype({"head": "Int64"})
-        cells = [{k: (None if pd.isna(v) else v) for k, v in row.items()} for row in df.to_dict("records")]
+        data, cells = load_tables(out_dir)
         for c in cells:
-            c["layer"] = int(c["layer"])
-            c["head"] = None if c["head"] is None else int(c["head"])
             # results saved by 0.1.0 named END "last" on layer cells
             c["position"] = POSITION_ALIASES.get(c["position"], c["position"])
         return cls(

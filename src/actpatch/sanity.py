@@ -14,8 +14,8 @@ output scale in float32 (2e-2 in half precision).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -25,7 +25,7 @@ from .capture import ActivationCache, recipient_logits
 from .hooks import count_hooks, hooks
 from .models import LoadedModel
 from .patching import patched, run_chunk
-from .reference import reference_logit_diff, site_columns, site_positions
+from .reference import reference_logit_diff, reference_logits, site_columns, site_positions
 from .sites import AttnOutSite, HeadSite, HiddenSite, MlpOutSite, Site
 
 
@@ -99,10 +99,16 @@ def check_hooks_transparent(lm: LoadedModel, batch: PairBatch, rec_logits: Tenso
     return SanityCheck("hooks_transparent", d <= tol, f"no-op hooks on all {a.n_layers} layers: max abs dlogit = {d:.3g}", d, tol)
 
 
+def self_pairs(batch: PairBatch) -> PairBatch:
+    """The batch with every recipient as its own donor."""
+    return replace(batch, donor_ids=batch.recipient_ids, donor_mask=None, donor_positions=None)
+
+
 def check_self_patch(lm: LoadedModel, batch: PairBatch, rec_cache: ActivationCache, rec_logits: Tensor, layers: Sequence[int]) -> SanityCheck:
     """Patching the recipient with its own activations (every head of every layer; hidden states) changes nothing."""
     variants = [[HeadSite(L) for L in layers]] + [[HiddenSite(L)] for L in _check_layers(layers)]
-    d = max(_diff(run_chunk(lm, batch, rec_cache, [v])[0], rec_logits) for v in variants)
+    own = self_pairs(batch)  # the recipient is its own donor (pairs of different lengths included)
+    d = max(_diff(run_chunk(lm, own, rec_cache, [v])[0], rec_logits) for v in variants)
     tol = _exact_tol(lm, float(rec_logits.abs().max()))
     return SanityCheck("self_patch_identity", d <= tol, f"{len(variants)} self-patches: max abs dlogit = {d:.3g}", d, tol)
 
@@ -119,7 +125,7 @@ def _sample_sites(lm: LoadedModel, batch: PairBatch, donor_cache: ActivationCach
     cache holds them. Sites of different modules share a forward pass; head sites of one module do not."""
     a = lm.adapter
     checked = _check_layers(layers)
-    positions = [None, "END"] + [p for p in batch.positions if p != "END"]
+    positions = ([] if batch.unequal_rows() else [None]) + ["END"] + [p for p in batch.positions if p != "END"]
     shared = [lambda L, p: HeadSite(L, L % a.n_heads, p), lambda L, p: HiddenSite(L, p)]
     for cls in (AttnOutSite, MlpOutSite):
         if all(cls(L) in donor_cache for L in checked):
@@ -167,12 +173,13 @@ def check_patch_writes_exactly(
         for s in variant:
             n_sites += 1
             old, got = before[id(s)][0].cpu(), after[id(s)][0].cpu()
-            src = donor_cache[s].cpu().reshape(old.shape)  # heads (B, T, H, Dh) -> (B, T, H*Dh)
+            src = donor_cache[s].cpu().flatten(2)  # heads (B, Td, H, Dh) -> (B, Td, H*Dh)
             want = old.clone()
+            reads = site_positions(s, batch, "donor")  # the donor's own index of each written position
             for b, row in enumerate(site_positions(s, batch)):
-                for p in row:
+                for p, q in zip(row, reads[b]):
                     for c in site_columns(lm, s):
-                        want[b, p, c] = src[b, p, c]
+                        want[b, p, c] = src[b, q, c]
             if not torch.equal(got[real], want[real]):
                 problems.append(f"{s} wrote other entries than its own")
             moved += int(not torch.equal(want[real], old[real]))
@@ -188,13 +195,17 @@ def check_donor_differs(
 ) -> SanityCheck:
     """For every pair whose donor prompt differs from its recipient, the donor's activations differ from
     the recipient's somewhere: a donor cache captured from the recipient by mistake makes every patch a no-op."""
-    real = batch.attention_mask.bool()
-    differs = ((batch.donor_ids != batch.recipient_ids) & real).any(dim=1)  # (B,) prompts differ
+    w = min(batch.recipient_ids.shape[1], batch.donor_ids.shape[1])
+    real = batch.attention_mask[:, :w].bool()
+    unequal = batch.lengths() != batch.lengths("donor")  # (B,) prompts of different lengths differ
+    differs = ((batch.donor_ids[:, :w] != batch.recipient_ids[:, :w]) & real).any(dim=1) | unequal  # (B,)
     keys = [k for k in donor_cache if k in rec_cache]
     moved = torch.zeros(len(batch), dtype=torch.bool)
     for k in keys:
-        d, r = donor_cache[k], rec_cache[k].to(donor_cache[k].device)
-        moved |= (d != r).flatten(1).any(dim=1).cpu()  # (B,)
+        d, r = donor_cache[k][:, :w], rec_cache[k][:, :w].to(donor_cache[k].device)
+        # a row compares its real tokens only: a shorter donor's padding is not its activation
+        both = (real & batch.donor_attention_mask[:, :w].bool()).to(d.device)  # (B, w)
+        moved |= ((d != r).flatten(2).any(dim=2) & both).any(dim=1).cpu()  # (B,)
     bad = (differs & ~moved).nonzero().flatten().tolist()
     controls = int((~differs).sum())
     detail = (f"{int(differs.sum())} pairs with different prompts: donor activations differ from the recipient's at "
@@ -206,11 +217,18 @@ def check_donor_differs(
 
 
 def check_hidden_patch_is_donor(lm: LoadedModel, batch: PairBatch, donor_cache: ActivationCache, don_logits: Tensor, layers: Sequence[int]) -> SanityCheck:
-    """Patching the hidden state at all positions of a layer reproduces the donor's logits."""
+    """Patching the hidden state at all positions of a layer reproduces the donor's logits; for pairs of different
+    lengths, the last layer's hidden state at END does (it is all the unembedding reads)."""
     checked = _check_layers(layers)
-    d = max(_diff(run_chunk(lm, batch, donor_cache, [[HiddenSite(L)]])[0], don_logits) for L in checked)
+    if batch.unequal_rows():
+        last = lm.adapter.n_layers - 1
+        d = _diff(run_chunk(lm, batch, donor_cache, [[HiddenSite(last, "END")]])[0], don_logits)
+        what = f"last layer's hidden state at END (pairs of different lengths)"
+    else:
+        d = max(_diff(run_chunk(lm, batch, donor_cache, [[HiddenSite(L)]])[0], don_logits) for L in checked)
+        what = f"layers {checked}"
     tol = _exact_tol(lm, float(don_logits.abs().max()))
-    return SanityCheck("hidden_patch_reproduces_donor", d <= tol, f"layers {checked}: max abs(logit - donor logit) = {d:.3g}", d, tol)
+    return SanityCheck("hidden_patch_reproduces_donor", d <= tol, f"{what}: max abs(logit - donor logit) = {d:.3g}", d, tol)
 
 
 def check_head_decomposition(lm: LoadedModel, rec_cache: ActivationCache, layers: Sequence[int]) -> SanityCheck:
@@ -250,13 +268,16 @@ def check_last_logits_parity(lm: LoadedModel, batch: PairBatch, rec_logits: Tens
 
 def check_fast_path(
     lm: LoadedModel, batch: PairBatch, donor_cache: ActivationCache, variants: Sequence[Sequence[Site]], fast_ld: Tensor,
+    score: Callable[[Tensor], Tensor] | None = None, name: str = "LD",
 ) -> SanityCheck:
     """The sweep's fast path (stacked variants + prefix reuse) equals the independent reference patcher
     (``actpatch.reference``: plain hooks, explicit indices, one full forward pass per patch).
 
     Recomputed: the first and last cell of every kind of patch (site type, one head or all, position),
     so every named position and each position's prefix arithmetic is exercised, plus cells at a third
-    and two thirds of the sweep.
+    and two thirds of the sweep. ``score``: the sweep's metric as a function of (B, V) END logits, for a sweep
+    that recorded another metric than the logit difference (``fast_ld`` then holds that metric, named ``name``);
+    the reference then gives the model's own full logits (``reference.reference_logits``).
     """
     first_last: dict[tuple, list[int]] = {}
     for i, v in enumerate(variants):
@@ -266,7 +287,10 @@ def check_fast_path(
     picks = sorted(spread.union(*map(set, first_last.values())))
     d, scale = 0.0, 1.0
     for i in picks:
-        ref = reference_logit_diff(lm, batch, donor_cache, variants[i])
+        if score is None:
+            ref = reference_logit_diff(lm, batch, donor_cache, variants[i])
+        else:
+            ref = score(reference_logits(lm, batch, donor_cache, variants[i])).float().cpu()
         d, scale = max(d, _diff(ref, fast_ld[i])), max(scale, float(ref.abs().max()))
     # half precision: other batch shapes may pick other kernels, whose roundings differ by a few steps
     # of the dtype at the logits' scale (float16 ~0.01, bfloat16 ~0.1 at logits of 20)
@@ -277,7 +301,7 @@ def check_fast_path(
     return SanityCheck(
         "fast_path_matches_reference", d <= tol,
         f"{len(picks)} sweep cells ({len(first_last)} kinds of patch) recomputed by the independent reference patcher, "
-        f"one full forward each: max abs dLD = {d:.3g}, {why}", d, tol,
+        f"one full forward each: max abs d{name} = {d:.3g}, {why}", d, tol,
     )
 
 

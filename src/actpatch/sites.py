@@ -4,6 +4,8 @@
     HeadSite(layer=9, head=6, pos="END")  # head 9.6's output (o_proj input) at the final token
     HeadSite(layer=9)                     # all heads of layer 9
     MlpOutSite(layer=3, pos=-1)           # MLP output at the last real token
+    EmbedSite("subject")                  # the residual stream before layer 0, at a named position
+    QKVSite(5, "k", 1, "END")             # layer 5's key head 1 (a KV group under GQA) at END
 
 A position is ``None`` (all positions), an int (an index into the real tokens; negative counts from
 the last real token, so -1 is END) or a named IOI position ("IO", "S1", "S1+1", "S2", "END";
@@ -41,6 +43,10 @@ class _Site:
 
     def module(self, adapter: Adapter) -> nn.Module:
         raise NotImplementedError
+
+    def columns(self, adapter: Adapter) -> tuple[int, ...] | None:
+        """The features of the module's flat (B, T, F) activation this site covers; None = all of them."""
+        return None
 
     def validate(self, adapter: Adapter) -> None:
         _check_layer(self.layer, adapter)
@@ -133,6 +139,10 @@ class HeadSite(_Site):
             return tuple(range(adapter.n_heads))
         return (self.head,) if isinstance(self.head, int) else tuple(self.head)
 
+    def columns(self, adapter: Adapter) -> tuple[int, ...]:
+        Dh = adapter.d_head
+        return tuple(c for h in self.heads(adapter) for c in range(h * Dh, (h + 1) * Dh))  # in (B, T, H*Dh)
+
     def validate(self, adapter: Adapter) -> None:
         super().validate(adapter)
         heads = self.heads(adapter)
@@ -143,7 +153,79 @@ class HeadSite(_Site):
             )
 
 
-Site = Union[HiddenSite, AttnOutSite, MlpOutSite, HeadSite]
+@dataclass(frozen=True)
+class EmbedSite(_Site):
+    """The residual stream before layer 0: the embeddings as block 0 receives them (token + position embeddings,
+    scaled where the model scales them). Patched through a forward pre-hook on block 0.
+
+    Example::
+
+        EmbedSite("subject")       # the donor's embedding at its subject token, written at the recipient's
+    """
+
+    kind = "embed"
+    reads_input = True
+
+    def __init__(self, pos: Position = None) -> None:
+        object.__setattr__(self, "layer", 0)
+        object.__setattr__(self, "pos", pos)
+
+    def module(self, adapter: Adapter) -> nn.Module:
+        return adapter.block(0)
+
+
+@dataclass(frozen=True)
+class QKVSite(_Site):
+    """One head's query, key or value (``which``), as the q/k/v projection outputs it (before rotary embeddings).
+
+    For ``"q"`` the head is a query head; for ``"k"`` and ``"v"`` it is a key/value head, which under
+    grouped-query attention is shared by a group of query heads (``kv_group``).
+
+    Example::
+
+        QKVSite(5, "v", 1, "END")   # layer 5's value head 1 at END
+    """
+
+    which: str = "q"
+    head: int = 0
+
+    reads_input = False
+
+    def __init__(self, layer: int, which: str, head: int, pos: Position = None) -> None:
+        object.__setattr__(self, "layer", layer)
+        object.__setattr__(self, "pos", pos)
+        object.__setattr__(self, "which", which)
+        object.__setattr__(self, "head", head)
+
+    @property
+    def kind(self) -> str:  # one cache entry per (q|k|v, layer)
+        return self.which
+
+    def module(self, adapter: Adapter) -> nn.Module:
+        return adapter.qkv_module(self.layer, self.which)
+
+    def columns(self, adapter: Adapter) -> tuple[int, ...]:
+        start = adapter.qkv_start(self.which, self.head)
+        return tuple(range(start, start + adapter.d_head))
+
+    def kv_group(self, adapter: Adapter) -> tuple[int, ...]:
+        """The query heads that read this head: itself for q; its group for k and v."""
+        if self.which == "q":
+            return (self.head,)
+        size = adapter.n_heads // adapter.n_kv_heads
+        return tuple(range(self.head * size, (self.head + 1) * size))
+
+    def validate(self, adapter: Adapter) -> None:
+        super().validate(adapter)
+        if self.which not in ("q", "k", "v"):
+            raise SiteError(f"which must be 'q', 'k' or 'v', got {self.which!r}")
+        n = adapter.n_heads if self.which == "q" else adapter.n_kv_heads
+        if isinstance(self.head, bool) or not isinstance(self.head, int) or not 0 <= self.head < n:
+            raise SiteError(f"a {self.which} head must be an int in [0, {n - 1}] for layer {self.layer} "
+                            f"({'query heads' if self.which == 'q' else 'key/value heads'}), got {self.head!r}")
+
+
+Site = Union[HiddenSite, AttnOutSite, MlpOutSite, HeadSite, EmbedSite, QKVSite]
 
 
 def resolve_pos(
