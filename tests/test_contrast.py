@@ -154,3 +154,22 @@ def test_embedding_and_qkv_sites_match_one_pair_at_a_time(tiny_lm, gpt2_tokenize
             assert torch.allclose(fast[k, b], want, atol=1e-4), (site, b)
     if tiny_lm.model.config.model_type == "llama":
         assert n_kv == 2 and QKVSite(1, "k", 1).kv_group(a) == (2, 3)
+
+
+def test_patch_writes_exactly_covers_qkv_and_embedding_sites(tiny_lm, gpt2_tokenizer, monkeypatch):
+    """The runtime check observes q, k, v and embedding patches too, and catches a q/k/v write one head off."""
+    from actpatch.sites import EmbedSite, QKVSite
+    from actpatch.sanity import check_patch_writes_exactly
+
+    batch = tokenize_pairs(gpt2_tokenizer, FACTS)
+    sites = [QKVSite(L, w, 0) for L in range(3) for w in "qkv"] + [EmbedSite()]
+    sites += [HeadSite(L) for L in range(3)] + [HiddenSite(L) for L in range(3)]
+    donor, _ = capture(tiny_lm, batch.donor_ids, batch, sites)
+    check = check_patch_writes_exactly(tiny_lm, batch, donor, [0, 1, 2])
+    # one head, hidden state, all heads, two heads, q, k, v, embeddings; at END and "subject"
+    assert check.passed and "8 kinds x 3 positions" in check.detail, check.detail
+    d_head = tiny_lm.adapter.d_head
+    original = QKVSite.columns
+    swap = lambda self, a: tuple(c + (d_head if self.head % 2 == 0 else -d_head) for c in original(self, a))  # noqa: E731
+    monkeypatch.setattr(QKVSite, "columns", swap)  # head h's columns -> head h ^ 1's
+    assert not check_patch_writes_exactly(tiny_lm, batch, donor, [0, 1, 2]).passed

@@ -26,7 +26,7 @@ from .hooks import count_hooks, hooks
 from .models import LoadedModel
 from .patching import patched, run_chunk
 from .reference import reference_logit_diff, reference_logits, site_columns, site_positions
-from .sites import AttnOutSite, HeadSite, HiddenSite, MlpOutSite, Site
+from .sites import AttnOutSite, EmbedSite, HeadSite, HiddenSite, MlpOutSite, QKVSite, Site
 
 
 # what each check asserts, in one line (the reports' sanity tables); README's table says it at length
@@ -119,10 +119,11 @@ def _observer(store: list):
     return fn
 
 
-def _sample_sites(lm: LoadedModel, batch: PairBatch, donor_cache: ActivationCache, layers: Sequence[int]) -> tuple[list[list[Site]], int]:
-    """Variants that together hold every (site kind, position) at each checked layer, and the number of kinds.
-    Kinds: one head, two heads, all heads, hidden state, and the attention and MLP outputs when the donor
-    cache holds them. Sites of different modules share a forward pass; head sites of one module do not."""
+def _sample_sites(lm: LoadedModel, batch: PairBatch, donor_cache: ActivationCache, layers: Sequence[int]) -> tuple[list[list[Site]], int, int]:
+    """Variants that together hold every (site kind, position) at each checked layer, the number of kinds and of positions.
+    Kinds: one head, two heads, all heads, hidden state, and the attention and MLP outputs, one query, key and
+    value head and the embeddings when the donor cache holds them. Sites of different modules share a forward
+    pass; head sites of one module do not (nor q, k and v, which GPT-2 and GPT-NeoX make in one module)."""
     a = lm.adapter
     checked = _check_layers(layers)
     positions = ([] if batch.unequal_rows() else [None]) + ["END"] + [p for p in batch.positions if p != "END"]
@@ -133,8 +134,14 @@ def _sample_sites(lm: LoadedModel, batch: PairBatch, donor_cache: ActivationCach
     groups = [shared, [lambda L, p: HeadSite(L, None, p)]]
     if a.n_heads > 2:
         groups.append([lambda L, p: HeadSite(L, ((L + 1) % a.n_heads, (L + 2) % a.n_heads), p)])
+    for which in "qkv":
+        n = a.n_heads if which == "q" else a.n_kv_heads
+        if all(QKVSite(L, which, 0) in donor_cache for L in checked):
+            groups.append([lambda L, p, w=which, n=n: QKVSite(L, w, L % n, p)])
     variants = [[make(L, pos) for make in group for L in checked] for group in groups for pos in positions]
-    return variants, sum(len(g) for g in groups)
+    if EmbedSite() in donor_cache:  # one site, before layer 0
+        variants += [[EmbedSite(pos)] for pos in positions]
+    return variants, sum(len(g) for g in groups) + (EmbedSite() in donor_cache), len(positions)
 
 
 def _sample_rows(batch: PairBatch, n: int = 4) -> list[int]:
@@ -161,7 +168,7 @@ def check_patch_writes_exactly(
     donor_cache = ActivationCache({k: v[rows] for k, v in donor_cache.items()})
     problems, moved, n_sites = [], 0, 0
     real = batch.attention_mask.bool()  # (B, T)
-    variants, n_kinds = _sample_sites(lm, batch, donor_cache, layers)
+    variants, n_kinds, n_positions = _sample_sites(lm, batch, donor_cache, layers)
     for variant in variants:
         before: dict[int, list] = {id(s): [] for s in variant}
         after: dict[int, list] = {id(s): [] for s in variant}
@@ -183,7 +190,7 @@ def check_patch_writes_exactly(
             if not torch.equal(got[real], want[real]):
                 problems.append(f"{s} wrote other entries than its own")
             moved += int(not torch.equal(want[real], old[real]))
-    detail = (f"{n_sites} patched sites ({n_kinds} kinds x {n_sites // max(1, n_kinds * len(_check_layers(layers)))} "
+    detail = (f"{n_sites} patched sites ({n_kinds} kinds x {n_positions} "
               f"positions x layers {_check_layers(layers)}, rows {rows}): the donor's value at exactly the site's "
               f"(row, position, head) entries, every other entry untouched (torch.equal, hooks before and after the "
               f"patch); {moved} of them changed a value")
