@@ -33,8 +33,8 @@ from tabulate import tabulate
 
 import actpatch
 from actpatch import HeadSite, HiddenSite, PairBatch, PromptPair, capture, patch_variants, wrap_model
-from actpatch.attribution import attribute
-from actpatch.metrics import logit_diff
+from actpatch.engine.attribution import attribute
+from actpatch.engine.metrics import logit_diff
 
 N_PAIRS, N_TOKENS, CHANGED = 32, 16, (3, 10)
 
@@ -226,7 +226,7 @@ def main() -> None:
     seconds, result, peak = timed(att, repeat=1 if args.only_named else 3)
     add("attribution, all heads x positions", "actpatch", seconds, t_full, None, peak, "2 forwards + 1 backward")
     att_heads = result.head_effect().flatten()
-    rho = (actpatch.results.spearman(att_heads.numpy(), exact["144-head sweep, all positions"].numpy())
+    rho = (actpatch.experiment.results.spearman(att_heads.numpy(), exact["144-head sweep, all positions"].numpy())
            if "144-head sweep, all positions" in exact else float("nan"))
 
     if args.only_named:

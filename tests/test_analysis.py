@@ -7,9 +7,9 @@ import torch
 from conftest import tiny_model
 
 from actpatch import AttnOutSite, HeadSite, HiddenSite, SiteError, capture, count_hooks, generate_pairs, tokenize_ioi, wrap_model
-from actpatch.gap import gap_account
-from actpatch.heads import characterise, classify, frozen_norm
-from actpatch.paths import Receiver, path_patch
+from actpatch.analysis.gap import gap_account
+from actpatch.analysis.heads import characterise, classify, frozen_norm
+from actpatch.engine.paths import Receiver, path_patch
 
 # END-only unembedding vs the model's full logits, and per-head vs fused matmuls: float32 summation
 # order only, so 1e-5 absolute on logits of order 1.
@@ -219,7 +219,7 @@ def test_gap_account_matches_manual(setup):
 
 
 def test_classify_rules_on_a_synthetic_profile():
-    from actpatch.heads import HeadProfile
+    from actpatch.analysis.heads import HeadProfile
 
     L, H = 4, 3
     z = torch.zeros(L, H)
@@ -280,7 +280,7 @@ def test_gpt2_small_gets_the_paper_comparison(gpt2_tokenizer):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from actpatch import run_ioi
-    from actpatch.report import render_report
+    from actpatch.report.markdown import render_report
 
     cfg = GPT2Config(n_layer=12, n_head=12, n_embd=48, n_positions=64)
     cfg._attn_implementation = "eager"
@@ -300,8 +300,8 @@ def test_gpt2_small_gets_the_paper_comparison(gpt2_tokenizer):
 
 def test_nudge_summary_reads_noising_and_denoising_alike():
     """A flip is a sign change relative to the recipient; the strongest cell has the largest normalised effect."""
-    from actpatch.analysis import nudge_summary
-    from actpatch.metrics import normalised_effect
+    from actpatch.analysis.summary import nudge_summary
+    from actpatch.engine.metrics import normalised_effect
 
     def rows(rec: float, don: float, lds: list[float]) -> list[dict]:
         return [{"experiment": "all_heads", "position": "all", "layer": L, "logit_diff": ld,

@@ -7,8 +7,8 @@ import torch
 from conftest import tiny_model
 
 from actpatch import HeadSite, HiddenSite, capture, count_hooks, generate_pairs, hooks, last_logits, tokenize_ioi, wrap_model
-from actpatch.attribution import attribute
-from actpatch.metrics import logit_diff
+from actpatch.engine.attribution import attribute
+from actpatch.engine.metrics import logit_diff
 
 
 # Central differences (truncation O(eps^2)). GPT-2 runs fully in float64, so eps can be small and the check

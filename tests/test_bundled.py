@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from actpatch import count_hooks, generate_pairs, last_logits, load_model, run_ioi, tokenize_ioi
-from actpatch.metrics import ioi_scores
-from actpatch.models import bundled_gguf
+from actpatch.engine.metrics import ioi_scores
+from actpatch.model.models import bundled_gguf
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_bundled_variable_length_batch_equals_one_pair_at_a_time(smollm):
 ])
 def test_substring_position_on_the_bundled_tokenizer(smollm, prompt, substring):
     """The token holding a substring's last character, against decoding growing prefixes of the ids."""
-    from actpatch.batch import substring_position
+    from actpatch.engine.batch import substring_position
 
     tok = smollm.tokenizer
     ids = tok(prompt)["input_ids"]

@@ -16,14 +16,14 @@ import pytest
 import torch
 from conftest import tiny_model
 
-import actpatch.patching as patching
-import actpatch.paths as paths
+import actpatch.engine.patching as patching
+import actpatch.engine.paths as paths
 from actpatch import HeadSite, HiddenSite, AttnOutSite, attribute, capture, generate_pairs, patch_variants, tokenize_ioi, wrap_model
-from actpatch.adapters import Adapter
-from actpatch.audit import check_dla, check_gap, check_path_identity
-from actpatch.gap import gap_account
-from actpatch.heads import characterise
-from actpatch.sanity import check_fast_path, run_sanity_checks
+from actpatch.model.adapters import Adapter
+from actpatch.analysis.audit import check_dla, check_gap, check_path_identity
+from actpatch.analysis.gap import gap_account
+from actpatch.analysis.heads import characterise
+from actpatch.engine.sanity import check_fast_path, run_sanity_checks
 
 
 def _setup(lm, n: int = 3, design: str = "abc"):

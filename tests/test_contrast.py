@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from actpatch import AttnOutSite, DataError, HeadSite, HiddenSite, PromptPair, capture, patch_variants, run_sanity_checks
-from actpatch.batch import tokenize_pairs
-from actpatch.patching import run_chunk
-from actpatch.planning import shared_prefix
+from actpatch.engine.batch import tokenize_pairs
+from actpatch.engine.patching import run_chunk
+from actpatch.engine.planning import shared_prefix
 from reference import naive_patch_end_logits, naive_patch_module
 
 FACTS = [
@@ -131,7 +131,7 @@ def _qkv_module_and_cols(model, which: str, layer: int, head: int, d_head: int, 
 def test_embedding_and_qkv_sites_match_one_pair_at_a_time(tiny_lm, gpt2_tokenizer):
     """The residual stream before layer 0 and per-head q, k, v (the llama model has 2 KV heads for 4 query heads:
     a k or v head is a KV group) at named positions of pairs of different lengths, to 1e-4 (float32)."""
-    from actpatch.sites import EmbedSite, QKVSite
+    from actpatch.engine.sites import EmbedSite, QKVSite
 
     tok, a, model = gpt2_tokenizer, tiny_lm.adapter, tiny_lm.model
     batch = tokenize_pairs(tok, FACTS)
@@ -158,8 +158,8 @@ def test_embedding_and_qkv_sites_match_one_pair_at_a_time(tiny_lm, gpt2_tokenize
 
 def test_patch_writes_exactly_covers_qkv_and_embedding_sites(tiny_lm, gpt2_tokenizer, monkeypatch):
     """The runtime check observes q, k, v and embedding patches too, and catches a q/k/v write one head off."""
-    from actpatch.sites import EmbedSite, QKVSite
-    from actpatch.sanity import check_patch_writes_exactly
+    from actpatch.engine.sites import EmbedSite, QKVSite
+    from actpatch.engine.sanity import check_patch_writes_exactly
 
     batch = tokenize_pairs(gpt2_tokenizer, FACTS)
     sites = [QKVSite(L, w, 0) for L in range(3) for w in "qkv"] + [EmbedSite()]

@@ -10,7 +10,7 @@ from actpatch import (
     AttnOutSite, HeadSite, HiddenSite, MlpOutSite, SiteError, UnsupportedArchitectureError, capture, count_hooks,
     generate_pairs, get_adapter, hooks, last_logits, patch_variants, patched, run_chunk, tokenize_ioi, wrap_model,
 )
-from actpatch.metrics import ioi_scores
+from actpatch.engine.metrics import ioi_scores
 
 # Batching several variants into one forward pass changes matmul shapes and so float summation
 # order; 1e-5 relative (float32) bounds that. Everything else is compared exactly.
@@ -178,7 +178,7 @@ def test_answer_columns_readout_equals_full_logits(tiny_lm, batch, donor):
 
 
 def test_chunk_plan_keeps_costs_close_to_each_variants_own():
-    from actpatch.planning import plan_chunks
+    from actpatch.engine.planning import plan_chunks
 
     starts = [(L, p) for L in range(12) for p in range(16)]
     chunks = plan_chunks(starts, 12, (32, 16), max_tokens=2048)
@@ -191,7 +191,7 @@ def test_chunk_plan_keeps_costs_close_to_each_variants_own():
 
 
 def test_token_budget_is_positive_and_sized_to_the_model(tiny_lm):
-    from actpatch.planning import token_budget
+    from actpatch.engine.planning import token_budget
 
     budget = token_budget(tiny_lm, 16)
     assert 16 <= budget <= 10**7
@@ -238,7 +238,7 @@ def test_wrap_model_describes_gqa_query_heads(gpt2_tokenizer):
 
 
 def test_shared_prefix_counts_identical_leading_tokens(batch):
-    from actpatch.planning import shared_prefix
+    from actpatch.engine.planning import shared_prefix
 
     first_diff = [int((d != r).nonzero()[0]) for d, r in zip(batch.donor_ids, batch.recipient_ids)]
     assert shared_prefix(batch) == min(first_diff) > 0
@@ -246,7 +246,7 @@ def test_shared_prefix_counts_identical_leading_tokens(batch):
 
 def test_fast_path_check_recomputes_every_kind_of_patch(tiny_lm, batch, donor):
     """The sanity check must notice a wrong cell of any kind, not only at its evenly spread picks."""
-    from actpatch.sanity import check_fast_path
+    from actpatch.engine.sanity import check_fast_path
 
     cache, _ = donor
     a = tiny_lm.adapter

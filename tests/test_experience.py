@@ -75,5 +75,5 @@ def test_log_level_info_names_the_steps_and_is_removed_after(gpt2_dir, tmp_path,
     assert main(["--log-level", "INFO", "ioi", "--model", str(gpt2_dir), "--n-pairs", "2", "--donor", "swap",
                  "--out", str(tmp_path / "o"), "--quiet"]) == 0
     err = capsys.readouterr().err
-    assert "actpatch INFO actpatch.experiments: loading" in err and "sweep 'swap'" in err
+    assert "actpatch INFO actpatch.experiment.experiments: loading" in err and "sweep 'swap'" in err
     assert logging.getLogger("actpatch").handlers == before

@@ -116,7 +116,7 @@ def test_same_seed_same_numbers(tiny_lm):
 
 def test_silent_noop_patch_is_caught(tiny_lm, monkeypatch):
     """If the patch hook silently did nothing, the sanity checks fail instead of reporting numbers."""
-    import actpatch.patching as patching
+    import actpatch.engine.patching as patching
 
     monkeypatch.setattr(patching, "_patch_fn", lambda *a, **k: (lambda act: None))
     bad = run_ioi(lm=tiny_lm, n_pairs=3, designs=("swap",), head_sweep=False, progress=False)
@@ -207,7 +207,7 @@ def test_gpt2_shapes_with_real_tokenizer(gpt2_tokenizer, n_layer, n_head, n_embd
 
 
 def test_report_flags_heads_where_attribution_misses():
-    from actpatch.report import _attribution_misses
+    from actpatch.report.markdown import _attribution_misses
 
     cells = []
     for L in range(2):

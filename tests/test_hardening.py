@@ -15,11 +15,11 @@ from actpatch import (
     HeadSite, HiddenSite, NumericalError, ResumeError, SiteError, capture, count_hooks, generate_pairs,
     patch_variants, run_ioi, tokenize_ioi, wrap_model,
 )
-from actpatch.checkpoint import Checkpoint, sweep_fingerprint
+from actpatch.engine.checkpoint import Checkpoint, sweep_fingerprint
 from actpatch.cli import main
 from actpatch.errors import ModelLoadError
-from actpatch.metrics import ioi_scores
-from actpatch.models import load_model
+from actpatch.engine.metrics import ioi_scores
+from actpatch.model.models import load_model
 
 # Batched vs one-pair-at-a-time: different matmul shapes change float32 summation order only.
 RTOL, ATOL = 1e-5, 1e-5
@@ -215,7 +215,7 @@ def test_ctrl_c_mid_sweep_removes_hooks_keeps_model_and_resumes(tiny_lm, tmp_pat
 
 
 def test_cli_ctrl_c_then_resume(gpt2_dir, tmp_path, capsys, monkeypatch):
-    import actpatch.sweeps as experiments
+    import actpatch.experiment.sweeps as experiments
 
     calls = {"n": 0}
     real = experiments.ioi_scores

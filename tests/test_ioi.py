@@ -1,4 +1,4 @@
-"""Tests of actpatch.ioi: templates, word lists, pair generation, JSONL loading, tokenization and positions."""
+"""Tests of actpatch.tasks.ioi: templates, word lists, pair generation, JSONL loading, tokenization and positions."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from actpatch.errors import DataError, PairsFileError, SiteError
-from actpatch.ioi import (
+from actpatch.tasks.ioi import (
     ABBA_TEMPLATES,
     BABA_TEMPLATES,
     DESIGNS,
@@ -23,8 +23,8 @@ from actpatch.ioi import (
     load_pairs_file,
     single_token_names,
 )
-from actpatch.batch import PairBatch, substring_position
-from actpatch.ioi import tokenize_ioi
+from actpatch.engine.batch import PairBatch, substring_position
+from actpatch.tasks.ioi import tokenize_ioi
 
 CLEAN = "When Mary and John went to the store, John gave a drink to"
 #        0    1     2   3     4    5  6   7     8 9     10   11 12    13   (GPT-2 tokens)
@@ -324,7 +324,7 @@ def test_load_pairs_warns_without_leading_space(tmp_path):
 
 
 def test_denoising_swaps_roles_and_keeps_clean_positions(gpt2_tokenizer):
-    from actpatch.ioi import denoising
+    from actpatch.tasks.ioi import denoising
 
     pairs = generate_pairs(gpt2_tokenizer, 4, designs=("abc",), seed=2)["abc"]
     noise = tokenize_ioi(gpt2_tokenizer, pairs)

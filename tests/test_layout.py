@@ -1,4 +1,5 @@
-"""The package's one-way data flow: each module imports only from modules to its left in README's Layout line."""
+"""The package's layers: folders that import only from the layers before them (README's Layout table), and an
+engine that reaches no task."""
 
 from __future__ import annotations
 
@@ -10,64 +11,80 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "actpatch"
 
 
-def _chain() -> list[str]:
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = text.split("## Layout", 1)[1]
-    arrows = re.search(r"`([a-z_]+(?: →\s+[a-z_]+)+)`", section)
-    assert arrows, "README's Layout section lost its `a → b → ...` line"
-    return [m.strip() for m in arrows.group(1).split("→")]
+def _table() -> dict[str, tuple[int, list[str]]]:
+    """README's Layout table: folder ("" for the root) -> (layer, module names)."""
+    section = (ROOT / "README.md").read_text(encoding="utf-8").split("## Layout", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| (\d+) \| (`([a-z]+)/`|the root) \| (.+) \|$", section, flags=re.M)
+    assert rows, "README's Layout section lost its table"
+    return {folder: (int(layer), re.findall(r"`([a-z_]+)`", mods)) for layer, _, folder, mods in rows}
 
 
-def _local_imports(path: Path) -> set[str]:
-    """Sibling modules a file imports (``from .x import``, ``from . import x``), top level or inside functions."""
+def _module(path: Path) -> str:
+    """'engine.batch' for src/actpatch/engine/batch.py, 'cli' for src/actpatch/cli.py."""
+    return ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """The package modules a file imports (relative imports, top level or inside functions), as 'folder.module'."""
+    here = path.relative_to(PACKAGE).parent.parts
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            if node.module:
-                found.add(node.module.split(".")[0])
-            else:  # ``from . import plots``; ``from . import __version__`` reads the package, not a module
-                found.update(a.name for a in node.names if (PACKAGE / f"{a.name}.py").is_file())
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = list(here[: len(here) - (node.level - 1)]) if node.level > 1 else list(here)
+            parts = base + (node.module.split(".") if node.module else [])
+            names = [".".join(parts)] if node.module else [".".join(parts + [a.name]) for a in node.names]
+            for name in names:
+                if (PACKAGE / (name.replace(".", "/") + ".py")).is_file():
+                    found.add(name)
+                elif name and (PACKAGE / name.replace(".", "/")).is_dir():
+                    found.add(name + ".__init__")
     return found
 
 
-def test_every_module_is_in_the_readme_chain():
-    modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__", "__main__", "errors"}
-    chain = _chain()
-    assert sorted(modules - set(chain)) == [], "modules missing from README's Layout line"
-    assert sorted(set(chain) - modules) == [], "README's Layout line names modules that do not exist"
+def _layer_of(module: str, table) -> tuple[str, int]:
+    folder = module.split(".")[0] if "." in module else ""
+    return folder, table[folder][0] if folder in table else -1
 
 
-def test_modules_import_only_from_their_left():
-    chain = _chain()
-    rank = {m: i for i, m in enumerate(chain)}
-    wrong = []
-    for name in chain:
-        for dep in _local_imports(PACKAGE / f"{name}.py") - {"errors", "__init__"}:
-            if dep not in rank or rank[dep] >= rank[name]:
-                wrong.append(f"{name} imports {dep}")
+def test_every_module_is_in_the_readme_table():
+    table = _table()
+    listed = {(f"{folder}.{m}" if folder else m) for folder, (_, mods) in table.items() for m in mods}
+    files = {_module(p) for p in PACKAGE.rglob("*.py") if p.stem != "__init__" and "__pycache__" not in p.parts}
+    assert sorted(files - listed - {"errors", "__main__"}) == [], "modules missing from README's Layout table"
+    assert sorted(listed - files) == [], "README's Layout table names modules that do not exist"
+
+
+def test_layers_import_only_from_the_layers_before_them():
+    table, wrong = _table(), []
+    for path in PACKAGE.rglob("*.py"):
+        if "__pycache__" in path.parts or path.parent == PACKAGE:
+            continue  # the package root re-exports everything; errors is imported by all
+        me = _module(path)
+        folder, rank = _layer_of(me, table)
+        for dep in _imports(path):
+            dep_folder, dep_rank = _layer_of(dep, table)
+            if dep.split(".")[0] == "errors" or dep == "__init__":
+                continue
+            if dep_folder != folder and dep_rank >= rank:
+                wrong.append(f"{me} (layer {rank}) imports {dep} (layer {dep_rank})")
     assert wrong == [], wrong
 
 
-def test_the_package_docstring_names_the_same_chain():
-    import actpatch
-
-    doc = " ".join(actpatch.__doc__.split())
-    assert " -> ".join(_chain()) in doc
-
-
-ENGINE = ["sites", "hooks", "pairs", "batch", "capture", "reference", "checkpoint", "prefix", "planning", "patching",
-          "distributed", "metrics", "attribution", "sanity", "pooling"]
-TASK_MODULES = {"tasks", "ioi"}
-
-
 def test_the_engine_imports_no_task():
-    """Follow every engine module's imports, transitively: none reaches a task (ioi) or the task registry."""
-    reached, todo = set(), list(ENGINE)
+    """Follow every engine module's imports, transitively: none reaches tasks/."""
+    reached, todo = set(), [_module(p) for p in (PACKAGE / "engine").glob("*.py")]
     while todo:
         name = todo.pop()
         if name in reached:
             continue
         reached.add(name)
-        todo += [d for d in _local_imports(PACKAGE / f"{name}.py") if (PACKAGE / f"{d}.py").is_file()]
-    assert reached & TASK_MODULES == set(), f"the engine reaches {sorted(reached & TASK_MODULES)}"
-    assert "ioi" in _local_imports(PACKAGE / "experiments.py")  # the check can see an import when there is one
+        todo += list(_imports(PACKAGE / (name.replace(".", "/") + ".py")))
+    assert {n for n in reached if n.startswith("tasks.")} == set(), sorted(reached)
+    assert "engine.batch" in reached and any(d.startswith("tasks.") for d in _imports(PACKAGE / "experiment" / "config.py"))
+
+
+def test_the_package_docstring_names_the_layers():
+    import actpatch
+
+    doc = " ".join(actpatch.__doc__.split())
+    assert "model -> engine -> tasks, analysis -> experiment -> report -> cli" in doc

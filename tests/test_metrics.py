@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from actpatch.metrics import ioi_scores, logit_diff, normalised_effect, prob_ratio, token_prob, top1_is
+from actpatch.engine.metrics import ioi_scores, logit_diff, normalised_effect, prob_ratio, token_prob, top1_is
 
 # vocab of 4; row 0 prefers token 1 (IO), row 1 prefers token 2 (S)
 LOGITS = torch.tensor([[0.0, 3.0, 1.0, -1.0], [0.0, 1.0, 2.5, 0.5]])

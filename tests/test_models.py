@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from actpatch import ConfigError, ModelLoadError, load_model
-from actpatch.models import bundled_gguf, resolve_device, resolve_dtype
+from actpatch.model.models import bundled_gguf, resolve_device, resolve_dtype
 
 
 def test_hub_id_offline_and_uncached_gives_clear_error(tmp_path):
@@ -75,7 +75,7 @@ def test_device_map_auto_loads_with_accelerate_and_gives_the_same_numbers(gpt2_d
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_runs_and_metrics_stay_float32(gpt2_dir, dtype):
     from actpatch import run_ioi
-    from actpatch.metrics import ioi_scores
+    from actpatch.engine.metrics import ioi_scores
 
     lm = load_model(str(gpt2_dir), device="cpu", dtype=dtype)
     assert next(lm.model.parameters()).dtype == getattr(torch, dtype)
@@ -108,9 +108,9 @@ def test_device_map_with_offloaded_layers_gives_the_same_numbers(gpt2_dir, tmp_p
     ``device_map="auto"``. Patching, attribution, the analysis (which reads W_O, W_U and the norm gains
     directly) and the checkpoint fingerprint must all see the real weights."""
     from actpatch import run_ioi
-    from actpatch.checkpoint import sweep_fingerprint
+    from actpatch.engine.checkpoint import sweep_fingerprint
     from actpatch import generate_pairs, tokenize_ioi
-    from actpatch.sites import HeadSite
+    from actpatch.engine.sites import HeadSite
 
     plain = load_model(str(gpt2_dir), device="cpu")
     off = load_model(str(gpt2_dir), device_map=OFFLOADED, offload_folder=tmp_path / "offload")

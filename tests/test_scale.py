@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-import actpatch.sweeps as sweeps
+import actpatch.experiment.sweeps as sweeps
 from actpatch import run_ioi
 from actpatch.cli import main, memory_size
-from actpatch.planning import pair_bytes, pair_chunk
+from actpatch.engine.planning import pair_bytes, pair_chunk
 
 
 def _budget_for(lm, pairs_per_chunk: int, width: int = 20) -> int:
@@ -101,7 +101,7 @@ def test_rows_of_full_vocabulary_logits_are_capped(tiny_lm):
     """A pass of END patches computes one position per row: a token cap alone would stack rows of logits
     without bound. With full logits every pass stays within ``logit_rows``; reading two columns, it need not."""
     from actpatch import HeadSite, generate_pairs, tokenize_ioi
-    from actpatch.planning import logit_rows, plan_sweep
+    from actpatch.engine.planning import logit_rows, plan_sweep
 
     batch = tokenize_ioi(tiny_lm.tokenizer, generate_pairs(tiny_lm.tokenizer, 5, designs=("abc",))["abc"])
     variants = [[HeadSite(L, h, "END")] for L in range(3) for h in range(4)]

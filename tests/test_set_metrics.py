@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from actpatch.errors import DataError
-from actpatch.metrics import kl_from, logit_diff, prob_diff, set_logit_diff, set_logprob, set_logsumexp
+from actpatch.engine.metrics import kl_from, logit_diff, prob_diff, set_logit_diff, set_logprob, set_logsumexp
 
 # vocab of 5, two rows
 LOGITS = torch.tensor([[0.0, 3.0, 1.0, -1.0, 2.0], [0.5, 1.0, 2.5, 0.5, -2.0]])
@@ -113,3 +113,30 @@ def test_an_empty_set_is_a_clear_error():
 def test_a_set_without_a_matching_mask_is_a_clear_error():
     with pytest.raises(DataError, match="mask of the same shape"):
         set_logsumexp(LOGITS, ANSWER, ANSWER_MASK[:, :1])
+
+
+def test_task_scores_against_per_row_formulas():
+    """``task_scores`` (what `actpatch run` records): every metric and companion from -1-padded sets, and KL measured
+    from the recipient (KL(recipient || patched), which differs from the other direction for these rows)."""
+    from actpatch.engine.metrics import task_scores
+
+    answer = torch.where(ANSWER_MASK, ANSWER, -1)  # (B, K) ids, -1 = padding, as PairBatch.answers() gives them
+    wrong = torch.where(WRONG_MASK, WRONG, -1)
+    recipient = torch.tensor([[2.0, 0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 4.0, 0.0]])
+    for metric in ("logit_diff", "prob_diff", "logprob", "kl"):
+        scores = task_scores(metric, LOGITS, answer, wrong, recipient)
+        assert set(scores) == {metric, "logit_diff", "p_answer", "p_wrong"}
+        for r, (a, w) in SETS.items():
+            z = sum(math.exp(x) for x in _row(r))
+            p_a, p_w = sum(math.exp(_row(r)[i]) for i in a) / z, sum(math.exp(_row(r)[i]) for i in w) / z
+            ref = [math.exp(x) for x in recipient[r].tolist()]
+            ref = [x / sum(ref) for x in ref]
+            want = {"logit_diff": math.log(p_a / p_w), "prob_diff": p_a - p_w, "logprob": math.log(p_a),
+                    "kl": sum(q * math.log(q / (math.exp(x) / z)) for q, x in zip(ref, _row(r)))}
+            assert abs(float(scores[metric][r]) - want[metric]) < 1e-5, (metric, r)
+            assert abs(float(scores["p_answer"][r]) - p_a) < 1e-6 and abs(float(scores["p_wrong"][r]) - p_w) < 1e-6
+    kl = task_scores("kl", LOGITS, answer, wrong, recipient)["kl"]
+    other_way = kl_from(LOGITS, recipient)
+    assert (kl - other_way).abs().min() > 0.1  # the two directions differ here: the test above can tell them apart
+    with pytest.raises(DataError, match="reads answer tokens, but these pairs have none"):
+        task_scores("prob_diff", LOGITS, torch.full((2, 1), -1), torch.full((2, 1), -1))

@@ -16,7 +16,7 @@ from actpatch import (
     DataError, HeadSite, HiddenSite, PromptPair, capture, generate_pairs, patch_variants, tokenize_ioi, wrap_model,
 )
 from actpatch.errors import ConfigError
-from actpatch.prefix import RecipientState
+from actpatch.engine.prefix import RecipientState
 
 FAMILIES = ["gpt2", "llama", "gpt_neox", "gpt_neo", "gemma2", "gemma3", "olmo2", "mistral"]
 LD_ATOL = 1e-4
@@ -137,7 +137,7 @@ def test_control_pairs_have_exactly_zero_effect(tiny_lm, all_controls):
 
 def test_olmo2_query_receiver_does_not_leak_into_other_heads(gpt2_tokenizer):
     """Bug 5: OLMo 2's q_norm spans all heads; writing one head's query before it changed every head's."""
-    from actpatch.paths import Receiver, path_patch
+    from actpatch.engine.paths import Receiver, path_patch
 
     model = tiny_model("olmo2")
     lm = wrap_model(model, gpt2_tokenizer)

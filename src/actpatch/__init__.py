@@ -1,10 +1,7 @@
 """actpatch: activation patching for HuggingFace causal LMs: IOI built in, and any contrastive task of your own.
 
-Data flows one way through small modules (the order is README's Layout line, checked by a test):
-placement -> adapters -> models -> sites -> hooks -> pairs -> batch -> capture -> reference -> checkpoint
--> prefix -> planning -> patching -> distributed -> metrics -> attribution -> heads -> gap -> paths -> analysis
--> sanity -> audit -> pooling -> tasks -> ioi -> results -> pairsresult -> config -> sweeps -> experiments -> contrast -> plots -> report
--> htmlreport -> pairsreport -> outputs -> compare -> cli.
+Layers, each a folder that imports only from the ones before it (README's Layout table, checked by a test):
+model -> engine -> tasks, analysis -> experiment -> report -> cli. The engine imports no task.
 
     import actpatch
     result = actpatch.run_ioi(n_pairs=16)          # bundled SmolLM2-135M, offline
@@ -20,35 +17,35 @@ try:
 except _metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0"
 
-from .adapters import ARCHITECTURES, Adapter, Architecture, get_adapter, supported_model_types
-from .attribution import Attribution, attribute
-from .batch import PairBatch, tokenize_pairs
-from .capture import ActivationCache, capture, last_logits
+from .engine.attribution import Attribution, attribute
+from .engine.batch import PairBatch, tokenize_pairs
+from .engine.capture import ActivationCache, capture, last_logits
+from .model.adapters import ARCHITECTURES, Adapter, Architecture, get_adapter, supported_model_types
 from .errors import (
     ActpatchError, ConfigError, DataError, ModelLoadError, NumericalError, PairsFileError, ResumeError,
     SanityCheckError, SiteError, UnsupportedArchitectureError,
 )
-from .checkpoint import Checkpoint, sweep_fingerprint
-from .compare import run_compare
-from .config import IOIConfig
-from .contrast import PairsConfig, patch, run_pairs
-from .experiments import plan_ioi, run_ioi
-from .heads import characterise, classify
-from .hooks import count_hooks, hooks
-from .ioi import generate_pairs, tokenize_ioi
-from .pairs import PromptPair, load_pairs_file
-from .metrics import ioi_scores, logit_diff, normalised_effect, prob_ratio, token_prob
-from .models import DEFAULT_MODEL, LoadedModel, load_model, wrap_model
-from .patching import patch_variants, patched, run_chunk
-from .planning import plan_chunks, token_budget
-from .paths import Receiver, path_patch
-from .prefix import RecipientState
-from .results import HeadGrid, IOIResult
-from .pairsresult import PairsResult
-from .tasks import TASKS, Task, get_task, register
-from .sanity import SanityCheck, run_sanity_checks
-from .sites import AttnOutSite, HeadSite, HiddenSite, MlpOutSite
-from . import plots as _plots  # noqa: F401,E402  registers the kinds of IOIResult.plot()
+from .analysis.heads import characterise, classify
+from .engine.checkpoint import Checkpoint, sweep_fingerprint
+from .engine.hooks import count_hooks, hooks
+from .engine.metrics import ioi_scores, logit_diff, normalised_effect, prob_ratio, token_prob
+from .engine.pairs import PromptPair, load_pairs_file
+from .engine.patching import patch_variants, patched, run_chunk
+from .engine.paths import Receiver, path_patch
+from .engine.planning import plan_chunks, token_budget
+from .engine.prefix import RecipientState
+from .engine.sanity import SanityCheck, run_sanity_checks
+from .engine.sites import AttnOutSite, HeadSite, HiddenSite, MlpOutSite
+from .experiment.compare import run_compare
+from .experiment.config import IOIConfig
+from .experiment.contrast import PairsConfig, patch, run_pairs
+from .experiment.experiments import plan_ioi, run_ioi
+from .experiment.pairsresult import PairsResult
+from .experiment.results import HeadGrid, IOIResult
+from .model.models import DEFAULT_MODEL, LoadedModel, load_model, wrap_model
+from .tasks.ioi import generate_pairs, tokenize_ioi
+from .tasks.registry import TASKS, Task, get_task, register
+from .report import plots as _plots  # noqa: F401,E402  registers the kinds of IOIResult.plot()
 
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())  # the CLI's --log-level attaches a real one
 

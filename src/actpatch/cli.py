@@ -32,18 +32,18 @@ import torch.distributed as dist
 from tabulate import tabulate
 
 from . import __version__
-from .adapters import ARCHITECTURES
-from .compare import plot_compare, render_compare, run_compare
-from .distributed import init_from_env, local_device, world
+from .engine.distributed import init_from_env, local_device, world
+from .engine.metrics import TASK_METRICS
 from .errors import ActpatchError, ConfigError
-from .config import DIRECTIONS, METHODS, IOIConfig
-from .contrast import PairsConfig, run_pairs, site_families
-from .experiments import plan_ioi, run_ioi
-from .ioi import DESIGNS
-from .models import BUNDLED, DEFAULT_MODEL, DTYPES, bundled_gguf, install_hint
-from .metrics import TASK_METRICS
-from .outputs import PARTIAL, discard, prepare_out, write_outputs
-from .pairsreport import findings
+from .experiment.compare import plot_compare, render_compare, run_compare
+from .experiment.config import DIRECTIONS, METHODS, IOIConfig
+from .experiment.contrast import PairsConfig, run_pairs, site_families
+from .experiment.experiments import plan_ioi, run_ioi
+from .model.adapters import ARCHITECTURES
+from .model.models import BUNDLED, DEFAULT_MODEL, DTYPES, bundled_gguf, install_hint
+from .report.outputs import PARTIAL, discard, prepare_out, write_outputs
+from .report.pairsreport import findings
+from .tasks.ioi import DESIGNS
 
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,

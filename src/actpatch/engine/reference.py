@@ -1,0 +1,145 @@
+"""An independent reference patcher: one plain full forward pass per patch, explicit indices.
+
+The runtime checks compare the sweep's fast path and the patch hooks against this module. It shares
+no code with ``patching``, ``prefix`` or ``planning``: positions are read from the batch's data (a
+named position as stored, END as the last real token, an int counted from the start or the end),
+each (row, position, head) is written one at a time, and the logit difference is read from the
+model's own full forward pass.
+
+    written = site_positions(HeadSite(5, 2, "S2"), batch)    # per row: the positions a patch writes
+    ld = reference_logit_diff(lm, batch, donor_cache, [HeadSite(5, 2, "S2")])   # (B,)
+    logits = reference_logits(lm, batch, donor_cache, [HiddenSite(3, "subject")])  # (B, V) at END
+
+A named position is read from the donor at the donor's index and written at the recipient's (pairs of
+different lengths).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from ..model.models import LoadedModel
+from ..model.placement import onloaded
+from .batch import PairBatch
+from .sites import Site
+
+
+def site_positions(site: Site, batch: PairBatch, side: str = "recipient") -> list[list[int]]:
+    """For every row, the real-token positions ``site`` covers on the recipient (where it writes) or, with
+    ``side="donor"``, on the donor (where it reads); all of them when ``site.pos`` is None."""
+    mask = batch.donor_attention_mask if side == "donor" else batch.attention_mask
+    named = batch.donor_positions if side == "donor" and batch.donor_positions is not None else batch.positions
+    lengths = [int(n) for n in mask.sum(dim=1)]
+    pos = site.pos
+    if pos is None:
+        return [list(range(n)) for n in lengths]
+    if pos in ("END", "last"):
+        return [[n - 1] for n in lengths]
+    if isinstance(pos, str):
+        return [[int(p)] for p in named[pos]]
+    return [[pos if pos >= 0 else n + pos] for n in lengths]
+
+
+def site_columns(lm: LoadedModel, site: Site) -> list[slice]:
+    """The feature columns ``site`` covers in its module's flat (B, T, F) activation: one slice per head, or all.
+
+    Worked out here from the layouts' definitions, not from ``Site.columns``: heads are H blocks of d_head; a
+    separate q/k/v projection is H' blocks (H' = KV heads for k and v); GPT-2's fused one is [q | k | v], each
+    H blocks; GPT-NeoX's is H blocks of [q k v].
+    """
+    a, dh = lm.adapter, lm.adapter.d_head
+    if site.kind == "head":
+        heads = range(a.n_heads) if site.head is None else (site.head,) if isinstance(site.head, int) else site.head
+        return [slice(h * dh, (h + 1) * dh) for h in heads]
+    if site.kind in ("q", "k", "v"):
+        layout, i = a.arch.qkv_layout, "qkv".index(site.kind)
+        block = {"separate": site.head, "qkv_blocks": i * a.n_heads + site.head, "per_head": 3 * site.head + i}[layout]
+        return [slice(block * dh, (block + 1) * dh)]
+    return [slice(None)]
+
+
+def _writer(lm: LoadedModel, batch: PairBatch, site: Site, donor: Tensor):
+    """A function (B, T, F) -> (B, T, F) that copies the donor's entries of ``site``, one by one."""
+    flat = donor.reshape(*donor.shape[:2], -1)  # (B, Td, H, Dh) -> (B, Td, H*Dh) for heads; (B, Td, D) as is
+    writes, reads = site_positions(site, batch), site_positions(site, batch, "donor")
+    columns = site_columns(lm, site)
+    for b, (w, r) in enumerate(zip(writes, reads)):
+        if len(w) != len(r):
+            raise ValueError(f"pair {b}: {site} covers {len(w)} recipient but {len(r)} donor positions")
+
+    def write(act: Tensor) -> Tensor:
+        new = act.clone()
+        for b, (row, donor_row) in enumerate(zip(writes, reads)):
+            for p, q in zip(row, donor_row):
+                for c in columns:
+                    new[b, p, c] = flat[b, q, c].to(new.device, new.dtype)
+        return new
+
+    return write
+
+
+def _register(lm: LoadedModel, site: Site, write):
+    module = site.module(lm.adapter)
+    if site.reads_input:  # block 0 may get its input by name (hidden_states=...)
+        def pre(m, args, kwargs):
+            if args:
+                return (write(args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": write(kwargs["hidden_states"])}
+        return module.register_forward_pre_hook(pre, with_kwargs=True)
+    return module.register_forward_hook(
+        lambda m, args, out: (write(out[0]), *out[1:]) if isinstance(out, tuple) else write(out))
+
+
+def _patched_forward(lm: LoadedModel, batch: PairBatch, donor: dict, variant: Sequence[Site], module):
+    """``module`` (the base model or the whole LM) run on the recipients with ``variant`` written by plain hooks."""
+    handles = []
+    try:
+        for site in variant:
+            handles.append(_register(lm, site, _writer(lm, batch, site, donor[site.key])))
+        with torch.inference_mode():
+            return module(input_ids=batch.recipient_ids.to(lm.device),
+                          attention_mask=batch.attention_mask.to(lm.device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def reference_logits(lm: LoadedModel, batch: PairBatch, donor: dict, variant: Sequence[Site]) -> Float[Tensor, "batch vocab"]:
+    """The model's own logits (``lm.model(...).logits``, every vocabulary entry) at each row's last real token after
+    patching ``variant``, in float32: what any metric of the patched run is computed from.
+
+    Example::
+
+        logits = reference_logits(lm, batch, donor_cache, [HeadSite(5, 2, "subject")])   # (B, V)
+    """
+    logits = _patched_forward(lm, batch, donor, variant, lm.model).logits  # (B, T, V)
+    lengths = batch.attention_mask.sum(dim=1)
+    return torch.stack([logits[b, int(lengths[b]) - 1] for b in range(len(batch))]).float().cpu()  # (B, V)
+
+
+def reference_logit_diff(
+    lm: LoadedModel, batch: PairBatch, donor: dict, variant: Sequence[Site],
+) -> Float[Tensor, "batch"]:
+    """logit(answer) - logit(wrong) at END after patching ``variant``: one full forward, plain hooks.
+
+    ``donor`` maps ``site.key`` to the donor activation. The read-out is the model's final hidden state at
+    END times the LM head's two rows, in float32 (soft-capped like the model), so half precision does
+    not round the difference.
+    """
+    out = _patched_forward(lm, batch, donor, variant, lm.model.base_model)
+    hidden = out.last_hidden_state  # (B, T, D), final-normed
+    lengths = batch.attention_mask.sum(dim=1)
+    end = torch.stack([hidden[b, int(lengths[b]) - 1] for b in range(len(batch))]).float()  # (B, D)
+    with torch.no_grad(), onloaded(lm.model.get_output_embeddings()) as head:
+        rows = head.weight[torch.stack([batch.answer_ids, batch.wrong_ids], 1).to(head.weight.device)].float()  # (B, 2, D)
+        logits = torch.einsum("bd,bnd->bn", end.to(rows.device), rows)  # (B, 2)
+        if getattr(head, "bias", None) is not None:
+            logits = logits + head.bias[torch.stack([batch.answer_ids, batch.wrong_ids], 1).to(head.bias.device)].float()
+    cap = getattr(lm.model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return (logits[:, 0] - logits[:, 1]).cpu()

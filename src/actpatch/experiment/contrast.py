@@ -1,0 +1,264 @@
+"""Patching on any contrastive task: your pairs (any lengths, named positions, answer sets), any metric.
+
+    df = patch(lm, pairs, sites="heads", positions=["subject", "END"], metric="kl")   # one call, a tidy dataframe
+    result = run_pairs(PairsConfig(pairs_file="facts.jsonl", positions=("subject", "END")))
+    result.to_dataframe(); result.save("runs/facts")
+
+For every chunk of pairs it captures the recipient and donor runs, patches every cell (a site family at a
+layer, head and named position) with the batched fast path, scores each pair with the metric, and runs the
+mandatory checks, with the fast path compared cell by cell to the independent reference patcher on this
+metric. Cells: ``hidden`` (block output), ``all_heads`` (every head of a layer), ``head`` (one head),
+``attn`` and ``mlp`` outputs, ``embed`` (the residual stream before layer 0) and per-head ``q``, ``k``, ``v``;
+positions are named positions, ``END``, or ``all`` (equal lengths only).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from ..engine.batch import PairBatch
+from ..engine.capture import capture
+from ..engine.hooks import count_hooks
+from ..engine.metrics import TASK_METRICS, normalised_effect, task_scores
+from ..engine.pairs import PromptPair, load_pairs_file
+from ..engine.patching import patch_variants
+from ..engine.planning import memory_budget, pair_chunk, release_memory
+from ..engine.sanity import check_fast_path, check_no_hooks_left, run_sanity_checks
+from ..engine.sites import AttnOutSite, EmbedSite, HeadSite, HiddenSite, MlpOutSite, QKVSite
+from ..errors import ConfigError, DataError
+from ..model.models import DEFAULT_MODEL, LoadedModel, load_model
+from ..tasks.registry import get_task
+from .config import environment
+from .pairsresult import PairsResult
+from .pooling import concat_scores, pool_checks
+
+log = logging.getLogger(__name__)
+FAMILIES = ("embed", "hidden", "all_heads", "head", "attn", "mlp", "q", "k", "v")
+SITE_ALIASES = {"all": ("hidden", "all_heads", "head"), "heads": ("all_heads", "head"), "layers": ("hidden", "all_heads"),
+                "qkv": ("q", "k", "v")}
+MAKE = {"hidden": lambda L, h, p: HiddenSite(L, p), "all_heads": lambda L, h, p: HeadSite(L, None, p),
+        "head": lambda L, h, p: HeadSite(L, h, p), "attn": lambda L, h, p: AttnOutSite(L, p),
+        "mlp": lambda L, h, p: MlpOutSite(L, p), "embed": lambda L, h, p: EmbedSite(p),
+        "q": lambda L, h, p: QKVSite(L, "q", h, p), "k": lambda L, h, p: QKVSite(L, "k", h, p),
+        "v": lambda L, h, p: QKVSite(L, "v", h, p)}
+
+
+@dataclass(frozen=True)
+class PairsConfig:
+    """Everything that determines an ``actpatch run``; saved next to its results.
+
+    Example::
+
+        run_pairs(PairsConfig(pairs_file="facts.jsonl", positions=("subject", "END"), metric="prob_diff"))
+    """
+
+    model: str = DEFAULT_MODEL
+    task: str = "pairs"               # "pairs" (pairs_file) or a registered task that generates pairs
+    pairs_file: str | None = None
+    n_pairs: int = 16                 # generated pairs (a registered task)
+    design: str | None = None         # the task's donor design (default: its first)
+    seed: int = 0                     # the pair generator's own RNG
+    positions: tuple[str, ...] | None = None  # named positions, END, all; None: every named position and END
+    metric: str = "logit_diff"
+    sites: tuple[str, ...] = ("hidden", "all_heads", "head")
+    layers: tuple[int, ...] | None = None
+    device: str | None = None
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+    max_memory: int | None = None
+    max_rows: int | None = None
+    progress: bool | None = None
+    command: str | None = None
+
+    def validate(self) -> None:
+        if self.metric not in TASK_METRICS:
+            raise ConfigError(f"metric (--metric) must be one of {', '.join(TASK_METRICS)}, got {self.metric!r}")
+        bad = [s for s in self.sites if s not in FAMILIES]
+        if bad or not self.sites:
+            raise ConfigError(f"sites must be among {', '.join(FAMILIES)} (or all, heads, layers), got {list(self.sites)!r}")
+        if self.task == "pairs" and self.pairs_file is None:
+            raise ConfigError("your own task needs a pairs file (--pairs-file FILE), or name a task: "
+                              "actpatch run ioi")
+
+
+def site_families(sites: str | Sequence[str]) -> tuple[str, ...]:
+    """``"all"``, ``"heads"``, ``"layers"`` or family names -> the families, in ``FAMILIES`` order."""
+    names = [sites] if isinstance(sites, str) else list(sites)
+    expanded = {f for n in names for f in SITE_ALIASES.get(n, (n,))}
+    bad = sorted(expanded - set(FAMILIES))
+    if bad:
+        raise ConfigError(f"unknown site family {bad}; expected {', '.join(FAMILIES)} or all, heads, layers")
+    return tuple(f for f in FAMILIES if f in expanded)
+
+
+def make_cells(families: Sequence[str], layers: Sequence[int], adapter, positions: Sequence[str]) -> list[tuple[dict, list]]:
+    """(cell description, [site]) for every family x layer (x head) x position. ``embed`` (the residual stream
+    before layer 0) is labelled layer -1; ``k`` and ``v`` cells are per key/value head, and name the query heads
+    that share it (``query_heads``, a group under grouped-query attention)."""
+    cells = []
+    for family in families:
+        heads = {"head": range(adapter.n_heads), "q": range(adapter.n_heads), "k": range(adapter.n_kv_heads),
+                 "v": range(adapter.n_kv_heads)}.get(family, [None])
+        for L in ([-1] if family == "embed" else layers):
+            for h in heads:
+                for name in positions:
+                    site = MAKE[family](L, h, None if name == "all" else name)
+                    cell = {"experiment": family, "layer": L, "head": h, "position": name}
+                    if family in ("k", "v"):
+                        cell["query_heads"] = ",".join(map(str, site.kv_group(adapter)))
+                    cells.append((cell, [site]))
+    return cells
+
+
+def choose_positions(batch: PairBatch, asked: Sequence[str] | None) -> tuple[str, ...]:
+    """The positions to patch: ``asked`` (checked against the batch), or every named position and END."""
+    if asked is None:
+        return tuple(batch.positions)
+    missing = [p for p in asked if p != "all" and p not in batch.positions]
+    if missing:
+        raise ConfigError(f"position(s) {missing} are not defined for every pair; available: "
+                          f"{', '.join(batch.positions)}, or all. Add them to each pair's \"positions\".")
+    if "all" in asked and batch.unequal_rows():
+        i = batch.unequal_rows()[0]
+        raise DataError(f"position 'all' needs donor and recipient of equal token length, but pair {i} "
+                        f"({batch.pairs[i].recipient!r}) is {int(batch.lengths()[i])} tokens and its donor "
+                        f"{int(batch.lengths('donor')[i])}; patch at named positions and END instead.")
+    return tuple(dict.fromkeys(asked))
+
+
+def _part(lm: LoadedModel, part: PairBatch, cells: list, metric: str, layers: list[int], budget: int, bar) -> dict:
+    """One chunk of pairs: recipient and donor runs, the sweep's per-pair scores, and the checks."""
+    variants = [sites for _, sites in cells]
+    checked = sorted({layers[0], layers[len(layers) // 2], layers[-1]})
+    own = [s(L) for L in checked for s in (HeadSite, HiddenSite, AttnOutSite)]  # what the checks read
+    own.append(HiddenSite(lm.adapter.n_layers - 1))  # pairs of different lengths: the last layer's END reproduces the donor
+    rec_cache, rec_logits = capture(lm, part.recipient_ids, part, own)
+    don_cache, don_logits = capture(lm, part.donor_ids, part, own + [v[0] for v in variants])
+    answers, wrong = part.answers()
+    rec_f = rec_logits.float()
+    score = lambda lg: task_scores(metric, lg, answers, wrong, rec_f)  # noqa: E731
+    sweep = patch_variants(lm, part, don_cache, variants, reduce=score, donor_from_batch=True, budget=budget, bar=bar)
+    checks = run_sanity_checks(lm, part, rec_cache, don_cache, rec_logits, don_logits, checked)
+    checks.append(check_fast_path(lm, part, don_cache, variants, sweep[metric],
+                                  score=lambda lg: score(lg)[metric], name=metric))
+    return {"rec": {k: v.cpu() for k, v in score(rec_logits).items()},
+            "don": {k: v.cpu() for k, v in score(don_logits).items()}, "sweep": sweep, "checks": checks}
+
+
+def _rows(cells: list, sweep: dict, rec: dict, don: dict, metric: str, n_layers: int) -> list[dict]:
+    r, d = float(rec[metric].mean()), float(don[metric].mean())
+    delta = "delta_logit_diff" if metric == "logit_diff" else f"delta_{metric}"
+    rows = []
+    for k, (cell, _) in enumerate(cells):
+        v = sweep[metric][k]
+        row = {**cell, "depth": max(cell["layer"], 0) / n_layers, metric: float(v.mean()), delta: float(v.mean()) - r,
+               "normalised_effect": float(normalised_effect(float(v.mean()), r, d)), "n_pairs": int(v.numel())}
+        if "logit_diff" in sweep:
+            ld = sweep["logit_diff"][k]
+            row.update(logit_diff=float(ld.mean()), flip_rate=float((ld * rec["logit_diff"] < 0).float().mean()),
+                       p_answer=float(sweep["p_answer"][k].mean()), p_wrong=float(sweep["p_wrong"][k].mean()))
+        rows.append(row)
+    return rows
+
+
+def _pairs_for(cfg: PairsConfig, lm: LoadedModel, pairs: Sequence[PromptPair] | None) -> tuple[PairBatch, str]:
+    task = get_task(cfg.task)
+    if pairs is None and cfg.task == "pairs":
+        pairs = load_pairs_file(cfg.pairs_file, require_answers=cfg.metric != "kl")
+    if pairs is None:
+        if task.generate is None:
+            raise ConfigError(f"task {cfg.task!r} generates no pairs; pass a pairs file (--pairs-file).")
+        design = cfg.design or task.designs[0]
+        if design not in task.designs:
+            raise ConfigError(f"design must be one of {', '.join(task.designs)} for task {cfg.task!r}, got {design!r}")
+        pairs = task.generate(lm.tokenizer, cfg.n_pairs, (design,), cfg.seed)[design]
+    if task.tokenize is not None and cfg.task != "pairs":
+        return task.tokenize(lm.tokenizer, pairs), cfg.design or task.designs[0]
+    from ..engine.batch import tokenize_pairs
+    return tokenize_pairs(lm.tokenizer, pairs, require_answers=cfg.metric != "kl"), "file"
+
+
+def run_pairs(config: PairsConfig | None = None, *, lm: LoadedModel | None = None,
+              pairs: Sequence[PromptPair] | None = None, **overrides) -> PairsResult:
+    """Run a contrastive task's sweep and checks, and return a ``PairsResult`` (nothing is written to disk).
+
+    ``pairs`` replaces the pairs file; keyword overrides replace fields of ``config``.
+
+    Example::
+
+        result = run_pairs(pairs_file="facts.jsonl", positions=("subject", "END"), metric="logprob")
+        result.passed, result.to_dataframe().head()
+    """
+    cfg = replace(config or PairsConfig(), **overrides)
+    if pairs is not None and cfg.task == "pairs":
+        cfg = replace(cfg, pairs_file=cfg.pairs_file or "<python>")
+    cfg.validate()
+    if lm is None:
+        lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    batch, design = _pairs_for(cfg, lm, pairs)
+    a = lm.adapter
+    layers = list(range(a.n_layers)) if cfg.layers is None else sorted(set(cfg.layers))
+    if not layers or any(not isinstance(L, int) or not 0 <= L < a.n_layers for L in layers):
+        raise ConfigError(f"layers must be ints in [0, {a.n_layers - 1}] for this model, got {cfg.layers!r}")
+    positions = choose_positions(batch, cfg.positions)
+    cells = make_cells(cfg.sites, layers, a, positions)
+    hooks_before = count_hooks(lm.model)
+    budget = memory_budget(lm, cfg.max_memory)
+    parts = batch.chunks(pair_chunk(lm, max(batch.recipient_ids.shape[1], batch.donor_ids.shape[1]), budget))
+    disable = {True: False, None: None, False: True}[cfg.progress]
+    done = []
+    with tqdm(total=len(cells) * len(parts), desc=cfg.task, unit="patch", disable=disable, dynamic_ncols=True) as bar:
+        for part in parts:
+            done.append(_part(lm, part, cells, cfg.metric, layers, budget, bar))
+            release_memory()
+    rec, don = concat_scores([d["rec"] for d in done]), concat_scores([d["don"] for d in done])
+    sweep = concat_scores([d["sweep"] for d in done])  # (K, N) per key
+    checks = pool_checks([d["checks"] for d in done]) + [check_no_hooks_left(lm, hooks_before)]
+    baseline = {side: {f"mean_{k}": float(v.mean()) for k, v in s.items()} for side, s in (("recipient", rec), ("donor", don))}
+    baseline["n_pairs"] = len(batch)
+    record = {**asdict(cfg), "model": lm.info.get("spec", cfg.model), "design": design, "positions": list(positions),
+              "memory_budget": budget}
+    return PairsResult(
+        config=record, model=dict(lm.info), environment=environment(), baseline=baseline,
+        cells=[{"task": cfg.task, "metric": cfg.metric, **row} for row in _rows(cells, sweep, rec, don, cfg.metric, a.n_layers)],
+        sanity={c.name: c.to_dict() for c in checks}, n_layers=a.n_layers, n_heads=a.n_heads, layers=layers,
+        pairs=[asdict(p) for p in batch.pairs],
+    )
+
+
+def patch(model, pairs: Sequence[PromptPair] | Sequence[dict] | str | Path, *, sites: str | Sequence[str] = "all",
+          positions: Sequence[str] | None = None, metric: str = "logit_diff", layers: Sequence[int] | None = None,
+          progress: bool | None = False) -> pd.DataFrame:
+    """Patch donor into recipient at every site family x layer (x head) x position; one row per cell.
+
+    ``model``: a ``LoadedModel`` (``load_model``, ``wrap_model``) or a model spec. ``pairs``: ``PromptPair``s, dicts with the pairs-file fields, or a JSONL path.
+    The run's sanity checks must pass, or ``SanityCheckError`` says which failed.
+
+    Example::
+
+        df = actpatch.patch(lm, "facts.jsonl", sites="heads", positions=["subject", "END"], metric="kl")
+    """
+    from ..errors import SanityCheckError
+    from ..engine.pairs import pair_from_dict
+
+    if isinstance(model, str):
+        model = load_model(model)
+    if not isinstance(model, LoadedModel):
+        raise ConfigError(f"model must be a LoadedModel or a model spec (load_model's), got {type(model).__name__}; "
+                          "wrap a HuggingFace model first: wrap_model(model, tokenizer).")
+    if isinstance(pairs, (str, Path)):
+        pairs = load_pairs_file(pairs, require_answers=metric != "kl")
+    pairs = [p if isinstance(p, PromptPair) else pair_from_dict(p, i) for i, p in enumerate(pairs)]
+    result = run_pairs(lm=model, pairs=pairs, sites=site_families(sites), positions=None if positions is None else
+                       tuple(positions), metric=metric, layers=None if layers is None else tuple(layers), progress=progress)
+    if not result.passed:
+        failed = [f"{n}: {c['detail']}" for n, c in result.sanity.items() if not c["passed"]]
+        raise SanityCheckError("a sanity check failed, so these numbers cannot be trusted: " + "; ".join(failed))
+    return result.to_dataframe()

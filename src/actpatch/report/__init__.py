@@ -1,0 +1,1 @@
+"""What a run writes: plots, the Markdown and HTML reports, the output folder (plotting only reads results)."""

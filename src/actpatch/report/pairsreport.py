@@ -1,0 +1,152 @@
+"""Figures and reports of a contrastive-task run (``PairsResult``): they only read the result.
+
+    fig = plot_pair_layers(result)        # the headline: hidden state vs all heads per layer, one panel per position
+    fig = plot_pair_heads(result)         # single heads: (layer, head) heatmaps of the metric's change per position
+    text = render_pairs_md(result, ["layers.png", "heads.png"]); page = render_pairs_html(result, images)
+
+Both reports open with the headline figure, then what it shows in words, then the tables.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from ..experiment.pairsresult import PairsResult  # noqa: E402
+
+LABELS = {"hidden": "hidden state (block output)", "all_heads": "all heads of the layer", "attn": "attention output",
+          "mlp": "MLP output"}
+COLOURS = {"hidden": "tab:blue", "all_heads": "tab:red", "attn": "tab:orange", "mlp": "tab:green"}
+
+
+def _positions(result: PairsResult) -> list[str]:
+    return list(result.config.get("positions") or dict.fromkeys(c["position"] for c in result.cells))
+
+
+def plot_pair_layers(result: PairsResult) -> plt.Figure:
+    """One panel per position: the metric after patching each layer's hidden state, all heads, attn or MLP output."""
+    df, positions = result.to_dataframe(), _positions(result)
+    fig, axes = plt.subplots(1, len(positions), figsize=(5.2 * len(positions), 4.2), squeeze=False, sharey=True)
+    rec, don = result.baseline["recipient"][f"mean_{result.metric}"], result.baseline["donor"][f"mean_{result.metric}"]
+    for ax, pos in zip(axes[0], positions):
+        for family, label in LABELS.items():
+            kinds = ("embed", "hidden") if family == "hidden" else (family,)  # embeddings: layer -1 of the residual
+            sel = df[df.experiment.isin(kinds) & (df.position == pos)].sort_values("layer")
+            if len(sel):
+                ax.plot(sel.layer, sel[result.metric], marker="o", color=COLOURS[family], label=label)
+        ax.axhline(rec, color="grey", ls=":", label="recipient (unpatched)")
+        ax.axhline(don, color="black", ls="--", label="donor")
+        ax.set_title(f"patched at {pos}", fontsize=10)
+        ax.set_xlabel("layer (-1: the embeddings)" if (df.experiment == "embed").any() else "layer")
+    axes[0][0].set_ylabel(result.metric)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{result.config.get('task')}: hidden states vs attention heads ({result.baseline['n_pairs']} pairs)",
+                 fontsize=11)
+    return fig
+
+
+def plot_pair_heads(result: PairsResult) -> plt.Figure:
+    """One (layer, head) heatmap per position of the metric's change when that single head is patched."""
+    positions = [p for p in _positions(result) if len(result.head_grid(p))]
+    grids = [result.head_grid(p).reindex(index=result.layers, columns=range(result.n_heads)).to_numpy(float)
+             for p in positions]
+    lim = float(np.nanmax(np.abs(np.stack(grids)))) if grids and np.isfinite(np.stack(grids)).any() else 1.0
+    fig, axes = plt.subplots(1, len(positions), figsize=(0.25 * result.n_heads * len(positions) + 3,
+                                                          0.22 * len(result.layers) + 2), squeeze=False, sharey=True)
+    for ax, grid, pos in zip(axes[0], grids, positions):
+        im = ax.imshow(grid, cmap="RdBu", vmin=-lim, vmax=lim or 1.0, aspect="auto")
+        ax.set_title(pos, fontsize=9)
+        ax.set_xlabel("head")
+    axes[0][0].set_yticks(range(len(result.layers)), [str(L) for L in result.layers], fontsize=7)
+    axes[0][0].set_ylabel("layer")
+    fig.colorbar(im, ax=list(axes[0]), label=result.delta)
+    return fig
+
+
+def findings(result: PairsResult) -> list[str]:
+    """What the run shows, in sentences: per position, where hidden states and all heads move the metric most."""
+    df, lines = result.to_dataframe(), []
+    for pos in _positions(result):
+        parts = []
+        for family in ("hidden", "all_heads"):
+            sel = df[(df.experiment == family) & (df.position == pos)]
+            if len(sel):
+                best = sel.loc[sel.normalised_effect.abs().idxmax()]
+                parts.append(f"{LABELS[family]} peaks at layer {int(best.layer)} (normalised effect "
+                             f"{best.normalised_effect:.2f}, {result.delta} {best[result.delta]:+.3g})")
+        heads = df[(df.experiment == "head") & (df.position == pos)]
+        if len(heads):
+            top = heads.reindex(heads[result.delta].abs().sort_values(ascending=False).index).head(3)
+            parts.append("top single heads " + ", ".join(f"L{int(r['layer'])}H{int(r['head'])} ({r[result.delta]:+.3g})"
+                                                         for _, r in top.iterrows()))
+        lines.append(f"At {pos}: " + "; ".join(parts) + ".")
+    return lines
+
+
+def _tables(result: PairsResult) -> dict[str, pd.DataFrame]:
+    sanity = pd.DataFrame([{"check": n, "passed": c["passed"], "detail": c["detail"]} for n, c in result.sanity.items()])
+    baseline = pd.DataFrame([{"prompts": side, **vals} for side, vals in result.baseline.items() if isinstance(vals, dict)])
+    layers = result.layer_table()
+    layers.columns = [f"{LABELS.get(e, e)}, {p}" for e, p in layers.columns]
+    return {"sanity checks": sanity, "baseline": baseline, f"{result.metric} after patching each layer": layers.reset_index()}
+
+
+def render_pairs_md(result: PairsResult, plots: list[str]) -> str:
+    """report.md: the headline figure, the findings, the tables, the command."""
+    status = "all sanity checks passed" if result.passed else "SANITY CHECKS FAILED: do not trust these numbers"
+    lines = [f"# actpatch: {result.config.get('task')} on {result.model.get('model_id')}", "",
+             f"Metric `{result.metric}`, {result.baseline['n_pairs']} pairs; {status}.", ""]
+    lines += [f"![{name}]({name})" for name in plots] + [""] + [f"- {x}" for x in findings(result)] + [""]
+    for title, table in _tables(result).items():
+        lines += [f"## {title.capitalize()}", "", table.to_markdown(index=False, floatfmt=".4g"), ""]
+    lines += ["## Reproduce", "", "```", str(result.config.get("command") or "actpatch.run_pairs(...)"), "```", ""]
+    return "\n".join(lines)
+
+
+def render_pairs_html(result: PairsResult, images: dict[str, bytes]) -> str:
+    """report.html, self-contained: the headline figure first, then findings, tables, the other plots, the config."""
+    ok = result.passed
+    title = f"actpatch: {result.config.get('task')} on {result.model.get('model_id')}"
+
+    def figure(name: str) -> str:
+        b64 = base64.b64encode(images[name]).decode("ascii")
+        return f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{b64}"></figure>'
+
+    body = [f"<h1>{html.escape(title)}</h1>"]
+    if "layers.png" in images:
+        body.append(figure("layers.png"))
+    body.append(f'<p>Metric <code>{html.escape(result.metric)}</code>, {result.baseline["n_pairs"]} pairs. Sanity checks: '
+                f'<strong id="status" class="status-{"pass" if ok else "fail"}">{"passed" if ok else "FAILED"}</strong></p>')
+    body.append("<ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in findings(result)) + "</ul>")
+    for name, table in _tables(result).items():
+        body += [f"<h2>{html.escape(name.capitalize())}</h2>", table.to_html(index=False, float_format=lambda x: f"{x:.4g}")]
+    body += [figure(n) for n in images if n != "layers.png"]
+    body += ["<h2>Reproduce</h2>", f'<pre id="command">{html.escape(str(result.config.get("command")))}</pre>',
+             "<pre>" + html.escape(json.dumps({"config": result.config, "model": result.model,
+                                                 "environment": result.environment}, indent=2, default=str)) + "</pre>"]
+    style = "body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px} img{max-width:100%} " \
+            "table{border-collapse:collapse;font-size:.85em} td,th{border:1px solid #ccc;padding:2px 6px}"
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{style}</style></head><body>" + "\n".join(body) + "</body></html>\n")
+
+
+def save_pair_plots(result: PairsResult, out) -> list[str]:
+    """Write layers.png (and heads.png when single heads were patched) into ``out``; returns the file names."""
+    draw = [("layers.png", plot_pair_layers)]
+    if any(c["experiment"] == "head" for c in result.cells):
+        draw.append(("heads.png", plot_pair_heads))
+    for name, fn in draw:
+        fig = fn(result)
+        try:
+            fig.savefig(out / name, dpi=110, bbox_inches="tight")
+        finally:
+            plt.close(fig)
+    return [name for name, _ in draw]
