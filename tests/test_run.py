@@ -120,3 +120,14 @@ def test_patch_one_call_with_kl_and_no_answers(tiny_lm):
     assert (df.kl > -1e-6).all() and df.kl.max() > 1e-6  # KL >= 0 up to float noise, and the patches do something
     with pytest.raises(actpatch.DataError, match=r"expected an answer and a wrong token.*no answers \(kl\)"):
         actpatch.patch(tiny_lm, pairs, sites="hidden", metric="logit_diff", layers=[0])
+
+
+def test_max_batch_reaches_the_sweep(tiny_lm, monkeypatch):
+    """`--max-batch` / PairsConfig.max_rows caps the rows of the sweep's forward passes (it was once dropped)."""
+    from actpatch.experiment import contrast
+
+    seen, original = [], contrast.patch_variants
+    monkeypatch.setattr(contrast, "patch_variants", lambda *a, **kw: seen.append(kw["max_rows"]) or original(*a, **kw))
+    actpatch.run_pairs(lm=tiny_lm, pairs=[actpatch.engine.pairs.pair_from_dict(p) for p in PAIRS], sites=("hidden",),
+                       layers=(0,), positions=("END",), max_rows=3, progress=False)
+    assert seen == [3]

@@ -23,16 +23,16 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..engine.batch import PairBatch
+from ..engine.batch import PairBatch, tokenize_pairs
 from ..engine.capture import capture
 from ..engine.hooks import count_hooks
 from ..engine.metrics import TASK_METRICS, normalised_effect, task_scores
-from ..engine.pairs import PromptPair, load_pairs_file
+from ..engine.pairs import PromptPair, load_pairs_file, pair_from_dict
 from ..engine.patching import patch_variants
 from ..engine.planning import memory_budget, pair_chunk, release_memory
 from ..engine.sanity import check_fast_path, check_no_hooks_left, run_sanity_checks
 from ..engine.sites import AttnOutSite, EmbedSite, HeadSite, HiddenSite, MlpOutSite, QKVSite
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, SanityCheckError
 from ..model.models import DEFAULT_MODEL, LoadedModel, load_model
 from ..tasks.registry import get_task
 from .config import environment
@@ -133,7 +133,8 @@ def choose_positions(batch: PairBatch, asked: Sequence[str] | None) -> tuple[str
     return tuple(dict.fromkeys(asked))
 
 
-def _part(lm: LoadedModel, part: PairBatch, cells: list, metric: str, layers: list[int], budget: int, bar) -> dict:
+def _part(lm: LoadedModel, part: PairBatch, cells: list, metric: str, layers: list[int], budget: int, bar,
+          max_rows: int | None = None) -> dict:
     """One chunk of pairs: recipient and donor runs, the sweep's per-pair scores, and the checks."""
     variants = [sites for _, sites in cells]
     checked = sorted({layers[0], layers[len(layers) // 2], layers[-1]})
@@ -144,7 +145,8 @@ def _part(lm: LoadedModel, part: PairBatch, cells: list, metric: str, layers: li
     answers, wrong = part.answers()
     rec_f = rec_logits.float()
     score = lambda lg: task_scores(metric, lg, answers, wrong, rec_f)  # noqa: E731
-    sweep = patch_variants(lm, part, don_cache, variants, reduce=score, donor_from_batch=True, budget=budget, bar=bar)
+    sweep = patch_variants(lm, part, don_cache, variants, reduce=score, donor_from_batch=True, budget=budget, bar=bar,
+                           max_rows=max_rows)
     checks = run_sanity_checks(lm, part, rec_cache, don_cache, rec_logits, don_logits, checked)
     checks.append(check_fast_path(lm, part, don_cache, variants, sweep[metric],
                                   score=lambda lg: score(lg)[metric], name=metric))
@@ -181,7 +183,6 @@ def _pairs_for(cfg: PairsConfig, lm: LoadedModel, pairs: Sequence[PromptPair] | 
         pairs = task.generate(lm.tokenizer, cfg.n_pairs, (design,), cfg.seed)[design]
     if task.tokenize is not None and cfg.task != "pairs":
         return task.tokenize(lm.tokenizer, pairs), cfg.design or task.designs[0]
-    from ..engine.batch import tokenize_pairs
     return tokenize_pairs(lm.tokenizer, pairs, require_answers=cfg.metric != "kl"), "file"
 
 
@@ -216,7 +217,7 @@ def run_pairs(config: PairsConfig | None = None, *, lm: LoadedModel | None = Non
     done = []
     with tqdm(total=len(cells) * len(parts), desc=cfg.task, unit="patch", disable=disable, dynamic_ncols=True) as bar:
         for part in parts:
-            done.append(_part(lm, part, cells, cfg.metric, layers, budget, bar))
+            done.append(_part(lm, part, cells, cfg.metric, layers, budget, bar, cfg.max_rows))
             release_memory()
     rec, don = concat_scores([d["rec"] for d in done]), concat_scores([d["don"] for d in done])
     sweep = concat_scores([d["sweep"] for d in done])  # (K, N) per key
@@ -245,9 +246,6 @@ def patch(model, pairs: Sequence[PromptPair] | Sequence[dict] | str | Path, *, s
 
         df = actpatch.patch(lm, "facts.jsonl", sites="heads", positions=["subject", "END"], metric="kl")
     """
-    from ..errors import SanityCheckError
-    from ..engine.pairs import pair_from_dict
-
     if isinstance(model, str):
         model = load_model(model)
     if not isinstance(model, LoadedModel):

@@ -199,4 +199,4 @@ def denoising(pairs: Sequence[PromptPair]) -> list[PromptPair]:
 
 register(Task("ioi", "indirect object identification (Wang et al. 2022)",
               generate=lambda tok, n, designs, seed: generate_pairs(tok, n, designs=designs, seed=seed),
-              tokenize=lambda tok, pairs: tokenize_ioi(tok, pairs), designs=DESIGNS, positions=POSITION_NAMES))
+              tokenize=tokenize_ioi, designs=DESIGNS, positions=POSITION_NAMES))
