@@ -104,3 +104,31 @@ def gpt2_dir(tmp_path_factory, gpt2_tokenizer):
     tiny_model("gpt2").save_pretrained(folder)
     gpt2_tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def lm():
+    """The bundled SmolLM2-135M on CPU, run on one thread while this module's tests use it (restored after): on a
+    shared machine with few cores, more threads contend and each forward pass is several times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        from actpatch import load_model
+
+        yield load_model("smollm2-135m", device="cpu")
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def bos_tokenizer(gpt2_tokenizer, tmp_path_factory):
+    """GPT-2's tokenizer, but adding a BOS token (<|endoftext|>) in front of every prompt."""
+    from transformers import GPT2TokenizerFast
+
+    folder = tmp_path_factory.mktemp("gpt2-bos")
+    gpt2_tokenizer.save_pretrained(folder)
+    tok = GPT2TokenizerFast.from_pretrained(str(folder), add_bos_token=True)
+    assert tok("Hello")["input_ids"][0] == tok.bos_token_id
+    return tok

@@ -20,12 +20,16 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TESTS = ["tests/test_set_metrics.py", "tests/test_trust.py", "tests/test_checks.py", "tests/test_engine.py", "tests/test_contrast.py", "tests/test_run.py",
+TESTS = ["tests/test_set_metrics.py", "tests/test_trust.py", "tests/test_checks.py", "tests/test_engine.py", "tests/test_contrast.py", "tests/test_noise.py", "tests/test_run.py",
          "tests/test_attribution.py", "tests/test_scale.py", "tests/test_analysis.py",
          "tests/test_experiment.py", "tests/test_ioi.py"]
 
 # name: (file under src/actpatch, the exact text, its replacement, what the bug is)
 MUTANTS = {
+    "noise_prefix": ("engine/planning.py", "        same &= ~batch.noise_mask[:, :w]", "        pass",
+                     "prefix reuse skips the noised donor tokens (they look shared: the same ids)"),
+    "noise_dropped": ("engine/capture.py", '    noise = noise_hook(lm, batch) if side == "donor" else None',
+                      "    noise = None", "the noised donor runs without its noise"),
     "head_shift": ("engine/patching.py", "view[j, :, : part.shape[1], cols] = part[:, :, cols]",
                    "view[j, :, : part.shape[1], (cols + 1) % view.shape[-1]] = part[:, :, cols]",
                    "wrong feature columns (all positions)"),

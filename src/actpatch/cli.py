@@ -36,6 +36,7 @@ from .engine.distributed import init_from_env, local_device, world
 from .engine.metrics import TASK_METRICS
 from .errors import ActpatchError, ConfigError
 from .experiment.compare import plot_compare, render_compare, run_compare
+from .experiment.taskcompare import plot_task_compare, render_task_compare, run_task_compare, task_summary
 from .experiment.config import DIRECTIONS, METHODS, IOIConfig
 from .experiment.contrast import PairsConfig, run_pairs, site_families
 from .experiment.experiments import plan_ioi, run_ioi
@@ -58,13 +59,18 @@ def memory_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
-def _add_run_options(p: argparse.ArgumentParser, out: str, n_pairs: int) -> None:
-    """The options ``ioi`` and ``compare`` share: pairs, donors, output folder, device, dtype, verbosity."""
+def _add_run_options(p: argparse.ArgumentParser, out: str, n_pairs: int, designs: tuple | None = DESIGNS) -> None:
+    """The options ``ioi``, ``run`` and ``compare`` share: pairs, donors, output folder, device, dtype, verbosity."""
     p.add_argument("--n-pairs", type=int, default=n_pairs, metavar="N",
                    help=f"generated prompt pairs per design (default: {n_pairs})")
-    p.add_argument("--donor", nargs="+", choices=DESIGNS, default=["swap", "abc"], metavar="DESIGN",
-                   help="donor designs: swap (IO<->S), abc (three fresh names), s2io (S2 replaced by IO); "
-                   "default: swap abc")
+    if designs is None:  # run: the task checks its own designs
+        p.add_argument("--donor", nargs=1, default=None, metavar="DESIGN",
+                       help="the task's donor design (default: its first): ioi swap|abc|s2io, facts subject|noise, "
+                       "greater-than 01, sva number, induction fresh")
+    else:
+        p.add_argument("--donor", nargs="+", choices=designs, default=["swap", "abc"], metavar="DESIGN",
+                       help="donor designs: swap (IO<->S), abc (three fresh names), s2io (S2 replaced by IO); "
+                       "default: swap abc")
     p.add_argument("--seed", type=int, default=0, help="seed of the pair generator's own RNG (default: 0)")
     p.add_argument("--out", default=out, metavar="DIR", help=f"output folder (default: {out})")
     p.add_argument("--overwrite", action="store_true", help="allow writing into an existing non-empty --out folder")
@@ -142,23 +148,25 @@ def build_parser() -> argparse.ArgumentParser:
         "`actpatch run ioi ...` is `actpatch ioi ...` (the same options).",
     )
     run.add_argument("task", nargs="?", default="pairs", metavar="TASK",
-                     help="a registered task (ioi, ...), or leave it out and give --pairs-file (default: pairs)")
+                     help="a registered task (ioi, facts, greater-than, sva, induction), or leave it out and give "
+                     "--pairs-file (default: pairs)")
     run.add_argument("--pairs-file", metavar="FILE", help="JSONL of your pairs (see above)")
     run.add_argument("--model", default=DEFAULT_MODEL, metavar="SPEC", help=f"model spec as for ioi (default: {DEFAULT_MODEL})")
     run.add_argument("--positions", nargs="+", metavar="NAME",
                      help="positions to patch at: names from the pairs' positions, END, or all (equal lengths only); "
                      "default: every named position and END")
-    run.add_argument("--metric", choices=TASK_METRICS, default="logit_diff",
-                     help="logit_diff (default; logsumexp over answer sets), prob_diff (P(answer set) - P(wrong set)), "
+    run.add_argument("--metric", choices=TASK_METRICS, default=None,
+                     help="the task's metric by default (logit_diff for a pairs file): logit_diff (logsumexp over answer sets), prob_diff (P(answer set) - P(wrong set)), "
                      "logprob (log P(answer set)), kl (KL from the unpatched recipient's next-token distribution; needs "
                      "no answers)")
-    run.add_argument("--sites", nargs="+", default=["all"], metavar="FAMILY",
-                     help="hidden, all_heads, head, attn, mlp, or all (= hidden all_heads head), heads (= all_heads "
-                     "head), layers (= hidden all_heads); default: all")
+    run.add_argument("--sites", nargs="+", default=None, metavar="FAMILY",
+                     help="hidden, all_heads, head, attn, mlp, embed, q, k, v, or all (= hidden all_heads head), heads "
+                     "(= all_heads head), layers (= hidden all_heads); default: the task's (all for a pairs file; facts "
+                     "adds attn and mlp)")
     run.add_argument("--layers", type=int, nargs="+", metavar="L", help="patch only these layers (default: all)")
     run.add_argument("--trust-remote-code", action="store_true", help="as for ioi")
     run.add_argument("--max-batch", type=int, metavar="ROWS", help="max rows per forward pass (default: automatic)")
-    _add_run_options(run, out="runs/pairs", n_pairs=16)
+    _add_run_options(run, out="runs/pairs", n_pairs=16, designs=None)
 
     cmp = sub.add_parser(
         "compare", help="run the IOI experiment on several models and compare them on a shared depth axis",
@@ -166,7 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
         "or GGUF model): each model gets the full ioi run in DIR/model-<i>/; DIR/compare.md, compare.png and "
         "compare.json put them side by side with depth = layer / n_layers.",
     )
-    cmp.add_argument("--models", nargs="+", required=True, metavar="SPEC", help="two or more model specs (as --model)")
+    cmp.add_argument("--models", nargs="+", metavar="SPEC", help="two or more model specs (as --model)")
+    cmp.add_argument("--tasks", nargs="+", metavar="TASK",
+                     help="instead of --models: one model, several tasks (ioi facts greater-than sva induction); each "
+                     "runs hidden-state and all-heads patching at its named positions, and DIR/compare.md, compare.csv, "
+                     "compare.png and compare.json say per task whether heads only nudge")
+    cmp.add_argument("--model", default=DEFAULT_MODEL, metavar="SPEC", help="with --tasks: the model (default: %(default)s)")
     _add_run_options(cmp, out="runs/compare", n_pairs=16)
     cmp.add_argument("--head-sweep", action="store_true", help="also run every model's single-head sweep (slower)")
 
@@ -283,14 +296,14 @@ def _finish(result, out: Path, plots: list[str], quiet: bool) -> int:
 def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.task != "pairs" and args.pairs_file is not None:
         raise ConfigError(f"give a task ({args.task!r}) or a pairs file (--pairs-file), not both")
-    if args.task != "pairs" and len(args.donor) > 1:
-        raise ConfigError(f"actpatch run {args.task} takes one donor design (--donor), got {args.donor}")
+    if args.task == "pairs" and args.donor:
+        raise ConfigError(f"--donor picks a registered task's donor design; a pairs file has its own donors, got {args.donor}")
     out = Path(args.out)
     created = prepare_out(out, args.overwrite, resume=False)
     cfg = PairsConfig(model=args.model, task=args.task, pairs_file=args.pairs_file, n_pairs=args.n_pairs,
-                      design=args.donor[0] if args.task != "pairs" and args.donor != ["swap", "abc"] else None,
+                      design=args.donor[0] if args.donor else None,
                       seed=args.seed, positions=tuple(args.positions) if args.positions else None, metric=args.metric,
-                      sites=site_families(args.sites), layers=tuple(args.layers) if args.layers else None,
+                      sites=site_families(args.sites) if args.sites else None, layers=tuple(args.layers) if args.layers else None,
                       device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
                       max_memory=args.max_memory, max_rows=args.max_batch, progress=False if args.quiet else None,
                       command=shlex.join(["actpatch", *argv]))
@@ -309,7 +322,50 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
     return _finish(result, out, plots, args.quiet)
 
 
+def cmd_compare_tasks(args: argparse.Namespace, argv: list[str]) -> int:
+    out = Path(args.out)
+    created = prepare_out(out, args.overwrite, resume=False)
+    cfg = PairsConfig(model=args.model, n_pairs=args.n_pairs, seed=args.seed, device=args.device, dtype=args.dtype,
+                      max_memory=args.max_memory, progress=False if args.quiet else None,
+                      command=shlex.join(["actpatch", *argv]))
+
+    def save(i: int, result) -> None:
+        folder = out / f"task-{i + 1}"  # numbered: no path is built from user input
+        folder.mkdir(exist_ok=True)
+        write_outputs(result, folder)
+        if not args.quiet:
+            print(f"{args.tasks[i]}: sanity {'passed' if result.passed else 'FAILED'}; wrote {folder}")
+
+    try:
+        results = run_task_compare(args.tasks, cfg, on_result=save)
+        table = task_summary(results)
+        fig = plot_task_compare(results)
+        try:
+            fig.savefig(out / "compare.png", dpi=120, bbox_inches="tight")
+        finally:
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
+        table.to_csv(out / "compare.csv", index=False)
+        (out / "compare.md").write_text(render_task_compare(results), encoding="utf-8")
+        (out / "compare.json").write_text(json.dumps({
+            "tasks": [{"folder": f"task-{i + 1}", **row} for i, row in enumerate(table.to_dict("records"))],
+            "model": results[0].model, "command": cfg.command}, indent=2, default=str) + "\n", encoding="utf-8")
+    except BaseException:
+        discard(out, created)
+        raise
+    if not args.quiet:
+        print(table[["task", "heads_only_nudge", "hidden_first_flip", "all_heads_flip_layers"]].to_string(index=False))
+        print(f"wrote {out}/compare.md, compare.csv, compare.png, compare.json")
+    return 0 if all(r.passed for r in results) else 1
+
+
 def cmd_compare(args: argparse.Namespace, argv: list[str]) -> int:
+    if (args.models is None) == (args.tasks is None):
+        raise ConfigError("compare needs --models SPEC SPEC ... (IOI on several models) or --tasks TASK ... (several "
+                          "tasks on one model), one of the two")
+    if args.tasks is not None:
+        return cmd_compare_tasks(args, argv)
     out = Path(args.out)
     created = prepare_out(out, args.overwrite, resume=False)
     cfg = IOIConfig(n_pairs=args.n_pairs, designs=tuple(dict.fromkeys(args.donor)), seed=args.seed, device=args.device,

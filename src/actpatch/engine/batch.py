@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ..errors import DataError, SiteError
@@ -36,7 +36,9 @@ class PairBatch:
 
     ``answer_ids``/``wrong_ids`` (B,) are the first token of each set; ``answer_sets``/``wrong_sets`` (B, K)
     hold the whole sets, padded with -1 (None: the sets are the single tokens). ``donor_mask`` and
-    ``donor_positions`` (None: the recipient's) describe the donor side.
+    ``donor_positions`` (None: the recipient's) describe the donor side. ``noise_mask`` (B, dpos) marks donor tokens
+    whose embeddings get Gaussian noise of ``noise_scale`` x the embeddings' std, seeded per row by ``noise_seed``
+    (None: no pair is noised; ``engine.noise``).
 
     Example::
 
@@ -54,6 +56,9 @@ class PairBatch:
     donor_positions: Mapping[str, Int[Tensor, "batch"]] | None = None
     answer_sets: Int[Tensor, "batch ka"] | None = None
     wrong_sets: Int[Tensor, "batch kw"] | None = None
+    noise_mask: Bool[Tensor, "batch dpos"] | None = None
+    noise_scale: Float[Tensor, "batch"] | None = None
+    noise_seed: Int[Tensor, "batch"] | None = None
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -105,7 +110,7 @@ class PairBatch:
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, Tensor):
-                out[f.name] = donor_fn(v) if f.name in ("donor_ids", "donor_mask") else fn(v)
+                out[f.name] = donor_fn(v) if f.name in ("donor_ids", "donor_mask", "noise_mask") else fn(v)
             elif isinstance(v, Mapping):
                 out[f.name] = MappingProxyType({k: fn(t) for k, t in v.items()})
         return out
@@ -123,6 +128,8 @@ class PairBatch:
         dwidth = int(self.donor_attention_mask.sum(dim=1).max())
         trimmed = replace(self, recipient_ids=self.recipient_ids[:, :width], donor_ids=self.donor_ids[:, :dwidth],
                           attention_mask=self.attention_mask[:, :width])
+        if self.noise_mask is not None:
+            trimmed = replace(trimmed, noise_mask=self.noise_mask[:, :dwidth])
         return trimmed if self.donor_mask is None else replace(trimmed, donor_mask=self.donor_mask[:, :dwidth])
 
     def chunks(self, size: int) -> list[PairBatch]:
@@ -152,6 +159,20 @@ def _token_set(tokenizer, texts: tuple[str, ...], what: str, i: int, pair: Promp
                             f"{pieces}; use single-token answers (with their leading space, e.g. ' Mary').")
         ids.append(got[0])
     return ids
+
+
+def substring_span(tokenizer, prompt: str, substring: str) -> tuple[int, int]:
+    """(first, last): the tokens holding the first and the last character of ``substring``'s first occurrence.
+
+    Example::
+
+        substring_span(tok, "The Eiffel Tower is in", "Eiffel Tower")  # (" E..." token, " Tower" token)
+    """
+    last = substring_position(tokenizer, prompt, substring)
+    at = prompt.find(substring)
+    offsets = tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]
+    holders = [i for i, (start, end) in enumerate(offsets) if start <= at < end]
+    return (holders[0] if holders else last), last
 
 
 def substring_position(tokenizer, prompt: str, substring: str) -> int:
@@ -259,6 +280,7 @@ def tokenize_pairs(
     answer_sets, _ = _pad([s[0] or [-1] for s in sets], -1)  # (B, Ka), -1 = padding (or no answers)
     wrong_sets, _ = _pad([s[1] or [-1] for s in sets], -1)  # (B, Kw)
     positions, donor_positions = _kept(rec_found, names), _kept(don_found, names)
+    noise = _noise_fields(tokenizer, pairs, donor_ids.shape[1])
     same_mask = attention_mask.shape == donor_mask.shape and torch.equal(attention_mask, donor_mask)
     same_pos = all(torch.equal(positions[n], donor_positions[n]) for n in positions)
     single = answer_sets.shape[1] == 1 and wrong_sets.shape[1] == 1
@@ -268,5 +290,23 @@ def tokenize_pairs(
         positions=MappingProxyType(positions),
         donor_mask=None if same_mask else donor_mask,
         donor_positions=None if same_pos else MappingProxyType(donor_positions),
-        answer_sets=None if single else answer_sets, wrong_sets=None if single else wrong_sets,
+        answer_sets=None if single else answer_sets, wrong_sets=None if single else wrong_sets, **noise,
     )
+
+
+def _noise_fields(tokenizer, pairs: Sequence[PromptPair], width: int) -> dict:
+    """``noise_mask`` (B, width): the donor tokens of each pair's noise span; its scale and seed; {} if none."""
+    if all(p.noise is None for p in pairs):
+        return {}
+    mask = torch.zeros((len(pairs), width), dtype=torch.bool)  # (B, Td)
+    scale, seed = torch.zeros(len(pairs)), torch.zeros(len(pairs), dtype=torch.long)
+    for i, pair in enumerate(pairs):
+        if pair.noise is None:
+            continue
+        span, scale[i], seed[i] = pair.noise
+        try:
+            first, last = substring_span(tokenizer, pair.donor, span)
+        except DataError as err:
+            raise DataError(f"pair {i}, noise span: {err}") from None
+        mask[i, first:last + 1] = True
+    return {"noise_mask": mask, "noise_scale": scale, "noise_seed": seed}

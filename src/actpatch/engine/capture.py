@@ -21,6 +21,7 @@ from ..errors import DataError, NumericalError, SiteError
 from ..model.models import LoadedModel
 from .batch import PairBatch
 from .hooks import hooks
+from .noise import noise_hook
 from .sites import Site
 
 
@@ -158,7 +159,8 @@ def capture(
 ) -> tuple[ActivationCache, Float[Tensor, "batch vocab"]]:
     """One forward pass of ``input_ids`` (donor or recipient rows of ``batch``) that records ``sites``.
 
-    ``batch.donor_ids`` run with the donor's mask and END (``side_of``), so donors may be longer or shorter.
+    ``batch.donor_ids`` run with the donor's mask and END (``side_of``), so donors may be longer or shorter; a
+    noised donor (``batch.noise_mask``) runs with its embedding noise (``engine.noise``).
 
     Whole activations are kept per (kind, layer), whatever the sites' heads and positions, so one
     donor run serves every later patch of that layer.
@@ -176,7 +178,8 @@ def capture(
         raise DataError(f"capture got ids of shape {tuple(input_ids.shape)}, but the batch's {side} prompts are "
                         f"{tuple(mask.shape)}; pass batch.recipient_ids or batch.donor_ids of the same batch.")
     cache = ActivationCache()
-    specs = []
+    noise = noise_hook(lm, batch) if side == "donor" else None
+    specs = [] if noise is None else [noise]  # a noised donor: the noise is added before anything reads
     seen = set()
     for site in sites:
         site.validate(adapter)

@@ -30,6 +30,9 @@ class PromptPair:
     ``answer`` and ``wrong`` are one string or a tuple of strings (a token set), or None where the metric
     needs no answers (KL). ``positions`` holds (name, substring in recipient, substring in donor) triples.
     ``design``, ``template`` and ``order`` say where a generated pair came from ("file" for your own).
+    ``noise`` = (substring of the donor, scale, seed) makes the donor a noised run (causal tracing, Meng et al.
+    2022): Gaussian noise of ``scale`` x the embeddings' standard deviation is added to the embeddings of the
+    substring's tokens, drawn from ``torch.Generator().manual_seed(seed)``.
 
     Example::
 
@@ -45,6 +48,7 @@ class PromptPair:
     template: int | None = None
     order: str | None = None
     positions: tuple[tuple[str, str, str], ...] = ()
+    noise: tuple[str, float, int] | None = None
 
 
 def as_set(value: str | tuple[str, ...] | list[str] | None) -> tuple[str, ...]:
@@ -102,6 +106,17 @@ def _positions(where: str, line_no: int, value) -> tuple[tuple[str, str, str], .
     return tuple(out)
 
 
+def _noise(where: str, line_no: int, value) -> tuple[str, float, int]:
+    """The ``noise`` field: {"span": substring of the donor, "scale": float (default 3), "seed": int (default 0)}."""
+    ok = isinstance(value, dict) and set(value) <= {"span", "scale", "seed"} and "span" in value
+    scale, seed = (value.get("scale", 3.0), value.get("seed", 0)) if ok else (None, None)
+    if not ok or isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0 \
+            or isinstance(seed, bool) or not isinstance(seed, int):
+        raise PairsFileError(where, line_no, f"field 'noise' must be {{\"span\": substring of the donor, \"scale\": "
+                             f"positive number (default 3), \"seed\": int (default 0)}}, got {value!r:.200}")
+    return _text(where, line_no, "noise span", value["span"]), float(scale), seed
+
+
 def _read_text(path: str | PathLike) -> str:
     p, where = Path(path), str(path)
     try:
@@ -134,8 +149,9 @@ def _pair(obj: dict, where: str, line_no: int, require_answers: bool) -> PromptP
             raise PairsFileError(where, line_no, f"missing field {key!r}; every line needs {', '.join(needed)}.")
     answers = {k: _answer(where, line_no, k, obj[k]) if obj.get(k) is not None else None for k in ("answer", "wrong")}
     positions = _positions(where, line_no, obj["positions"]) if "positions" in obj else ()
+    noise = _noise(where, line_no, obj["noise"]) if obj.get("noise") is not None else None
     return PromptPair(_text(where, line_no, "recipient", obj["recipient"]), _text(where, line_no, "donor", obj["donor"]),
-                      answers["answer"], answers["wrong"], positions=positions)
+                      answers["answer"], answers["wrong"], positions=positions, noise=noise)
 
 
 def pair_from_dict(obj: dict, index: int = 0, require_answers: bool = False) -> PromptPair:
@@ -153,7 +169,8 @@ def pair_from_dict(obj: dict, index: int = 0, require_answers: bool = False) -> 
 
 def load_pairs_file(path: str | PathLike, *, require_answers: bool = True) -> list[PromptPair]:
     """Read a JSONL file of pairs: ``recipient``, ``donor``, ``answer`` and ``wrong`` (a string or a list of
-    strings), optional ``positions`` ({name: [substring in recipient, substring in donor]}). Blank lines are
+    strings), optional ``positions`` ({name: [substring in recipient, substring in donor]}) and ``noise`` ({"span": substring of
+    the donor, "scale": 3, "seed": 0}: Gaussian noise on those tokens' embeddings in the donor run). Blank lines are
     skipped and other keys ignored. ``require_answers=False`` lets ``answer`` and ``wrong`` be left out (KL).
 
     Example::

@@ -180,14 +180,17 @@ def variant_start(variant: Sequence[Site], batch: PairBatch, shared: int = 0) ->
 
 
 def shared_prefix(batch: PairBatch) -> int:
-    """Number of leading positions where every donor row has the recipient's tokens.
+    """Number of leading positions where every donor row has the recipient's tokens (and no embedding noise).
 
     Only real tokens count (padding is never shared), and each row's END is always recomputed: a
     control pair (donor == recipient) or a short row must still have its END inside the replay.
     """
     w = min(batch.recipient_ids.shape[1], batch.donor_ids.shape[1])
     real = batch.attention_mask[:, :w].bool() & batch.donor_attention_mask[:, :w].bool()  # (B, w)
-    same = ((batch.donor_ids[:, :w] == batch.recipient_ids[:, :w]) & real).long().cumprod(dim=1)  # (B, w): 1 until the first difference
+    same = (batch.donor_ids[:, :w] == batch.recipient_ids[:, :w]) & real  # (B, w)
+    if batch.noise_mask is not None:
+        same &= ~batch.noise_mask[:, :w]  # a noised donor token differs from the recipient's
+    same = same.long().cumprod(dim=1)  # (B, w): 1 until the first difference
     end = batch.lengths() - 1  # (B,) each row's last real token
     return int(torch.minimum(same.sum(dim=1), end).min())
 

@@ -101,7 +101,7 @@ def check_hooks_transparent(lm: LoadedModel, batch: PairBatch, rec_logits: Tenso
 
 def self_pairs(batch: PairBatch) -> PairBatch:
     """The batch with every recipient as its own donor."""
-    return replace(batch, donor_ids=batch.recipient_ids, donor_mask=None, donor_positions=None)
+    return replace(batch, donor_ids=batch.recipient_ids, donor_mask=None, donor_positions=None, noise_mask=None)
 
 
 def check_self_patch(lm: LoadedModel, batch: PairBatch, rec_cache: ActivationCache, rec_logits: Tensor, layers: Sequence[int]) -> SanityCheck:
@@ -206,6 +206,8 @@ def check_donor_differs(
     real = batch.attention_mask[:, :w].bool()
     unequal = batch.lengths() != batch.lengths("donor")  # (B,) prompts of different lengths differ
     differs = ((batch.donor_ids[:, :w] != batch.recipient_ids[:, :w]) & real).any(dim=1) | unequal  # (B,)
+    if batch.noise_mask is not None:
+        differs |= batch.noise_mask.any(dim=1)  # a noised donor differs from its recipient even with the same text
     keys = [k for k in donor_cache if k in rec_cache]
     moved = torch.zeros(len(batch), dtype=torch.bool)
     for k in keys:

@@ -66,8 +66,8 @@ class PairsConfig:
     design: str | None = None         # the task's donor design (default: its first)
     seed: int = 0                     # the pair generator's own RNG
     positions: tuple[str, ...] | None = None  # named positions, END, all; None: every named position and END
-    metric: str = "logit_diff"
-    sites: tuple[str, ...] = ("hidden", "all_heads", "head")
+    metric: str | None = None         # None: the task's (logit_diff for your own pairs)
+    sites: tuple[str, ...] | None = None  # None: the task's (hidden, all_heads, head for your own pairs)
     layers: tuple[int, ...] | None = None
     device: str | None = None
     dtype: str = "float32"
@@ -76,6 +76,17 @@ class PairsConfig:
     max_rows: int | None = None
     progress: bool | None = None
     command: str | None = None
+
+    def resolved(self) -> "PairsConfig":
+        """The config with the task's defaults filled in (metric, sites, donor design); checked."""
+        task = get_task(self.task)
+        cfg = replace(self, metric=self.metric or task.metric, sites=tuple(self.sites or task.sites),
+                      design=self.design or (task.designs[0] if task.designs else None))
+        cfg.validate()
+        if task.designs and cfg.design not in task.designs:
+            raise ConfigError(f"design (--donor) must be one of {', '.join(task.designs)} for task {cfg.task!r}, "
+                              f"got {cfg.design!r}")
+        return cfg
 
     def validate(self) -> None:
         if self.metric not in TASK_METRICS:
@@ -170,20 +181,51 @@ def _rows(cells: list, sweep: dict, rec: dict, don: dict, metric: str, n_layers:
     return rows
 
 
-def _pairs_for(cfg: PairsConfig, lm: LoadedModel, pairs: Sequence[PromptPair] | None) -> tuple[PairBatch, str]:
+def _correct(lm: LoadedModel, batch: PairBatch) -> torch.Tensor:
+    """(B,) True where the model gets the pair right: the recipient prefers its answer (LD > 0) and a donor that is
+    another prompt (not a noised copy) prefers the wrong side (LD < 0)."""
+    keep = []
+    for part in batch.chunks(32):
+        answers, wrong = part.answers()
+        rec = task_scores("logit_diff", capture(lm, part.recipient_ids, part, [])[1], answers, wrong)["logit_diff"]
+        don = task_scores("logit_diff", capture(lm, part.donor_ids, part, [])[1], answers, wrong)["logit_diff"]
+        text = torch.tensor([p.noise is None and p.donor != p.recipient for p in part.pairs])
+        keep.append((rec.cpu() > 0) & ~(text & (don.cpu() >= 0)))
+    return torch.cat(keep)
+
+
+def _generated(cfg: PairsConfig, lm: LoadedModel) -> tuple[PairBatch, dict]:
+    """A registered task's pairs for this tokenizer; with ``keep_correct``, the first ``n_pairs`` of a larger
+    candidate set that the model gets right."""
+    task = get_task(cfg.task)
+    if task.generate is None:
+        raise ConfigError(f"task {cfg.task!r} generates no pairs; pass a pairs file (--pairs-file).")
+    if not task.keep_correct:
+        return task.tokenize(lm.tokenizer, task.generate(lm.tokenizer, cfg.n_pairs, (cfg.design,), cfg.seed)[cfg.design]), {}
+    candidates = task.generate(lm.tokenizer, max(4 * cfg.n_pairs, 64), (cfg.design,), cfg.seed)[cfg.design]
+    batch = task.tokenize(lm.tokenizer, candidates)
+    correct = _correct(lm, batch).nonzero().flatten().tolist()
+    if not correct:
+        raise DataError(f"the model gets none of the {len(candidates)} {cfg.task} candidate pairs right (recipient "
+                        "LD > 0, and a donor's < 0), so there is nothing to patch; try another model or your own pairs.")
+    kept = correct[:cfg.n_pairs]
+    if len(kept) < cfg.n_pairs:
+        log.warning("%s: only %d of %d candidate pairs are answered correctly; running %d pairs, not %d",
+                    cfg.task, len(correct), len(candidates), len(kept), cfg.n_pairs)
+    return batch.select(kept).trim(), {"candidates": len(candidates), "correct": len(correct), "kept": len(kept),
+                                       "rule": "recipient LD > 0, and a donor that is another prompt LD < 0"}
+
+
+def _pairs_for(cfg: PairsConfig, lm: LoadedModel, pairs: Sequence[PromptPair] | None) -> tuple[PairBatch, str, dict]:
     task = get_task(cfg.task)
     if pairs is None and cfg.task == "pairs":
         pairs = load_pairs_file(cfg.pairs_file, require_answers=cfg.metric != "kl")
     if pairs is None:
-        if task.generate is None:
-            raise ConfigError(f"task {cfg.task!r} generates no pairs; pass a pairs file (--pairs-file).")
-        design = cfg.design or task.designs[0]
-        if design not in task.designs:
-            raise ConfigError(f"design must be one of {', '.join(task.designs)} for task {cfg.task!r}, got {design!r}")
-        pairs = task.generate(lm.tokenizer, cfg.n_pairs, (design,), cfg.seed)[design]
-    if task.tokenize is not None and cfg.task != "pairs":
-        return task.tokenize(lm.tokenizer, pairs), cfg.design or task.designs[0]
-    return tokenize_pairs(lm.tokenizer, pairs, require_answers=cfg.metric != "kl"), "file"
+        batch, filtered = _generated(cfg, lm)
+        return batch, cfg.design, filtered
+    if cfg.task != "pairs":
+        return task.tokenize(lm.tokenizer, pairs), cfg.design, {}
+    return tokenize_pairs(lm.tokenizer, pairs, require_answers=cfg.metric != "kl"), "file", {}
 
 
 def run_pairs(config: PairsConfig | None = None, *, lm: LoadedModel | None = None,
@@ -200,10 +242,10 @@ def run_pairs(config: PairsConfig | None = None, *, lm: LoadedModel | None = Non
     cfg = replace(config or PairsConfig(), **overrides)
     if pairs is not None and cfg.task == "pairs":
         cfg = replace(cfg, pairs_file=cfg.pairs_file or "<python>")
-    cfg.validate()
+    cfg = cfg.resolved()
     if lm is None:
         lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
-    batch, design = _pairs_for(cfg, lm, pairs)
+    batch, design, filtered = _pairs_for(cfg, lm, pairs)
     a = lm.adapter
     layers = list(range(a.n_layers)) if cfg.layers is None else sorted(set(cfg.layers))
     if not layers or any(not isinstance(L, int) or not 0 <= L < a.n_layers for L in layers):
@@ -225,7 +267,7 @@ def run_pairs(config: PairsConfig | None = None, *, lm: LoadedModel | None = Non
     baseline = {side: {f"mean_{k}": float(v.mean()) for k, v in s.items()} for side, s in (("recipient", rec), ("donor", don))}
     baseline["n_pairs"] = len(batch)
     record = {**asdict(cfg), "model": lm.info.get("spec", cfg.model), "design": design, "positions": list(positions),
-              "memory_budget": budget}
+              "memory_budget": budget, **({"filtered": filtered} if filtered else {})}
     return PairsResult(
         config=record, model=dict(lm.info), environment=environment(), baseline=baseline,
         cells=[{"task": cfg.task, "metric": cfg.metric, **row} for row in _rows(cells, sweep, rec, don, cfg.metric, a.n_layers)],

@@ -138,11 +138,35 @@ def render_pairs_html(result: PairsResult, images: dict[str, bytes]) -> str:
             f"<style>{style}</style></head><body>" + "\n".join(body) + "</body></html>\n")
 
 
+def plot_pair_tracing(result: PairsResult) -> plt.Figure:
+    """Causal-tracing heatmaps (Meng et al. 2022): position x layer of the normalised effect, one panel per family
+    among hidden states, MLP outputs and attention outputs."""
+    df = result.to_dataframe()
+    families = [f for f in ("hidden", "mlp", "attn") if (df.experiment == f).any()]
+    positions = _positions(result)
+    fig, axes = plt.subplots(1, len(families), figsize=(0.22 * len(result.layers) * len(families) + 3,
+                                                        0.45 * len(positions) + 1.8), squeeze=False, sharey=True)
+    for ax, family in zip(axes[0], families):
+        grid = df[df.experiment == family].pivot_table(index="position", columns="layer", values="normalised_effect")
+        grid = grid.reindex(index=positions, columns=result.layers)  # (positions, layers)
+        im = ax.imshow(grid.to_numpy(float), aspect="auto", cmap="RdBu_r", vmin=-1, vmax=1)
+        ax.set_xticks(range(len(result.layers)), result.layers, fontsize=6)
+        ax.set_yticks(range(len(positions)), positions, fontsize=8)
+        ax.set_title(LABELS.get(family, family), fontsize=10)
+        ax.set_xlabel("layer")
+    fig.colorbar(im, ax=axes[0].tolist(), label="normalised effect (1 = donor)", shrink=0.9)
+    fig.suptitle(f"{result.config.get('task')}: layer x position ({result.baseline['n_pairs']} pairs)", fontsize=11)
+    return fig
+
+
 def save_pair_plots(result: PairsResult, out) -> list[str]:
-    """Write layers.png (and heads.png when single heads were patched) into ``out``; returns the file names."""
+    """Write layers.png (and heads.png when single heads were patched, tracing.png when MLP or attention outputs
+    were) into ``out``; returns the file names."""
     draw = [("layers.png", plot_pair_layers)]
     if any(c["experiment"] == "head" for c in result.cells):
         draw.append(("heads.png", plot_pair_heads))
+    if any(c["experiment"] in ("mlp", "attn") for c in result.cells):
+        draw.append(("tracing.png", plot_pair_tracing))
     for name, fn in draw:
         fig = fn(result)
         try:

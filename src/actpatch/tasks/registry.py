@@ -40,6 +40,8 @@ class Task:
     designs: tuple[str, ...] = ()
     positions: tuple[str, ...] = ("END",)
     metric: str = "logit_diff"
+    sites: tuple[str, ...] = ("hidden", "all_heads", "head")
+    keep_correct: bool = False   # run only the pairs the model gets right (recipient LD > 0; a text donor's < 0)
 
 
 def register(task: Task) -> Task:
