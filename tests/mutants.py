@@ -20,12 +20,28 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TESTS = ["tests/test_set_metrics.py", "tests/test_trust.py", "tests/test_checks.py", "tests/test_engine.py", "tests/test_contrast.py", "tests/test_noise.py", "tests/test_run.py",
+TESTS = ["tests/test_set_metrics.py", "tests/test_trust.py", "tests/test_checks.py", "tests/test_engine.py", "tests/test_contrast.py", "tests/test_noise.py", "tests/test_edges.py", "tests/test_circuits.py", "tests/test_run.py",
          "tests/test_attribution.py", "tests/test_scale.py", "tests/test_analysis.py",
          "tests/test_experiment.py", "tests/test_ioi.py"]
 
 # name: (file under src/actpatch, the exact text, its replacement, what the bug is)
 MUTANTS = {
+    "edge_qkv_which": ("engine/edges.py", "start = self.a.qkv_start(rec.input, rec.index)",
+                       'start = self.a.qkv_start("q", rec.index)', "a receiving head's k and v written into its q slot"),
+    "edge_diff_sign": ("engine/edges.py", "d = self.diff[s] = self.donor[s].to(value.device, value.dtype) - value",
+                       "d = self.diff[s] = value - self.donor[s].to(value.device, value.dtype)", "recipient - donor"),
+    "edge_parallel_extra": ("engine/edges.py", "total = self.total.unsqueeze(0) - (0 if extra is None else extra)",
+                            "total = self.total.unsqueeze(0)", "a parallel-residual MLP reads its own layer's heads"),
+    "edge_head_write": ("engine/edges.py", "self._wrote(first + h, out[h])", "self._wrote(first + h, out[(h + 1) % H])",
+                        "each head's write recorded under its neighbour's name"),
+    "graph_parallel": ("engine/graph.py", 'r.input == "mlp" and not parallel', 'r.input == "mlp"',
+                       "the graph lets a parallel-residual MLP read its own layer's attention"),
+    "eap_no_interpolation": ("engine/eap.py", "alphas = [None] if steps is None else [k / steps for k in range(1, steps + 1)]",
+                             "alphas = [None] * (steps or 1)", "EAP-IG takes every gradient at the recipient"),
+    "eap_prefix_short": ("engine/eap.py", "upto = int(graph.allowed[receivers].any(0).nonzero().max()) + 1",
+                         "upto = int(graph.allowed[receivers].any(0).nonzero().max())", "the last sender's scores dropped"),
+    "prune_no_reach": ("analysis/circuits.py", "            reached[feeds[r]] = True", "            pass",
+                       "pruning forgets which nodes the input reaches"),
     "noise_prefix": ("engine/planning.py", "        same &= ~batch.noise_mask[:, :w]", "        pass",
                      "prefix reuse skips the noised donor tokens (they look shared: the same ids)"),
     "noise_dropped": ("engine/capture.py", '    noise = noise_hook(lm, batch) if side == "donor" else None',

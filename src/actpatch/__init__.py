@@ -36,6 +36,11 @@ from .engine.planning import plan_chunks, token_budget
 from .engine.prefix import RecipientState
 from .engine.sanity import SanityCheck, run_sanity_checks
 from .engine.sites import AttnOutSite, HeadSite, HiddenSite, MlpOutSite
+from .engine.eap import edge_scores
+from .engine.edges import edge_patched_logits, sender_outputs
+from .engine.graph import Graph, build_graph
+from .experiment.circuit import CircuitConfig, run_circuit
+from .experiment.circuitresult import CircuitResult
 from .experiment.compare import run_compare
 from .experiment.config import IOIConfig
 from .experiment.contrast import PairsConfig, patch, run_pairs
@@ -59,5 +64,6 @@ __all__ = [
     "ioi_scores", "last_logits", "load_model", "load_pairs_file", "logit_diff", "normalised_effect", "patch_variants",
     "patched", "plan_ioi", "prob_ratio", "run_chunk", "run_ioi", "run_sanity_checks", "supported_model_types", "token_prob",
     "tokenize_ioi", "tokenize_pairs", "wrap_model", "PairsConfig", "PairsResult", "patch", "run_pairs", "TASKS",
-    "Task", "get_task", "register",
+    "Task", "get_task", "register", "CircuitConfig", "CircuitResult", "Graph", "build_graph", "edge_patched_logits",
+    "edge_scores", "run_circuit", "sender_outputs",
 ]

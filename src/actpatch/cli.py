@@ -3,6 +3,7 @@
     actpatch ioi --n-pairs 16 --out runs/demo      # the seed's experiment on the bundled model
     actpatch run --pairs-file facts.jsonl --positions subject END --out runs/facts   # your own task
     actpatch compare --models smollm2-135m gemma3-270m   # the same comparison on several models
+    actpatch circuit ioi --method eap-ig --out runs/circuit   # the task's circuit and its faithfulness
     actpatch models                                # supported architectures, bundled model status
 
 Exit codes: 0 = done and every sanity check passed; 1 = a sanity check failed (results are still
@@ -35,6 +36,8 @@ from . import __version__
 from .engine.distributed import init_from_env, local_device, world
 from .engine.metrics import TASK_METRICS
 from .errors import ActpatchError, ConfigError
+from .experiment.circuit import METHODS as CIRCUIT_METHODS
+from .experiment.circuit import SELECTIONS, CircuitConfig, run_circuit
 from .experiment.compare import plot_compare, render_compare, run_compare
 from .experiment.taskcompare import plot_task_compare, render_task_compare, run_task_compare, task_summary
 from .experiment.config import DIRECTIONS, METHODS, IOIConfig
@@ -43,6 +46,7 @@ from .experiment.experiments import plan_ioi, run_ioi
 from .model.adapters import ARCHITECTURES
 from .model.models import BUNDLED, DEFAULT_MODEL, DTYPES, bundled_gguf, install_hint
 from .report.outputs import PARTIAL, discard, prepare_out, write_outputs
+from .report.circuitreport import findings as circuit_findings
 from .report.pairsreport import findings
 from .tasks.ioi import DESIGNS
 
@@ -183,6 +187,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(cmp, out="runs/compare", n_pairs=16)
     cmp.add_argument("--head-sweep", action="store_true", help="also run every model's single-head sweep (slower)")
 
+    circ = sub.add_parser(
+        "circuit", help="find a task's circuit: edge attribution (EAP, EAP-IG), circuit selection, faithfulness curves",
+        description="Score every edge of the model's graph (embeddings, heads, MLPs, logits; each head's q, k and v "
+        "inputs apart), choose circuits of about ten sizes, and measure each one's faithfulness by exact edge "
+        "patching, next to node-level circuits of the top single heads. Writes edges.csv, circuit.json, "
+        "faithfulness.csv, faithfulness.png, circuit.png, report.md and report.html. Donor and recipient must have "
+        "the same token length (facts: --donor noise).",
+    )
+    circ.add_argument("task", nargs="?", default="pairs", metavar="TASK",
+                      help="a registered task (ioi, facts, greater-than, sva, induction), or give --pairs-file")
+    circ.add_argument("--pairs-file", metavar="FILE", help="JSONL of your pairs (as for run)")
+    circ.add_argument("--model", default=DEFAULT_MODEL, metavar="SPEC", help=f"model spec as for ioi (default: {DEFAULT_MODEL})")
+    circ.add_argument("--method", choices=CIRCUIT_METHODS, default="eap-ig",
+                      help="eap: gradient at the recipient (2 recording passes + 1 forward/backward); eap-ig "
+                      "(default): integrated gradients over --ig-steps runs from the donor's embeddings to the recipient's")
+    circ.add_argument("--ig-steps", type=int, default=5, metavar="K", help="EAP-IG interpolation steps (default: 5)")
+    circ.add_argument("--metric", choices=TASK_METRICS, default=None, help="as for run (default: the task's)")
+    circ.add_argument("--edges", type=int, nargs="+", metavar="N",
+                      help="circuit sizes (edges) of the faithfulness curve (default: about ten, log-spaced)")
+    circ.add_argument("--select", choices=SELECTIONS, default="top",
+                      help="top (default): the N edges of largest |score|, then pruned to paths from input to logits; "
+                      "greedy: grown from the logits; exact: ACDC-style pruning, one exact pass per edge (small graphs)")
+    circ.add_argument("--target", type=float, default=0.8, help="the faithfulness to reach (default: 0.8)")
+    circ.add_argument("--resamples", type=int, default=3, metavar="R",
+                      help="stability: circuits from R bootstrap resamples of the pairs (default: 3; 0 skips)")
+    circ.add_argument("--max-batch", type=int, metavar="ROWS", help="pairs per forward pass (default: automatic)")
+    _add_run_options(circ, out="runs/circuit", n_pairs=16, designs=None)
+
     sub.add_parser("models", help="list supported architectures and whether the bundled model is installed")
     return parser
 
@@ -280,12 +312,22 @@ def _cmd_ioi(args: argparse.Namespace, argv: list[str]) -> int:
     return _finish(result, out, plots, args.quiet)
 
 
-def _finish(result, out: Path, plots: list[str], quiet: bool) -> int:
+def _run_and_write(run, out: Path, created: bool):
+    """``run()``'s result and the plots written with it into ``out``; on any failure, ``out`` is cleaned up."""
+    try:
+        result = run()
+        return result, write_outputs(result, out)
+    except BaseException:
+        discard(out, created)
+        raise
+
+
+def _finish(result, out: Path, plots: list[str], quiet: bool, tables: str = "results.json, results.csv") -> int:
     """Print the sanity checks and the files written; exit status 1 when a check failed."""
     if not quiet:
         for name, check in result.sanity.items():
             print(f"  sanity {name}: {'pass' if check['passed'] else 'FAIL'}")
-        print(f"wrote {out}/report.html, report.md, results.json, results.csv, config.json, {', '.join(plots)}")
+        print(f"wrote {out}/report.html, report.md, {tables}, config.json, {', '.join(plots)}")
     if not result.passed:
         failed = [n for n, c in result.sanity.items() if not c["passed"]]
         print(f"actpatch: sanity checks failed: {', '.join(failed)}; see {out}/report.md", file=sys.stderr)
@@ -307,12 +349,7 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
                       device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
                       max_memory=args.max_memory, max_rows=args.max_batch, progress=False if args.quiet else None,
                       command=shlex.join(["actpatch", *argv]))
-    try:
-        result = run_pairs(cfg)
-        plots = write_outputs(result, out)
-    except BaseException:
-        discard(out, created)
-        raise
+    result, plots = _run_and_write(partial(run_pairs, cfg), out, created)
     if not args.quiet:
         rec, don = result.baseline["recipient"], result.baseline["donor"]
         print(f"{result.model.get('model_id')}: {result.baseline['n_pairs']} pairs, {result.metric} recipient "
@@ -320,6 +357,24 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
         for line in findings(result):
             print(f"  {line}")
     return _finish(result, out, plots, args.quiet)
+
+
+def cmd_circuit(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.task != "pairs" and args.pairs_file is not None:
+        raise ConfigError(f"give a task ({args.task!r}) or a pairs file (--pairs-file), not both")
+    out = Path(args.out)
+    created = prepare_out(out, args.overwrite, resume=False)
+    cfg = CircuitConfig(model=args.model, task=args.task, pairs_file=args.pairs_file, n_pairs=args.n_pairs,
+                        design=args.donor[0] if args.donor else None, seed=args.seed, metric=args.metric,
+                        method=args.method, ig_steps=args.ig_steps, select=args.select,
+                        edges=tuple(args.edges) if args.edges else None, target=args.target, resamples=args.resamples,
+                        device=args.device, dtype=args.dtype, max_rows=args.max_batch,
+                        progress=False if args.quiet else None, command=shlex.join(["actpatch", *argv]))
+    result, plots = _run_and_write(partial(run_circuit, cfg), out, created)
+    if not args.quiet:
+        for line in circuit_findings(result):
+            print(f"  {line}")
+    return _finish(result, out, plots, args.quiet, "edges.csv, circuit.json, faithfulness.csv, results.json")
 
 
 def cmd_compare_tasks(args: argparse.Namespace, argv: list[str]) -> int:
@@ -473,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         quiet_loading = args.quiet or not sys.stderr.isatty()
         with _quiet_transformers(quiet_loading), warnings.catch_warnings():
             warnings.showwarning = _show_warning
-            commands = {"ioi": cmd_ioi, "run": cmd_run, "compare": cmd_compare}
+            commands = {"ioi": cmd_ioi, "run": cmd_run, "compare": cmd_compare, "circuit": cmd_circuit}
             return commands[args.command](args, argv)
     except ActpatchError as exc:
         print(f"actpatch: error: {exc}", file=sys.stderr)

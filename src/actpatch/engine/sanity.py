@@ -43,6 +43,9 @@ CHECK_DESCRIPTIONS = {
     "gap_matches_forward": "the gap account's attention columns equal attention's measured writes",
     "path_patch_identity": "path patching with no senders reproduces the recipient",
     "no_hooks_left": "the model has as many hooks afterwards as before",
+    "full_circuit_is_recipient": "a circuit of every edge reproduces the recipient's logits exactly",
+    "empty_circuit_is_donor": "patching every edge (and every edge but the logits' own) reproduces the donor's logits",
+    "edge_patch_matches_plain_patch": "patching all edges out of a head equals an ordinary patch of that head",
 }
 
 

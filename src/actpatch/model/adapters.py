@@ -68,13 +68,18 @@ class Architecture:
     # the module whose first input is the residual stream between attention and MLP (h + attention's
     # write); the sanity checks measure what attention really wrote from it. Unused with a parallel residual.
     resid_mid: str = "post_attention_layernorm"
+    # the norms that read the residual stream before attention and before the MLP (their *input* is what a
+    # circuit's receiver sees), and a norm after the MLP before the residual add (Gemma 2/3, OLMo 2)
+    attn_norm: str = "input_layernorm"
+    mlp_norm: str = "post_attention_layernorm"
+    mlp_post_norm: str | None = None
 
 
 ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture(
         name="gpt2", model_types=("gpt2",), blocks="transformer.h", attn_out="attn.c_proj",
         mlp="mlp", final_norm="transformer.ln_f", n_heads=lambda c: c.n_head, d_head=lambda c: c.n_embd // c.n_head, conv1d=True,
-        qkv=("attn.c_attn",), qkv_layout="qkv_blocks", resid_mid="ln_2",
+        qkv=("attn.c_attn",), qkv_layout="qkv_blocks", resid_mid="ln_2", attn_norm="ln_1", mlp_norm="ln_2",
     ),
     Architecture(
         name="llama", model_types=("llama", "mistral", "qwen2", "qwen3", "olmo", "gemma"),
@@ -86,6 +91,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         blocks="model.layers", attn_out="self_attn.o_proj", mlp="mlp", final_norm="model.norm",
         n_heads=lambda c: c.num_attention_heads, d_head=_d_head,
         attn_post_norm="post_attention_layernorm", resid_mid="pre_feedforward_layernorm",
+        mlp_norm="pre_feedforward_layernorm", mlp_post_norm="post_feedforward_layernorm",
     ),
     Architecture(  # no pre-norms; q_norm / k_norm normalise the whole projection, so q and k are read after them
         name="olmo2", model_types=("olmo2",),
@@ -93,6 +99,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         n_heads=lambda c: c.num_attention_heads, d_head=_d_head,
         qkv=("self_attn.q_norm", "self_attn.k_norm", "self_attn.v_proj"),
         attn_post_norm="post_attention_layernorm", resid_mid="mlp",
+        attn_norm="", mlp_norm="mlp", mlp_post_norm="post_feedforward_layernorm",  # no pre-norms
     ),
     Architecture(
         name="gpt_neox", model_types=("gpt_neox",), blocks="gpt_neox.layers",
@@ -105,6 +112,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         attn_out="attn.attention.out_proj", mlp="mlp", final_norm="transformer.ln_f",
         n_heads=lambda c: c.num_heads, d_head=lambda c: c.hidden_size // c.num_heads,
         qkv=("attn.attention.q_proj", "attn.attention.k_proj", "attn.attention.v_proj"), resid_mid="ln_2",
+        attn_norm="ln_1", mlp_norm="ln_2",
     ),
 )
 
@@ -195,6 +203,15 @@ class Adapter:
             return (idx * H + head) * Dh  # (B, T, 3, H, Dh) flat
         return (head * 3 + idx) * Dh  # per_head: (B, T, H, 3, Dh) flat
 
+    def qkv_head_weights(self, layer: int, which: str, head: int) -> tuple[Float[Tensor, "d_head d_model"], Tensor | None]:
+        """The rows of ``which``'s projection that make head ``head`` (a KV head for k and v): W (Dh, D) and bias (Dh,),
+        so that head's ``which`` = x @ W.T + b."""
+        start, Dh = self.qkv_start(which, head), self.d_head
+        with onloaded(self.qkv_module(layer, which)) as proj:
+            weight, bias = proj.weight, proj.bias
+        w_out_in = weight.T if self.arch.conv1d else weight  # (F, D)
+        return w_out_in[start:start + Dh], None if bias is None else bias[start:start + Dh]
+
     def mlp(self, layer: int) -> nn.Module:
         return _attr_path(self.blocks[layer], self.arch.mlp)
 
@@ -217,6 +234,19 @@ class Adapter:
         if norm is None:
             return attn_out
         return norm(attn_out.to(execution_device(norm))).to(attn_out.device)
+
+    def attn_norm(self, layer: int) -> nn.Module | None:
+        """The norm whose input is the residual stream that ``layer``'s attention reads (None: it reads it raw)."""
+        return _attr_path(self.blocks[layer], self.arch.attn_norm) if self.arch.attn_norm else None
+
+    def mlp_norm(self, layer: int) -> nn.Module:
+        """The module whose first input is the residual stream that ``layer``'s MLP reads (its pre-norm)."""
+        return _attr_path(self.blocks[layer], self.arch.mlp_norm)
+
+    def mlp_written(self, layer: int) -> nn.Module:
+        """The module whose output is what ``layer``'s MLP adds to the residual stream (the MLP, or its post-norm)."""
+        path = self.arch.mlp_post_norm or self.arch.mlp
+        return _attr_path(self.blocks[layer], path)
 
     def final_norm(self) -> nn.Module:
         return _attr_path(self.model, self.arch.final_norm)

@@ -17,8 +17,10 @@ import tempfile
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..experiment.circuitresult import CircuitResult
 from ..experiment.pairsresult import PairsResult
 from ..experiment.results import IOIResult
+from .circuitreport import render_circuit_html, render_circuit_md, save_circuit_plots
 from .htmlreport import render_html
 from .markdown import render_report
 from .pairsreport import render_pairs_html, render_pairs_md, save_pair_plots
@@ -48,7 +50,7 @@ def prepare_out(out: Path, overwrite: bool, resume: bool) -> bool:
     return created
 
 
-def write_outputs(result: IOIResult | PairsResult, out: Path) -> list[str]:
+def write_outputs(result: IOIResult | PairsResult | CircuitResult, out: Path) -> list[str]:
     """Write every output file into a staging folder inside ``out``, then rename each into place.
 
     Only fixed file names (and donor design names from a fixed list) are used: nothing from prompt
@@ -57,12 +59,15 @@ def write_outputs(result: IOIResult | PairsResult, out: Path) -> list[str]:
     stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
     try:
         result.save(stage)
-        pairs = isinstance(result, PairsResult)
-        plots = save_pair_plots(result, stage) if pairs else [p.name for p in save_plots(result, stage)]
-        (stage / "report.md").write_text((render_pairs_md if pairs else render_report)(result, plots), encoding="utf-8")
+        if isinstance(result, CircuitResult):
+            plots, md, page = save_circuit_plots(result, stage), render_circuit_md, render_circuit_html
+        elif isinstance(result, PairsResult):
+            plots, md, page = save_pair_plots(result, stage), render_pairs_md, render_pairs_html
+        else:
+            plots, md, page = [p.name for p in save_plots(result, stage)], render_report, render_html
+        (stage / "report.md").write_text(md(result, plots), encoding="utf-8")
         images = {name: (stage / name).read_bytes() for name in plots}
-        (stage / "report.html").write_text((render_pairs_html if pairs else render_html)(result, images),
-                                           encoding="utf-8")
+        (stage / "report.html").write_text(page(result, images), encoding="utf-8")
         written = sorted([f.name for f in stage.iterdir()] + ["config.json"])
         (stage / "config.json").write_text(json.dumps(
             {"config": result.config, "model": result.model, "environment": result.environment, "files": written},

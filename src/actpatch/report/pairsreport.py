@@ -99,43 +99,57 @@ def _tables(result: PairsResult) -> dict[str, pd.DataFrame]:
     return {"sanity checks": sanity, "baseline": baseline, f"{result.metric} after patching each layer": layers.reset_index()}
 
 
+def markdown_page(title: str, intro: str, plots: list[str], notes: list[str], tables: dict[str, pd.DataFrame],
+                  command: str) -> str:
+    """A report.md: title, one line of context, the figures, the notes as bullets, the tables, the command."""
+    lines = [f"# {title}", "", intro, ""]
+    lines += [f"![{name}]({name})" for name in plots] + [""] + [f"- {x}" for x in notes] + [""]
+    for name, table in tables.items():
+        lines += [f"## {name.capitalize()}", "", table.to_markdown(index=False, floatfmt=".4g"), ""]
+    lines += ["## Reproduce", "", "```", command, "```", ""]
+    return "\n".join(lines)
+
+
+def html_page(title: str, head: list[str], notes: list[str], tables: dict[str, pd.DataFrame], figures: list[str],
+              record: dict, command: str) -> str:
+    """A self-contained report.html: ``head`` (HTML snippets), the notes, the tables, the figures, the config."""
+    body = [f"<h1>{html.escape(title)}</h1>", *head]
+    body.append("<ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in notes) + "</ul>")
+    for name, table in tables.items():
+        body += [f"<h2>{html.escape(name.capitalize())}</h2>", table.to_html(index=False, float_format=lambda x: f"{x:.4g}")]
+    body += figures
+    body += ["<h2>Reproduce</h2>", f'<pre id="command">{html.escape(command)}</pre>',
+             "<pre>" + html.escape(json.dumps(record, indent=2, default=str)) + "</pre>"]
+    style = "body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px} img{max-width:100%} " \
+            "table{border-collapse:collapse;font-size:.85em} td,th{border:1px solid #ccc;padding:2px 6px}"
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{style}</style></head><body>" + "\n".join(body) + "</body></html>\n")
+
+
+def figure_html(name: str, data: bytes) -> str:
+    """A PNG embedded as base64."""
+    b64 = base64.b64encode(data).decode("ascii")
+    return f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{b64}"></figure>'
+
+
 def render_pairs_md(result: PairsResult, plots: list[str]) -> str:
     """report.md: the headline figure, the findings, the tables, the command."""
     status = "all sanity checks passed" if result.passed else "SANITY CHECKS FAILED: do not trust these numbers"
-    lines = [f"# actpatch: {result.config.get('task')} on {result.model.get('model_id')}", "",
-             f"Metric `{result.metric}`, {result.baseline['n_pairs']} pairs; {status}.", ""]
-    lines += [f"![{name}]({name})" for name in plots] + [""] + [f"- {x}" for x in findings(result)] + [""]
-    for title, table in _tables(result).items():
-        lines += [f"## {title.capitalize()}", "", table.to_markdown(index=False, floatfmt=".4g"), ""]
-    lines += ["## Reproduce", "", "```", str(result.config.get("command") or "actpatch.run_pairs(...)"), "```", ""]
-    return "\n".join(lines)
+    return markdown_page(f"actpatch: {result.config.get('task')} on {result.model.get('model_id')}",
+                         f"Metric `{result.metric}`, {result.baseline['n_pairs']} pairs; {status}.", plots,
+                         findings(result), _tables(result), str(result.config.get("command") or "actpatch.run_pairs(...)"))
 
 
 def render_pairs_html(result: PairsResult, images: dict[str, bytes]) -> str:
     """report.html, self-contained: the headline figure first, then findings, tables, the other plots, the config."""
     ok = result.passed
-    title = f"actpatch: {result.config.get('task')} on {result.model.get('model_id')}"
-
-    def figure(name: str) -> str:
-        b64 = base64.b64encode(images[name]).decode("ascii")
-        return f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{b64}"></figure>'
-
-    body = [f"<h1>{html.escape(title)}</h1>"]
-    if "layers.png" in images:
-        body.append(figure("layers.png"))
-    body.append(f'<p>Metric <code>{html.escape(result.metric)}</code>, {result.baseline["n_pairs"]} pairs. Sanity checks: '
+    head = [figure_html("layers.png", images["layers.png"])] if "layers.png" in images else []
+    head.append(f'<p>Metric <code>{html.escape(result.metric)}</code>, {result.baseline["n_pairs"]} pairs. Sanity checks: '
                 f'<strong id="status" class="status-{"pass" if ok else "fail"}">{"passed" if ok else "FAILED"}</strong></p>')
-    body.append("<ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in findings(result)) + "</ul>")
-    for name, table in _tables(result).items():
-        body += [f"<h2>{html.escape(name.capitalize())}</h2>", table.to_html(index=False, float_format=lambda x: f"{x:.4g}")]
-    body += [figure(n) for n in images if n != "layers.png"]
-    body += ["<h2>Reproduce</h2>", f'<pre id="command">{html.escape(str(result.config.get("command")))}</pre>',
-             "<pre>" + html.escape(json.dumps({"config": result.config, "model": result.model,
-                                                 "environment": result.environment}, indent=2, default=str)) + "</pre>"]
-    style = "body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px} img{max-width:100%} " \
-            "table{border-collapse:collapse;font-size:.85em} td,th{border:1px solid #ccc;padding:2px 6px}"
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{style}</style></head><body>" + "\n".join(body) + "</body></html>\n")
+    return html_page(f"actpatch: {result.config.get('task')} on {result.model.get('model_id')}", head, findings(result),
+                     _tables(result), [figure_html(n, b) for n, b in images.items() if n != "layers.png"],
+                     {"config": result.config, "model": result.model, "environment": result.environment},
+                     str(result.config.get("command")))
 
 
 def plot_pair_tracing(result: PairsResult) -> plt.Figure:

@@ -1,0 +1,82 @@
+"""Cost of circuit discovery on the bundled model, in forward-equivalents (FE) and memory.
+
+    .venv/bin/python bench/bench_circuit.py --out bench/results-circuit.json     # about 3 minutes on 2 CPU cores
+
+Rows: recording every sender's output (one pass per side), EAP over every edge (the two recording passes plus one
+forward and backward), EAP-IG with K steps (two recording passes plus K forwards and backwards), one faithfulness
+point (one edge-patched forward of every pair). FE = seconds / one plain forward of the same pairs with full logits.
+Memory: the peak resident growth of each row over the level before it, next to the model's parameters and one
+activation cache (every sender's output for these pairs: what EAP keeps per side).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+
+import torch
+from bench_sweeps import timed  # (median seconds, result, peak RSS growth): the same measure as the sweep benchmarks
+
+import actpatch
+from actpatch.analysis.circuits import top_edges
+from actpatch.engine.capture import last_logits
+from actpatch.engine.eap import edge_scores
+from actpatch.engine.edges import edge_patched_logits, sender_outputs
+from actpatch.engine.graph import build_graph
+from actpatch.engine.metrics import logit_diff
+from actpatch.tasks.registry import get_task
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n-pairs", type=int, default=16)
+    parser.add_argument("--ig-steps", type=int, default=5)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    lm = actpatch.load_model("smollm2-135m", device="cpu")
+    task = get_task("ioi")
+    batch = task.tokenize(lm.tokenizer, task.generate(lm.tokenizer, args.n_pairs, ("swap",), 0)["swap"])
+    graph = build_graph(lm.adapter)
+    ids, mask, end = batch.recipient_ids, batch.attention_mask, batch.position("END")
+
+    def metric(logits, sl):
+        return logit_diff(logits, batch.answer_ids[sl], batch.wrong_ids[sl])
+
+    with torch.inference_mode():
+        fwd = timed(lambda: last_logits(lm, ids, mask, end), repeat=3)[0]
+    results = []
+
+    def row(name, fn, note):
+        secs, out, peak = timed(fn)
+        results.append({"row": name, "seconds": secs, "fe": secs / fwd, "peak_rss_gib": peak / 2**30, "note": note})
+        print(f"{name:28s} {secs:7.2f} s  {secs / fwd:6.1f} FE  +{peak / 2**30:.2f} GiB  {note}", flush=True)
+        return out
+
+    rec = row("record senders (one side)", lambda: sender_outputs(lm, graph, batch, "recipient")[0], "1 forward + writes")
+    don = sender_outputs(lm, graph, batch, "donor")[0]
+    eap = row("EAP scores", lambda: edge_scores(lm, graph, batch, metric, rec, don), "+ 2 recording passes")
+    row(f"EAP-IG scores (K={args.ig_steps})", lambda: edge_scores(lm, graph, batch, metric, rec, don, steps=args.ig_steps),
+        "+ 2 recording passes")
+    keep = top_edges(graph, eap, 200)
+    row("faithfulness point", lambda: edge_patched_logits(lm, graph, batch, don, (graph.allowed & ~keep).float()),
+        "top-200 circuit")
+    row("empty circuit", lambda: edge_patched_logits(lm, graph, batch, don, graph.allowed.float()), "every edge patched")
+    params = sum(p.numel() * p.element_size() for p in lm.model.parameters())
+    cache = rec.numel() * rec.element_size()
+    summary = {
+        "forward_seconds": fwd, "n_pairs": len(batch), "tokens": int(ids.shape[1]), "n_edges": graph.n_edges,
+        "model_gib": params / 2**30, "sender_cache_gib": cache / 2**30,
+        "eap_total_fe": results[1]["fe"] + 2 * results[0]["fe"],
+        "eap_ig_total_fe": results[2]["fe"] + 2 * results[0]["fe"],
+        "machine": platform.processor() or platform.machine(), "torch": torch.__version__, "actpatch": actpatch.__version__,
+    }
+    print(json.dumps(summary, indent=2))
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump({"summary": summary, "rows": results}, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()

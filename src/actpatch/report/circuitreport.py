@@ -1,0 +1,153 @@
+"""Figures and report pages of a ``CircuitResult`` (they only read the result).
+
+    fig = plot_faithfulness(result)    # faithfulness against circuit size: edge circuits vs node-level circuits
+    fig = plot_circuit(result)         # the chosen circuit: nodes by layer, edge width by |score|, colour by sign
+    save_circuit_plots(result, "runs/circuit")      # faithfulness.png, circuit.png
+    render_circuit_md(result, plots); render_circuit_html(result, images)
+"""
+
+from __future__ import annotations
+
+import re
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless
+import matplotlib.pyplot as plt  # noqa: E402
+import networkx as nx  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from ..experiment.circuitresult import CircuitResult  # noqa: E402
+from .pairsreport import figure_html, html_page, markdown_page  # noqa: E402
+
+DRAWN_EDGES = 150  # a drawing of more edges is unreadable: the strongest ones are drawn, the title says so
+
+
+def plot_faithfulness(result: CircuitResult) -> plt.Figure:
+    """Faithfulness against the number of edges (log scale), one line per kind of circuit, the target dashed."""
+    df = result.faithfulness_frame()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for (method, select), part in df.groupby(["method", "select"], sort=False):
+        part = part.sort_values("edges")
+        label = "node-level (top heads by single-head patching)" if method == "nodes" else f"{method} edges, {select}"
+        ax.plot(part.edges, part.faithfulness, marker="o", label=label)
+    target = result.circuit.get("target", 0.8)
+    ax.axhline(target, color="gray", ls="--", lw=1, label=f"target {target:g}")
+    best = result.circuit
+    ax.plot([best["n_edges"]], [best["faithfulness"]], marker="*", ms=14, color="black", ls="none", label="chosen circuit")
+    ax.set_xscale("log")
+    ax.set_xlabel("edges in the circuit (log scale)")
+    ax.set_ylabel("faithfulness")
+    ax.set_title(f"{result.config.get('task')}: {result.config.get('metric')}, {result.baseline['n_pairs']} pairs")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _layer_of(node: str, n_layers: int) -> int:
+    if node == "input":
+        return -1
+    if node == "logits":
+        return n_layers
+    return int(re.match(r"[am](\d+)", node).group(1))
+
+
+def plot_circuit(result: CircuitResult) -> plt.Figure:
+    """The chosen circuit's strongest edges: a layered drawing (input at the bottom, logits on top)."""
+    edges = sorted(result.circuit["edges"], key=lambda e: -abs(e[3]))[:DRAWN_EDGES]
+    n_layers = result.graph.get("n_layers", 1)
+    g = nx.DiGraph()
+    for sender, receiver, inp, score in edges:
+        g.add_edge(sender, receiver, score=score, input=inp)
+    rows: dict[int, list[str]] = {}
+    for node in sorted(g.nodes, key=lambda n: (_layer_of(n, n_layers), n.startswith("m"), n)):
+        rows.setdefault(_layer_of(node, n_layers), []).append(node)
+    pos = {n: (i - (len(ns) - 1) / 2, layer) for layer, ns in rows.items() for i, n in enumerate(ns)}
+    width = max(6.0, 0.9 * max((len(ns) for ns in rows.values()), default=1))
+    fig, ax = plt.subplots(figsize=(min(width, 24), max(5.0, 0.45 * (n_layers + 2))))
+    top = max((abs(e[3]) for e in edges), default=1.0) or 1.0
+    colors = ["tab:blue" if g.edges[e]["score"] > 0 else "tab:red" for e in g.edges]
+    widths = [0.4 + 3.5 * abs(g.edges[e]["score"]) / top for e in g.edges]
+    node_colors = ["#bbbbbb" if n in ("input", "logits") else "#f6c28b" if n.startswith("m") else "#9ecae1" for n in g.nodes]
+    nx.draw_networkx(g, pos, ax=ax, node_color=node_colors, edge_color=colors, width=widths, node_size=380,
+                     font_size=6, arrowsize=6, connectionstyle="arc3,rad=0.08")
+    shown = f"{len(edges)} strongest of {result.circuit['n_edges']} edges" if len(edges) < result.circuit["n_edges"] \
+        else f"{len(edges)} edges"
+    ax.set_title(f"circuit ({shown}); blue: score > 0, red: < 0; width: |score|", fontsize=9)
+    ax.set_ylabel("layer")
+    ax.tick_params(left=True, labelleft=True)
+    ax.set_axis_on()
+    fig.tight_layout()
+    return fig
+
+
+def save_circuit_plots(result: CircuitResult, out) -> list[str]:
+    """Write faithfulness.png and circuit.png into ``out``; their names."""
+    names = []
+    for name, make in (("faithfulness.png", plot_faithfulness), ("circuit.png", plot_circuit)):
+        fig = make(result)
+        fig.savefig(f"{out}/{name}", dpi=110)
+        plt.close(fig)
+        names.append(name)
+    return names
+
+
+def findings(result: CircuitResult) -> list[str]:
+    """Plain sentences: the chosen circuit, how it compares with node-level circuits, attribution, stability."""
+    c, out = result.circuit, []
+    if c.get("reached_target"):
+        out.append(f"The smallest {c['method']} circuit with faithfulness >= {c['target']:g} has {c['n_edges']} edges "
+                   f"and {len(c['nodes'])} nodes (faithfulness {c['faithfulness']:.3f}).")
+    else:
+        out.append(f"No evaluated {c['method']} circuit reached faithfulness {c['target']:g}: no small faithful circuit "
+                   f"here. The largest reached {c['faithfulness']:.3f} with {c['n_edges']} edges.")
+    nodes = result.faithfulness_frame().query("method == 'nodes'")
+    hit = nodes[nodes.faithfulness >= c["target"]]
+    if len(hit):
+        row = hit.sort_values("edges").iloc[0]
+        out.append(f"Node-level circuits (top heads by single-head patching) first reach it with {int(row['size'])} "
+                   f"heads, {int(row['edges'])} edges.")
+    effects = result.baseline.get("head_effects") or {}
+    if effects:
+        top = sorted(effects, key=lambda n: -abs(effects[n]))[:10]
+        senders = {e[0] for e in c["edges"]}
+        missing = [n for n in top if n not in senders]
+        out.append(f"Of the {len(top)} attention senders that move the metric most when patched alone (all positions), "
+                   f"{len(top) - len(missing)} send edges in the circuit" + (f"; not: {', '.join(missing)}." if missing else "."))
+    att = result.attribution_check
+    out.append(f"Edge scores are attribution estimates; on {att['n_edges']} edges re-measured by exact patching, "
+               f"Spearman {att['spearman']:.2f}, signs agree on {100 * att['sign_agreement']:.0f}%.")
+    s = result.stability
+    if s.get("resample_jaccard_mean") is not None:
+        out.append(f"Stability: edge Jaccard with circuits from resampled pairs {s['resample_jaccard_mean']:.2f}"
+                   + (f", from single templates {s['template_jaccard_mean']:.2f}" if s.get("template_jaccard_mean") is not None else "")
+                   + ".")
+    return out
+
+
+def _tables(result: CircuitResult) -> dict[str, pd.DataFrame]:
+    checks = pd.DataFrame([{"check": k, "passed": v["passed"], "detail": v["detail"]} for k, v in result.sanity.items()])
+    edges = pd.DataFrame(result.circuit["edges"][:25], columns=["sender", "receiver", "input", "score (estimate)"])
+    return {"sanity checks": checks, "faithfulness": result.faithfulness_frame(), "strongest edges of the circuit": edges}
+
+
+def render_circuit_md(result: CircuitResult, plots: list[str]) -> str:
+    """report.md of a circuit run."""
+    status = "all sanity checks passed" if result.passed else "SANITY CHECKS FAILED: do not trust these numbers"
+    intro = (f"Metric `{result.config.get('metric')}`, {result.baseline['n_pairs']} pairs, {result.graph.get('n_edges')} "
+             f"edges in the model's graph; {status}.")
+    return markdown_page(_title(result), intro, plots, findings(result), _tables(result),
+                         str(result.config.get("command") or "actpatch.run_circuit(...)"))
+
+
+def render_circuit_html(result: CircuitResult, images: dict[str, bytes]) -> str:
+    """report.html of a circuit run, self-contained."""
+    head = [f'<p>Sanity checks: <strong id="status">{"passed" if result.passed else "FAILED"}</strong></p>']
+    head += [figure_html(name, data) for name, data in images.items()]
+    return html_page(_title(result), head, findings(result), _tables(result), [],
+                     {"config": result.config, "model": result.model, "environment": result.environment},
+                     str(result.config.get("command")))
+
+
+def _title(result: CircuitResult) -> str:
+    return f"actpatch circuit: {result.config.get('task')} on {result.model.get('model_id')}"

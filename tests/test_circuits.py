@@ -1,0 +1,153 @@
+"""Circuit selection, faithfulness and the circuit run's checks (tiny models; the CLI on a local checkpoint)."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from actpatch import wrap_model
+from actpatch.analysis.circuits import (circuit_nodes, exact_prune, fed_senders, greedy_edges, jaccard, node_circuit,
+                                        prune, top_edges)
+from actpatch.cli import main
+from actpatch.engine import edges as edges_module
+from actpatch.engine.graph import build_graph
+from actpatch.engine.pairs import PromptPair
+from actpatch.errors import ConfigError
+from actpatch.experiment.circuit import run_circuit
+from actpatch.experiment.circuitresult import CircuitResult
+from conftest import tiny_model
+
+PAIRS = [
+    PromptPair("When Mary and John went to the store, John gave a drink to",
+               "When Mary and John went to the store, Mary gave a drink to", " Mary", " John", template=0),
+    PromptPair("When Anna and Paul went to the park, Paul gave a ball to",
+               "When Anna and Paul went to the park, Anna gave a ball to", " Anna", " Paul", template=0),
+    PromptPair("The cat sat on the mat and then it", "The dog sat on the rug and then it", " slept", " ran", template=1),
+    PromptPair("The cow sat on the mat and then it", "The pig sat on the rug and then it", " slept", " ran", template=1),
+]
+
+
+@pytest.fixture(scope="module")
+def gpt2_lm(gpt2_tokenizer):
+    return wrap_model(tiny_model("gpt2"), gpt2_tokenizer, {"spec": "tiny-gpt2"})
+
+
+def _keep(graph, pairs):
+    keep = torch.zeros_like(graph.allowed)
+    for sender, receiver in pairs:
+        keep[graph.receiver_index(receiver), graph.sender_index(sender)] = True
+    return keep
+
+
+def test_prune_keeps_only_paths_from_input_to_logits(gpt2_lm):
+    g = build_graph(gpt2_lm.adapter)
+    path = [("input", "a0.h1<v>"), ("a0.h1", "m1"), ("m1", "logits")]
+    dangling = [("a0.h2", "a1.h0<q>"),    # a0.h2 gets nothing from the input
+                ("input", "a1.h3<k>")]    # a1.h3 sends nowhere
+    kept = prune(g, _keep(g, path + dangling))
+    assert torch.equal(kept, _keep(g, path))
+    assert circuit_nodes(g, kept) == ["input", "a0.h1", "m1", "logits"]
+    assert not prune(g, _keep(g, [("a0.h1", "m1"), ("m1", "logits")])).any()  # never reached from the input
+
+
+def test_top_greedy_and_node_circuits(gpt2_lm):
+    g = build_graph(gpt2_lm.adapter)
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(g.allowed.shape, generator=gen) * g.allowed
+    scores[g.receiver_index("logits"), g.sender_index("input")] = 100.0  # the strongest edge: input -> logits
+    top = top_edges(g, scores, 30)
+    assert 1 <= int(top.sum()) <= 30 and bool(top[g.receiver_index("logits"), 0])
+    assert torch.equal(prune(g, top), top)
+    # every kept edge is among the 30 largest |scores|
+    threshold = scores.abs()[g.allowed].sort(descending=True).values[29]
+    assert bool((scores.abs()[top] >= threshold).all())
+    grown = greedy_edges(g, scores, 10)
+    assert bool(grown[g.receiver_index("logits")].any()) and torch.equal(prune(g, grown), grown)
+    nodes = node_circuit(g, ["a1.h2"])
+    senders = {g.senders[j] for j in nodes.any(0).nonzero().flatten().tolist()}
+    assert senders == {"input", "m0", "m1", "m2", "a1.h2"}
+    assert not bool(nodes[g.receiver_index("a1.h0<q>")].any())  # a head outside the circuit reads nothing
+    assert jaccard(top, top) == 1.0 and jaccard(top, torch.zeros_like(top)) == 0.0
+    with pytest.raises(ConfigError, match="circuit size"):
+        top_edges(g, scores, 0)
+    assert [len(f) for f in fed_senders(g)][:12] == [1] * 12  # without GQA each q, k, v feeds its own head
+
+
+def test_exact_prune_drops_edges_that_change_nothing(gpt2_lm):
+    g = build_graph(gpt2_lm.adapter)
+    needed = _keep(g, [("input", "a0.h0<q>"), ("a0.h0", "logits")])
+    # a metric that only one path moves (input -> a0.h0's query -> logits): exact pruning keeps exactly it
+    evaluate = lambda keep: float((keep & needed).sum())  # noqa: E731
+    kept = exact_prune(g, torch.ones(g.allowed.shape), evaluate, threshold=0.5)
+    assert torch.equal(kept, needed)
+    with pytest.raises(ConfigError, match="max_edges"):
+        exact_prune(g, torch.ones(g.allowed.shape), evaluate, threshold=0.5, max_edges=10)
+
+
+def test_circuit_run_checks_faithfulness_and_round_trip(gpt2_lm, tmp_path):
+    result = run_circuit(lm=gpt2_lm, pairs=PAIRS, task="pairs", method="eap", edges=(5, 20), resamples=1,
+                         progress=False)
+    assert result.passed, result.sanity
+    assert set(result.sanity) == {"full_circuit_is_recipient", "empty_circuit_is_donor",
+                                  "edge_patch_matches_plain_patch", "no_hooks_left"}
+    df = result.faithfulness_frame()
+    # the node-level circuit with every head is the whole model: faithfulness exactly 1
+    whole = df[(df.method == "nodes")].sort_values("edges").iloc[-1]
+    assert whole.edges == result.graph["n_edges"] and whole.faithfulness == pytest.approx(1.0, abs=1e-5)
+    assert len(result.edges) == result.graph["n_edges"]
+    assert result.attribution_check["n_edges"] >= 20 and -1 <= result.attribution_check["spearman"] <= 1
+    assert {s["subset"] for s in result.stability["subsets"]} == {"resample 0", "template 0", "template 1"}
+    result.save(tmp_path)
+    back = CircuitResult.load(tmp_path)
+    assert back.circuit == json.loads((tmp_path / "circuit.json").read_text())
+    assert back.edges_frame().equals(result.edges_frame())
+    assert back.faithfulness_frame().shape == df.shape
+
+
+@pytest.mark.parametrize("method, fails", [
+    # the MLP and logits receivers read the run's own residual stream: a head's write at END no longer reaches
+    # them, so patching all edges out of a head differs from a plain patch (the empty circuit still matches the
+    # donor: at END, donor and recipient differ only through attention)
+    ("on_single", "edge_patch_matches_plain_patch"),
+    # the heads' q, k and v ignore their patches: the empty circuit is not the donor run
+    ("on_qkv", "empty_circuit_is_donor"),
+])
+def test_a_receiver_that_ignores_its_patch_fails_a_check(gpt2_lm, monkeypatch, method, fails):
+    monkeypatch.setattr(edges_module._Flow, method, lambda self, *args: None)
+    result = run_circuit(lm=gpt2_lm, pairs=PAIRS, task="pairs", method="eap", edges=(5,), resamples=0, progress=False)
+    assert not result.sanity[fails]["passed"]
+    assert result.sanity["full_circuit_is_recipient"]["passed"]
+
+
+def test_cli_circuit_writes_every_file(gpt2_dir, tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"recipient": p.recipient, "donor": p.donor, "answer": p.answer,
+                                         "wrong": p.wrong}) + "\n" for p in PAIRS))
+    out = tmp_path / "out"
+    code = main(["circuit", "--model", str(gpt2_dir), "--pairs-file", str(pairs), "--method", "eap-ig", "--ig-steps",
+                 "2", "--edges", "5", "30", "--resamples", "0", "--out", str(out), "--quiet"])
+    assert code == 0
+    for name in ("edges.csv", "circuit.json", "faithfulness.csv", "faithfulness.png", "circuit.png", "report.md",
+                 "report.html", "results.json", "config.json"):
+        assert (out / name).is_file(), name
+    edges = pd.read_csv(out / "edges.csv")
+    assert list(edges.columns) == ["sender", "receiver", "input", "score"]
+    assert edges.score.abs().is_monotonic_decreasing
+    assert "faithfulness" in (out / "report.md").read_text()
+    assert main(["circuit", "ioi", "--model", str(gpt2_dir), "--pairs-file", str(pairs), "--out",
+                 str(tmp_path / "x")]) == 2  # a task and a pairs file
+    assert main(["circuit", "--model", str(gpt2_dir), "--pairs-file", str(pairs), "--ig-steps", "0", "--out",
+                 str(tmp_path / "y")]) == 2
+
+
+@pytest.mark.parametrize("select", ["greedy", "exact"])
+def test_other_selections_run_end_to_end(gpt2_lm, select):
+    result = run_circuit(lm=gpt2_lm, pairs=PAIRS[:2], task="pairs", method="eap", edges=(10,), select=select,
+                         resamples=0, progress=False)
+    assert result.passed
+    assert result.circuit["select"] == select and result.circuit["n_edges"] <= result.graph["n_edges"]
+    if select == "exact":  # every edge it dropped moved the metric by less than 1% of (model - empty)
+        assert result.circuit["n_edges"] < result.graph["n_edges"]
