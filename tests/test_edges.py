@@ -55,6 +55,16 @@ def get(root, path):
     return root
 
 
+def run_plain(model, batch, ids, handles):
+    """One plain forward of ``ids`` with ``handles`` registered; they are removed afterwards, whatever happens."""
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=batch.attention_mask)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def plain_senders(model, fam, batch, ids, n_heads, d_head):
     """Every sender's output in one plain run, by name: input, a{L}.h{h} (or a{L}), m{L}."""
     out, handles = {}, []
@@ -79,12 +89,7 @@ def plain_senders(model, fam, batch, ids, n_heads, d_head):
                 lambda mod, args, res, L=L: out.__setitem__(f"a{L}", res.detach().clone())))
         handles.append(get(block, fam["mlp_out"]).register_forward_hook(
             lambda mod, args, res, L=L: out.__setitem__(f"m{L}", (res[0] if isinstance(res, tuple) else res).detach().clone())))
-    try:
-        with torch.no_grad():
-            model(input_ids=ids, attention_mask=batch.attention_mask)
-    finally:
-        for h in handles:
-            h.remove()
+    run_plain(model, batch, ids, handles)
     return out
 
 
@@ -182,12 +187,7 @@ def norm_inputs(model, fam, batch, ids):
                 lambda m, args, k=(key, L): got.__setitem__(k, args[0].detach().clone())))
     handles.append(get(model, fam["final"]).register_forward_pre_hook(
         lambda m, args: got.__setitem__(("final", -1), args[0].detach().clone())))
-    try:
-        with torch.no_grad():
-            model(input_ids=ids, attention_mask=batch.attention_mask)
-    finally:
-        for h in handles:
-            h.remove()
+    run_plain(model, batch, ids, handles)
     return got
 
 

@@ -55,7 +55,8 @@ class _Flow:
         self.seen = torch.zeros(S, dtype=torch.bool)                      # senders that have run
         self.inputs: list[tuple[list[int], Tensor]] = []                  # (receivers, their inputs) (grad mode)
         self.resid: dict[int, Tensor] = {}
-        self.w_o: dict[int, Tensor] = {}
+        self.w_o: dict[int, Tensor] = {}                                  # W_O per head, per layer (read once)
+        self.w_qkv: dict[int, tuple] = {}                                 # a receiver's rows of its projection
         self.complement = torch.zeros(len(graph.receivers), dtype=torch.bool)
         self.needed = torch.ones(S, dtype=torch.bool) if mode == "record" else torch.zeros(S, dtype=torch.bool)
         if mode == "patch":
@@ -160,7 +161,9 @@ class _Flow:
         new, Dh = out.clone(), self.a.d_head
         for i, r in enumerate(rows):
             rec = self.g.receivers[r]
-            weight, bias = self.a.qkv_head_weights(layer, rec.input, rec.index)  # (Dh, D), (Dh,)
+            if r not in self.w_qkv:
+                self.w_qkv[r] = self.a.qkv_head_weights(layer, rec.input, rec.index)  # (Dh, D), (Dh,)
+            weight, bias = self.w_qkv[r]
             y = normed[i] @ weight.to(normed.dtype).T  # (B, T, Dh): only this head's rows of the projection
             start = self.a.qkv_start(rec.input, rec.index)
             new[..., start:start + Dh] = y if bias is None else y + bias.to(y.dtype)

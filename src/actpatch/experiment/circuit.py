@@ -196,7 +196,7 @@ def run_circuit(config: CircuitConfig | None = None, *, lm: LoadedModel | None =
               dynamic_ncols=True) as bar:
         scores = edge_scores(lm, graph, batch, score, rec, don, steps=steps, bar=bar)
     full, empty = score(rec_logits, slice(None)).float().cpu(), evaluate.per_pair(torch.zeros_like(graph.allowed))
-    effects = head_effects(lm, graph, batch, score, rows)
+    effects = head_effects(lm, graph, batch, score, float(full.mean()))
     with tqdm(total=len(sizes) + min(10, len(effects)), desc="faithfulness", disable=disable, dynamic_ncols=True) as bar:
         curve, kept = _curve(cfg, graph, scores, evaluate, full, empty, sizes, bar)
         nodes = _node_curve(graph, effects, evaluate, full, empty, bar)

@@ -32,21 +32,23 @@ def _sites(graph: Graph) -> dict[str, object]:
     return {f"a{L}": AttnOutSite(L) for L in range(graph.n_layers)}
 
 
-def _plain(lm, batch, names: list[str], sites: dict, reduce) -> dict[str, torch.Tensor]:
+def _plain(lm, batch, names: list[str], sites: dict, reduce, donor=None) -> dict[str, torch.Tensor]:
     """Plain patches (all positions) of ``names``' sites, reduced per variant: {key: (K, B)}."""
-    donor, _ = capture(lm, batch.donor_ids, batch, [sites[n] for n in names])
+    if donor is None:
+        donor, _ = capture(lm, batch.donor_ids, batch, [sites[n] for n in names])
     return patch_variants(lm, batch, donor, [[sites[n]] for n in names], reduce=reduce, donor_from_batch=True)
 
 
-def head_effects(lm, graph: Graph, batch, score, rows: int) -> dict[str, float]:
-    """Mean change of the metric when one attention sender (head, or layer attention) is patched at all positions."""
+def head_effects(lm, graph: Graph, batch, score, base: float) -> dict[str, float]:
+    """Mean change of the metric from ``base`` (the unpatched recipient's) when one attention sender (head, or layer
+    attention) is patched at all positions."""
     sites = _sites(graph)
-    base = float(score(capture(lm, batch.recipient_ids, batch, [])[1], slice(None)).float().mean())
-    out = {}
     names = list(sites)
+    donor, _ = capture(lm, batch.donor_ids, batch, list(sites.values()))  # one donor pass for every variant
+    out = {}
     for lo in range(0, len(names), 64):  # variants in groups: the plain engine sizes its own passes
         group = names[lo:lo + 64]
-        m = _plain(lm, batch, group, sites, lambda lg: {"m": score(lg, slice(None))})["m"]  # (K, B)
+        m = _plain(lm, batch, group, sites, lambda lg: {"m": score(lg, slice(None))}, donor)["m"]  # (K, B)
         out.update({n: float(v.float().mean()) - base for n, v in zip(group, m)})
     return out
 
