@@ -2,11 +2,14 @@
 
     .venv/bin/python bench/bench_circuit.py --out bench/results-circuit.json     # about 3 minutes on 2 CPU cores
 
-Rows: recording every sender's output (one pass per side), EAP over every edge (the two recording passes plus one
-forward and backward), EAP-IG with K steps (two recording passes plus K forwards and backwards), one faithfulness
-point (one edge-patched forward of every pair). FE = seconds / one plain forward of the same pairs with full logits.
-Memory: the peak resident growth of each row over the level before it, next to the model's parameters and one
-activation cache (every sender's output for these pairs: what EAP keeps per side).
+Rows: recording every sender's output (one pass per side), a plain forward and backward (the floor of any gradient
+method here), EAP over every edge (the two recording passes plus one forward and backward), EAP-IG with K steps
+(two recording passes plus K forwards and backwards), one faithfulness point (one edge-patched forward of every
+pair). FE = seconds / one plain forward of the same pairs (END logits over the whole vocabulary). Times are the
+fastest of several runs (5 for the forward, 3 per row): this machine's noise only ever adds time. Memory: each
+row's peak resident growth over the level before it, and for EAP the whole process's peak above its level before
+the model was loaded, next to the issue's bound of 2 x (the model's parameters + one activation cache: every
+sender's output for these pairs, what EAP keeps per side).
 """
 
 from __future__ import annotations
@@ -15,11 +18,13 @@ import argparse
 import json
 import platform
 
+import psutil
 import torch
-from bench_sweeps import timed  # (median seconds, result, peak RSS growth): the same measure as the sweep benchmarks
+from bench_sweeps import PeakRSS, timed  # (seconds, result, peak RSS growth): the same measure as the sweep benchmarks
 
 import actpatch
 from actpatch.analysis.circuits import top_edges
+from actpatch.engine.attribution import _activation_gradients_only
 from actpatch.engine.capture import last_logits
 from actpatch.engine.eap import edge_scores
 from actpatch.engine.edges import edge_patched_logits, sender_outputs
@@ -35,6 +40,7 @@ def main() -> None:
     parser.add_argument("--out")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    rss0 = psutil.Process().memory_info().rss
     lm = actpatch.load_model("smollm2-135m", device="cpu")
     task = get_task("ioi")
     batch = task.tokenize(lm.tokenizer, task.generate(lm.tokenizer, args.n_pairs, ("swap",), 0)["swap"])
@@ -44,19 +50,31 @@ def main() -> None:
     def metric(logits, sl):
         return logit_diff(logits, batch.answer_ids[sl], batch.wrong_ids[sl])
 
+    def forward_backward():  # the same metric's gradient with respect to the input embeddings, nothing else
+        with _activation_gradients_only(lm), torch.enable_grad():
+            leaf = lm.model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.detach().requires_grad_())
+            try:
+                metric(last_logits(lm, ids, mask, end), slice(None)).sum().backward()
+            finally:
+                leaf.remove()
+
     with torch.inference_mode():
-        fwd = timed(lambda: last_logits(lm, ids, mask, end), repeat=3)[0]
+        last_logits(lm, ids, mask, end)
+        fwd = timed(lambda: last_logits(lm, ids, mask, end), repeat=5, fastest=True)[0]
     results = []
 
     def row(name, fn, note):
-        secs, out, peak = timed(fn)
+        secs, out, peak = timed(fn, repeat=3, fastest=True)
         results.append({"row": name, "seconds": secs, "fe": secs / fwd, "peak_rss_gib": peak / 2**30, "note": note})
         print(f"{name:28s} {secs:7.2f} s  {secs / fwd:6.1f} FE  +{peak / 2**30:.2f} GiB  {note}", flush=True)
         return out
 
     rec = row("record senders (one side)", lambda: sender_outputs(lm, graph, batch, "recipient")[0], "1 forward + writes")
     don = sender_outputs(lm, graph, batch, "donor")[0]
-    eap = row("EAP scores", lambda: edge_scores(lm, graph, batch, metric, rec, don), "+ 2 recording passes")
+    row("plain forward + backward", forward_backward, "d metric / d input embeddings")
+    with PeakRSS() as whole:
+        whole.base = rss0  # the process's peak above its level before the model was loaded
+        eap = row("EAP scores", lambda: edge_scores(lm, graph, batch, metric, rec, don), "+ 2 recording passes")
     row(f"EAP-IG scores (K={args.ig_steps})", lambda: edge_scores(lm, graph, batch, metric, rec, don, steps=args.ig_steps),
         "+ 2 recording passes")
     keep = top_edges(graph, eap, 200)
@@ -68,8 +86,10 @@ def main() -> None:
     summary = {
         "forward_seconds": fwd, "n_pairs": len(batch), "tokens": int(ids.shape[1]), "n_edges": graph.n_edges,
         "model_gib": params / 2**30, "sender_cache_gib": cache / 2**30,
-        "eap_total_fe": results[1]["fe"] + 2 * results[0]["fe"],
-        "eap_ig_total_fe": results[2]["fe"] + 2 * results[0]["fe"],
+        "eap_total_fe": results[2]["fe"] + 2 * results[0]["fe"],
+        "eap_ig_total_fe": results[3]["fe"] + 2 * results[0]["fe"],
+        "eap_process_peak_gib": whole.peak / 2**30,
+        "memory_bound_gib": 2 * (params + cache) / 2**30,
         "machine": platform.processor() or platform.machine(), "torch": torch.__version__, "actpatch": actpatch.__version__,
     }
     print(json.dumps(summary, indent=2))

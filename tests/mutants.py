@@ -26,8 +26,8 @@ TESTS = ["tests/test_set_metrics.py", "tests/test_trust.py", "tests/test_checks.
 
 # name: (file under src/actpatch, the exact text, its replacement, what the bug is)
 MUTANTS = {
-    "edge_qkv_which": ("engine/edges.py", "start = self.a.qkv_start(rec.input, rec.index)",
-                       'start = self.a.qkv_start("q", rec.index)', "a receiving head's k and v written into its q slot"),
+    "edge_qkv_which": ("engine/edges.py", "self.a.qkv_start(rec.input, rec.index)",
+                       'self.a.qkv_start("q", rec.index)', "a receiving head's k and v written into its q slot"),
     "edge_diff_sign": ("engine/edges.py", "d = self.diff[s] = self.donor[s].to(value.device, value.dtype) - value",
                        "d = self.diff[s] = value - self.donor[s].to(value.device, value.dtype)", "recipient - donor"),
     "edge_parallel_extra": ("engine/edges.py", "total = self.total.unsqueeze(0) - (0 if extra is None else extra)",
@@ -38,8 +38,13 @@ MUTANTS = {
                        "the graph lets a parallel-residual MLP read its own layer's attention"),
     "eap_no_interpolation": ("engine/eap.py", "alphas = [None] if steps is None else [k / steps for k in range(1, steps + 1)]",
                              "alphas = [None] * (steps or 1)", "EAP-IG takes every gradient at the recipient"),
-    "eap_prefix_short": ("engine/eap.py", "upto = int(graph.allowed[receivers].any(0).nonzero().max()) + 1",
-                         "upto = int(graph.allowed[receivers].any(0).nonzero().max())", "the last sender's scores dropped"),
+    "eap_block_start": ("engine/eap.py", "r0 = int(graph.allowed[:, s0:s1].any(1).nonzero().min())",
+                        "r0 = int(graph.allowed[:, s0:s1].any(1).nonzero().min()) + 1",
+                        "the first receiver of each sender block gets no scores"),
+    "eap_last_step_only": ("engine/eap.py", "grads[receivers] += grad.float()", "grads[receivers] = grad.float()",
+                           "EAP-IG keeps only the last step's gradient"),
+    "eap_norm_vjp": ("engine/edges.py", "yield rows, torch.func.vmap(pullback)(g_normed)[0]",
+                     "yield rows, g_normed", "a head's input gradient skips its norm"),
     "prune_no_reach": ("analysis/circuits.py", "            reached[feeds[r]] = True", "            pass",
                        "pruning forgets which nodes the input reaches"),
     "noise_prefix": ("engine/planning.py", "        same &= ~batch.noise_mask[:, :w]", "        pass",

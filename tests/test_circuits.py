@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from actpatch import wrap_model
-from actpatch.analysis.circuits import (circuit_nodes, exact_prune, fed_senders, greedy_edges, jaccard, node_circuit,
+from actpatch.analysis.circuits import (circuit_heads, circuit_nodes, exact_prune, fed_senders, greedy_edges, jaccard, node_circuit,
                                         prune, top_edges)
 from actpatch.cli import main
 from actpatch.engine import edges as edges_module
@@ -18,6 +18,7 @@ from actpatch.engine.pairs import PromptPair
 from actpatch.errors import ConfigError
 from actpatch.experiment.circuit import run_circuit
 from actpatch.experiment.circuitresult import CircuitResult
+from actpatch.report.circuitreport import findings, head_table, plot_curves
 from conftest import tiny_model
 
 PAIRS = [
@@ -76,6 +77,19 @@ def test_top_greedy_and_node_circuits(gpt2_lm):
     assert [len(f) for f in fed_senders(g)][:12] == [1] * 12  # without GQA each q, k, v feeds its own head
 
 
+def test_circuit_heads_read_and_write(gpt2_lm, gpt2_tokenizer):
+    g = build_graph(gpt2_lm.adapter)
+    # a0.h1 reads (v) and writes; a1.h0 reads but writes nothing; a0.h2 writes but reads nothing
+    keep = _keep(g, [("input", "a0.h1<v>"), ("a0.h1", "logits"), ("input", "a1.h0<q>"), ("a0.h2", "m2")])
+    assert circuit_heads(g, keep) == ["a0.h1"]
+    llama = build_graph(wrap_model(tiny_model("llama"), gpt2_tokenizer).adapter)  # 4 query heads on 2 KV heads
+    # a key of KV head 1 is read by query heads 2 and 3; only head 3 writes
+    assert circuit_heads(llama, _keep(llama, [("input", "a1.kv1<k>"), ("a1.h3", "logits")])) == ["a1.h3"]
+    assert circuit_heads(llama, _keep(llama, [("input", "a1.kv0<k>"), ("a1.h3", "logits")])) == []
+    gemma = build_graph(wrap_model(tiny_model("gemma3"), gpt2_tokenizer).adapter)  # the layer's attention sends
+    assert circuit_heads(gemma, _keep(gemma, [("input", "a1.h2<q>"), ("a1", "logits")])) == ["a1.h2"]
+
+
 def test_exact_prune_drops_edges_that_change_nothing(gpt2_lm):
     g = build_graph(gpt2_lm.adapter)
     needed = _keep(g, [("input", "a0.h0<q>"), ("a0.h0", "logits")])
@@ -100,11 +114,41 @@ def test_circuit_run_checks_faithfulness_and_round_trip(gpt2_lm, tmp_path):
     assert len(result.edges) == result.graph["n_edges"]
     assert result.attribution_check["n_edges"] >= 20 and -1 <= result.attribution_check["spearman"] <= 1
     assert {s["subset"] for s in result.stability["subsets"]} == {"resample 0", "template 0", "template 1"}
+    assert result.baseline["head_classes"] is None  # these pairs have no IOI positions
+    graph = build_graph(gpt2_lm.adapter)
+    assert result.circuit["heads"] == circuit_heads(graph, _keep_of(graph, result))
     result.save(tmp_path)
     back = CircuitResult.load(tmp_path)
     assert back.circuit == json.loads((tmp_path / "circuit.json").read_text())
     assert back.edges_frame().equals(result.edges_frame())
     assert back.faithfulness_frame().shape == df.shape
+
+
+def _keep_of(graph, result):
+    """The chosen circuit's edges as an (R, S) mask, read back from circuit.json's edge list."""
+    return _keep(graph, [(e[0], e[1] if e[2] in ("mlp", "logits") else f"{e[1]}<{e[2]}>") for e in result.circuit["edges"]])
+
+
+def test_ioi_circuit_lines_heads_up_with_their_classes(gpt2_lm):
+    result = run_circuit(lm=gpt2_lm, task="ioi", n_pairs=4, method="eap", edges=(10, 40), resamples=0, progress=False)
+    assert result.passed, result.sanity
+    assert isinstance(result.baseline["head_classes"], dict)
+    graph = build_graph(gpt2_lm.adapter)
+    assert result.circuit["heads"] == circuit_heads(graph, _keep_of(graph, result))
+    # the lineup, on classes given by hand: a head in the circuit, one outside it
+    inside = result.circuit["heads"][0] if result.circuit["heads"] else None
+    outside = next(f"a{L}.h{h}" for L in range(3) for h in range(4) if f"a{L}.h{h}" not in result.circuit["heads"])
+    result.baseline["head_classes"] = {outside: ["induction"], **({inside: ["name mover"]} if inside else {})}
+    text = " ".join(findings(result))
+    assert "induction 0 of 1" in text
+    assert inside is None or f"name mover 1 of 1 ({inside})" in text
+    table = head_table(result).set_index("head")
+    assert not table.loc[outside, "in circuit"] and table.loc[outside, "IOI classes"] == "induction"
+    assert inside is None or table.loc[inside, "in circuit"]
+    result.baseline["head_classes"] = {}
+    assert "No head meets the IOI class thresholds" in " ".join(findings(result))
+    fig = plot_curves([result, result])  # one model and task: one panel, the node-level curve drawn once
+    assert len(fig.axes) == 1 and len(fig.axes[0].get_lines()) == 3 + 1  # two edge curves, nodes, the target line
 
 
 @pytest.mark.parametrize("method, fails", [

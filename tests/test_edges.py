@@ -18,7 +18,7 @@ from actpatch.engine.edges import edge_patched_logits, sender_outputs
 from actpatch.engine.graph import build_graph
 from actpatch.engine.hooks import count_hooks
 from actpatch.engine.pairs import PromptPair
-from actpatch.errors import DataError, UnsupportedArchitectureError
+from actpatch.errors import ConfigError, DataError, UnsupportedArchitectureError
 from conftest import tiny_model
 
 # family: blocks, attention pre-norm, q/k/v module(s) and layout, o_proj, attention post-norm, MLP pre-norm,
@@ -212,13 +212,10 @@ def test_every_edge_into_one_receiver_makes_it_read_the_donor(arch, gpt2_tokeniz
         assert float((got - ref).abs().max()) <= 1e-5, f"{arch} {label}"  # float32 summation order
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neox", "gemma3"])
-def test_eap_matches_finite_differences_and_ig1_is_eap(arch, gpt2_tokenizer):
-    # float64 where the family computes in it; Gemma's tiny model overflows to NaN in float64 (HF masks), so float32.
-    # Llama and NeoX normalise / rotate in float32 internally even then, hence a finite-difference step of 1e-2.
-    dtype = torch.float32 if arch.startswith("gemma") else torch.float64
-    lm = wrap_model(tiny_model(arch).to(dtype), gpt2_tokenizer)
-    batch = tokenize_pairs(gpt2_tokenizer, PAIRS)
+def _scoring_setup(arch, dtype, tokenizer):
+    """A tiny model of ``arch``, PAIRS, its graph, both sides' sender outputs and the logit difference per pair."""
+    lm = wrap_model(tiny_model(arch).to(dtype), tokenizer)
+    batch = tokenize_pairs(tokenizer, PAIRS)
     graph = build_graph(lm.adapter)
     rec, _ = sender_outputs(lm, graph, batch, "recipient")
     don, _ = sender_outputs(lm, graph, batch, "donor")
@@ -227,6 +224,15 @@ def test_eap_matches_finite_differences_and_ig1_is_eap(arch, gpt2_tokenizer):
     def metric(logits, sl):
         return logits[rows[sl], batch.answer_ids[sl]] - logits[rows[sl], batch.wrong_ids[sl]]
 
+    return lm, batch, graph, rec, don, metric
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neox", "gemma3"])
+def test_eap_matches_finite_differences_and_ig1_is_eap(arch, gpt2_tokenizer):
+    # float64 where the family computes in it; Gemma's tiny model overflows to NaN in float64 (HF masks), so float32.
+    # Llama and NeoX normalise / rotate in float32 internally even then, hence a finite-difference step of 1e-2.
+    dtype = torch.float32 if arch.startswith("gemma") else torch.float64
+    lm, batch, graph, rec, don, metric = _scoring_setup(arch, dtype, gpt2_tokenizer)
     eap = edge_scores(lm, graph, batch, metric, rec, don)
     ig1 = edge_scores(lm, graph, batch, metric, rec, don, steps=1)
     ig3 = edge_scores(lm, graph, batch, metric, rec, don, steps=3)
@@ -245,6 +251,29 @@ def test_eap_matches_finite_differences_and_ig1_is_eap(arch, gpt2_tokenizer):
         worst = max(worst, abs(fd - float(eap[r, s])))
     # central differences: O(eps^2) curvature plus float32 rounding inside the norms, both far below a score's scale
     assert worst <= 2e-3 * scale, f"{arch}: EAP differs from finite differences by {worst:.3g} (scale {scale:.3g})"
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_eap_ig_matches_finite_differences_along_the_path(arch, gpt2_tokenizer):
+    # Every edge out of the input patched with weight 1 - alpha runs the model on donor + alpha (recipient - donor)
+    # embeddings, so the derivative in one more input edge's weight there is that step's gradient times
+    # (donor - recipient) of the input: EAP-IG of an input edge is the mean of these over alpha = k / K.
+    lm, batch, graph, rec, don, metric = _scoring_setup(arch, torch.float64, gpt2_tokenizer)
+    K, eps = 3, 1e-3
+    ig = edge_scores(lm, graph, batch, metric, rec, don, steps=K)
+    scale, worst = float(ig.abs().max()), 0.0
+    for r in [0, 1, graph.receiver_index("m1"), graph.receiver_index("logits")]:  # a q, a k, an MLP, the logits
+        fd = 0.0
+        for k in range(1, K + 1):
+            def m(e):
+                w = torch.zeros(graph.allowed.shape, dtype=torch.float64)
+                w[:, 0] = 1 - k / K
+                w[r, 0] += e
+                return float(metric(edge_patched_logits(lm, graph, batch, don, w), slice(None)).mean())
+            fd += (m(eps) - m(-eps)) / (2 * eps) / K
+        worst = max(worst, abs(fd - float(ig[r, 0])))
+    # float64 with float32 norms inside (Llama): central differences agree to well below a score's scale
+    assert worst <= 2e-3 * scale, f"{arch}: EAP-IG differs from finite differences by {worst:.3g} (scale {scale:.3g})"
 
 
 def test_bad_input_and_hooks_removed(gpt2_tokenizer):
@@ -268,6 +297,12 @@ def test_bad_input_and_hooks_removed(gpt2_tokenizer):
     assert all(p.requires_grad is False for p in lm.model.parameters())  # as tiny_model left them
     with pytest.raises(UnsupportedArchitectureError, match="olmo2"):
         build_graph(wrap_model(tiny_model("olmo2"), gpt2_tokenizer).adapter)
+    lm.model.hf_device_map = {"transformer.h.0": "cpu", "transformer.h.1": "cuda:0"}  # as accelerate records a split
+    try:
+        with pytest.raises(ConfigError, match="device map"):
+            sender_outputs(lm, graph, batch, "donor")
+    finally:
+        del lm.model.hf_device_map
 
 
 def test_graph_edges_follow_the_residual_stream(gpt2_tokenizer):

@@ -4,6 +4,7 @@
     keep = greedy_edges(graph, scores, 200)       # grown from the logits, one best edge at a time
     keep = exact_prune(graph, scores, evaluate)   # ACDC-style: drop each edge whose exact removal changes little
     circuit_nodes(graph, keep)                    # the nodes it contains
+    circuit_heads(graph, keep)                    # the heads that read and write inside it
     node_circuit(graph, ["a9.h6", "a10.h0"])      # every edge among these heads, all MLPs, input and logits
 
 A circuit keeps its edges at the recipient's values; everything outside it is patched to the donor. Pruning
@@ -137,6 +138,23 @@ def circuit_nodes(graph: Graph, keep: Bool[Tensor, "receiver sender"]) -> list[s
         nodes.update(feeds[r])
     names = [graph.senders[j] for j in sorted(nodes)]
     return names + (["logits"] if bool(keep[graph.receiver_index("logits")].any()) else [])
+
+
+def circuit_heads(graph: Graph, keep: Bool[Tensor, "receiver sender"]) -> list[str]:
+    """The heads (``a5.h3``) that both read and write inside the circuit: a kept edge into their q, or into the k or
+    v of their KV head, and a kept edge out of the sender that carries their write (the layer's attention where
+    heads are not separable, so there a head counts when its layer writes and it reads)."""
+    reads = keep.any(dim=1)
+    out = []
+    for L in range(graph.n_layers):
+        for h in range(graph.n_heads):
+            name = graph.attention_sender(L, h)
+            writes = bool(keep[:, graph.sender_index(name)].any())
+            mine = [i for i in graph.layer_receivers(L, ("q", "k", "v"))
+                    if f"a{L}.h{h}" in graph.heads_reading(graph.receivers[i])]
+            if writes and bool(reads[mine].any()):
+                out.append(f"a{L}.h{h}")
+    return out
 
 
 def jaccard(a: Bool[Tensor, "..."], b: Bool[Tensor, "..."]) -> float:

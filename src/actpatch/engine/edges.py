@@ -10,7 +10,9 @@ recipient's; with every allowed weight 1 each receiver reads the donor's residua
 patching every edge out of one head equals an ordinary patch of that head. The q, k and v of each head are computed
 separately without copying any attention code: the hook on the projection that makes them (q_proj or GPT-2's
 fused c_attn) replaces each receiving head's slice with the projection of its own normed input. Weights need not be
-0 or 1 (finite differences use small ones). The graph and its checks: ``engine.graph``, ``engine.sanity``.
+0 or 1 (finite differences use small ones). For gradients (``receiver_inputs``, used by ``engine.eap``) nothing is
+copied: a plain forward and backward, then each head's input gradient is its slice of the projection's gradient
+through its rows of the weight and the block's norm (``_Flow.receiver_grads``). The graph: ``engine.graph``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..model.models import LoadedModel
 from .batch import PairBatch
 from .capture import last_logits
@@ -35,8 +37,8 @@ class _Flow:
     """The state of one edge-patched (or recorded, or differentiated) forward pass and the hooks that keep it.
 
     ``mode``: "record" keeps every sender's output; "patch" adds ``weights`` x (donor - current) at receivers;
-    "grad" gives every receiver its own input tensor (``self.inputs``) so a backward pass yields per-receiver
-    gradients; ``interpolate`` (grad mode) replaces the input embeddings by donor + alpha (recipient - donor).
+    "grad" keeps what a backward pass needs for per-receiver gradients (``receiver_grads``); ``interpolate`` (grad
+    mode) replaces the input embeddings by donor + alpha (recipient - donor).
 
     Patch mode sums over few senders either way: a receiver group with fewer patched edges than kept ones adds
     sum_s w (donor_s - current_s) over its patched senders; otherwise it adds the running total of every sender's
@@ -45,15 +47,17 @@ class _Flow:
 
     def __init__(self, lm: LoadedModel, graph: Graph, mode: str, donor: Tensor | None = None,
                  weights: Tensor | None = None, interpolate: tuple[Tensor, float] | None = None) -> None:
+        _check_one_device(lm)
         self.lm, self.g, self.a, self.mode = lm, graph, lm.adapter, mode
         self.donor, self.interpolate = donor, interpolate
         self.weights = None if weights is None else (weights.float() * graph.allowed.float())
         S = len(graph.senders)
-        self.written: list[Tensor | None] = [None] * S                   # (B, T, D) per sender (record mode)
+        self.written: Tensor | None = None                                # (S, B, T, D) every sender's output (record)
         self.diff: list[Tensor | None] = [None] * S                      # donor - current (patch mode, needed ones)
         self.total: Tensor | None = None                                  # the running sum of every diff so far
         self.seen = torch.zeros(S, dtype=torch.bool)                      # senders that have run
         self.inputs: list[tuple[list[int], Tensor]] = []                  # (receivers, their inputs) (grad mode)
+        self.projected: list[tuple[int, list[int], Tensor]] = []          # (layer, receivers, q/k/v output) (grad)
         self.resid: dict[int, Tensor] = {}
         self.w_o: dict[int, Tensor] = {}                                  # W_O per head, per layer (read once)
         self.w_qkv: dict[int, tuple] = {}                                 # a receiver's rows of its projection
@@ -85,8 +89,10 @@ class _Flow:
 
     # --- senders ---------------------------------------------------------------------------------------------
     def _wrote(self, s: int, value: Tensor) -> None:
-        if self.mode == "record":
-            self.written[s] = value.detach().clone()
+        if self.mode == "record":  # one (S, B, T, D) block, filled in place: no per-sender copies to stack
+            if self.written is None:
+                self.written = value.new_empty(len(self.g.senders), *value.shape)
+            self.written[s].copy_(value.detach())
         elif self.mode == "patch" and self.needed[s]:
             d = self.diff[s] = self.donor[s].to(value.device, value.dtype) - value
             self.total = d.clone() if self.total is None else self.total + d
@@ -154,20 +160,47 @@ class _Flow:
     def on_qkv(self, layer: int, which: tuple[str, ...], out: Tensor) -> Tensor | None:
         """Replace each receiving head's slice of the projection ``out`` (B, T, F) by the projection of its own input."""
         rows = self.g.layer_receivers(layer, which)
+        if self.mode == "grad":  # the heads share one input; their gradients are split after the backward pass
+            out.retain_grad()
+            self.projected.append((layer, rows, out))
+            return None
         xs = self.receive(rows, self.resid[layer])
         if xs is None:
             return None
         normed = self.a.attn_norm(layer).forward(xs)  # (R', B, T, D); .forward does not re-enter the hooks
         new, Dh = out.clone(), self.a.d_head
         for i, r in enumerate(rows):
-            rec = self.g.receivers[r]
-            if r not in self.w_qkv:
-                self.w_qkv[r] = self.a.qkv_head_weights(layer, rec.input, rec.index)  # (Dh, D), (Dh,)
-            weight, bias = self.w_qkv[r]
+            weight, bias, start = self._head_rows(layer, r)
             y = normed[i] @ weight.to(normed.dtype).T  # (B, T, Dh): only this head's rows of the projection
-            start = self.a.qkv_start(rec.input, rec.index)
             new[..., start:start + Dh] = y if bias is None else y + bias.to(y.dtype)
         return new
+
+    def _head_rows(self, layer: int, r: int) -> tuple[Tensor, Tensor | None, int]:
+        """Receiver r's rows of its projection, W (Dh, D) and bias, read once per run, and where its slice starts."""
+        rec = self.g.receivers[r]
+        if r not in self.w_qkv:
+            self.w_qkv[r] = self.a.qkv_head_weights(layer, rec.input, rec.index)  # (Dh, D), (Dh,)
+        return *self.w_qkv[r], self.a.qkv_start(rec.input, rec.index)
+
+    def receiver_grads(self) -> Iterator[tuple[list[int], Tensor]]:
+        """After a backward pass (grad mode): (receivers, d metric / d their input (R', B, T, D)), group by group.
+
+        A head's q (k, v) is its rows W of the projection applied to norm(x), so its input's gradient is the norm's
+        vector-Jacobian product at x of (d metric / d its slice) @ W: one small batched pass through the norm per
+        group, instead of a copy of the input per receiver in the model's own forward and backward."""
+        yield from ((rows, xs.grad) for rows, xs in self.inputs)
+        Dh, by_layer = self.a.d_head, {}
+        for layer, rows, out in self.projected:  # q, k and v of a layer share one input: one pass through its norm
+            by_layer.setdefault(layer, []).extend((r, out.grad) for r in rows)
+        for layer, parts in by_layer.items():
+            rows = [r for r, _ in parts]
+            heads = [self._head_rows(layer, r) for r in rows]
+            g_head = torch.stack([g[..., s:s + Dh] for (_, g), (_, _, s) in zip(parts, heads)])  # (R', B, T, Dh)
+            w = torch.stack([weight for weight, _, _ in heads]).to(g_head.device, g_head.dtype)  # (R', Dh, D)
+            g_normed = torch.einsum("rbte,red->rbtd", g_head, w)  # (R', B, T, D)
+            with torch.enable_grad():  # the norm's vector-Jacobian product at x, mapped over the R' cotangents
+                _, pullback = torch.func.vjp(self.a.attn_norm(layer).forward, self.resid[layer].detach())
+                yield rows, torch.func.vmap(pullback)(g_normed)[0]  # (R', B, T, D)
 
     def on_single(self, receiver: int, x: Tensor) -> Tensor | None:
         xs = self.receive([receiver], x)
@@ -201,6 +234,14 @@ def _qkv_modules(adapter, layer: int) -> list[tuple[object, tuple[str, ...]]]:
     return [(adapter.qkv_module(layer, "q"), ("q", "k", "v"))]
 
 
+def _check_one_device(lm: LoadedModel) -> None:
+    placed = set((getattr(lm.model, "hf_device_map", None) or {}).values())
+    if len(placed) > 1:
+        raise ConfigError(f"edge patching keeps every sender's output in one tensor on one device, but this model is "
+                          f"spread over {sorted(map(str, placed))} by a device map. Load it on one device (no "
+                          "--device-map) for circuits.")
+
+
 def _check_aligned(batch: PairBatch) -> None:
     if batch.donor_mask is not None or batch.donor_positions is not None:
         raise DataError("edge patching adds donor - recipient at the same positions, so it needs pairs of equal token "
@@ -228,7 +269,7 @@ def sender_outputs(lm: LoadedModel, graph: Graph, batch: PairBatch, side: str) -
     flow = _Flow(lm, graph, "record")
     with torch.inference_mode():
         logits = _run(lm, batch, flow, side)
-    return torch.stack(flow.written), logits
+    return flow.written, logits
 
 
 def edge_patched_logits(
@@ -252,8 +293,9 @@ def edge_patched_logits(
 @contextlib.contextmanager
 def receiver_inputs(lm: LoadedModel, graph: Graph, alpha: float | None = None,
                     donor_input: Tensor | None = None) -> Iterator[_Flow]:
-    """Hooks (inside the block) that give each receiver its own input tensor, for gradients; with ``alpha`` the
-    input embeddings are donor_input + alpha (recipient - donor_input) (integrated gradients)."""
+    """Hooks (inside the block) that keep what per-receiver gradients need; after ``backward()``,
+    ``flow.receiver_grads()`` yields them. With ``alpha`` the input embeddings are donor_input + alpha
+    (recipient - donor_input) (integrated gradients)."""
     flow = _Flow(lm, graph, "grad", interpolate=None if alpha is None else (donor_input, alpha))
     with hooks(flow.specs()):
         yield flow

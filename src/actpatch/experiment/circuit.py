@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..analysis.circuits import circuit_nodes, exact_prune, greedy_edges, node_circuit, top_edges
-from ..engine.eap import edge_scores
+from ..analysis.circuits import circuit_heads, circuit_nodes, exact_prune, greedy_edges, node_circuit, top_edges
+from ..engine.eap import EAP_TOKENS, edge_scores
 from ..engine.edges import edge_patched_logits, sender_outputs
 from ..engine.graph import Graph, build_graph
 from ..engine.hooks import count_hooks
@@ -29,7 +29,7 @@ from ..engine.sanity import check_no_hooks_left
 from ..engine.pairs import PromptPair
 from ..errors import ConfigError
 from ..model.models import DEFAULT_MODEL, LoadedModel, load_model
-from .circuitchecks import attribution_check, head_effects, run_circuit_checks, stability
+from .circuitchecks import attribution_check, head_classes, head_effects, run_circuit_checks, stability
 from .circuitresult import CircuitResult
 from .config import environment
 from .contrast import PairsConfig, _pairs_for
@@ -141,10 +141,12 @@ def _curve(cfg, graph, scores, evaluate, full, empty, sizes, bar) -> tuple[list[
             if hi - lo <= max(1, lo // 20):
                 break
             mid = (lo + hi) // 2
+            bar.total += 1  # the bisection's points are counted as they come
             keep = kept[mid] = _select(cfg, graph, scores, mid)
             row = _point(graph, keep, evaluate.per_pair(keep), full, empty, method=cfg.method, select=cfg.select,
                          size=mid)
             rows.append(row)
+            bar.update(1)
             lo, hi = (lo, mid) if row["faithfulness"] >= cfg.target else (mid, hi)
     return sorted(rows, key=lambda r: r["size"]), kept
 
@@ -192,9 +194,10 @@ def run_circuit(config: CircuitConfig | None = None, *, lm: LoadedModel | None =
     steps = None if cfg.method == "eap" else cfg.ig_steps
     disable = {True: False, None: None, False: True}[cfg.progress]
     sizes = sorted(set(cfg.edges or default_sizes(graph.n_edges)))
-    with tqdm(total=len(range(0, len(batch), rows)) * (steps or 1), desc=f"{cfg.method} scores", disable=disable,
+    grad_rows = min(rows, max(1, EAP_TOKENS // batch.recipient_ids.shape[1]))
+    with tqdm(total=len(range(0, len(batch), grad_rows)) * (steps or 1), desc=f"{cfg.method} scores", disable=disable,
               dynamic_ncols=True) as bar:
-        scores = edge_scores(lm, graph, batch, score, rec, don, steps=steps, bar=bar)
+        scores = edge_scores(lm, graph, batch, score, rec, don, steps=steps, max_rows=grad_rows, bar=bar)
     full, empty = score(rec_logits, slice(None)).float().cpu(), evaluate.per_pair(torch.zeros_like(graph.allowed))
     effects = head_effects(lm, graph, batch, score, float(full.mean()))
     with tqdm(total=len(sizes) + min(10, len(effects)), desc="faithfulness", disable=disable, dynamic_ncols=True) as bar:
@@ -208,7 +211,7 @@ def run_circuit(config: CircuitConfig | None = None, *, lm: LoadedModel | None =
     stab = stability(lm, graph, batch, rec, don, score, steps, select, chosen["keep"], cfg.resamples, cfg.seed,
                      disable) if cfg.resamples and cfg.select != "exact" else {}
     return _result(cfg, pcfg.metric, lm, batch, graph, design, filtered, scores, chosen, curve + nodes, checks, att,
-                   stab, full, empty, effects)
+                   stab, full, empty, effects, head_classes(lm, batch))
 
 
 def _choose(cfg, graph, scores, evaluate, curve, kept, full, empty, disable) -> dict:
@@ -224,7 +227,8 @@ def _choose(cfg, graph, scores, evaluate, curve, kept, full, empty, disable) -> 
     return {"keep": kept[row["size"]], "point": row, "reached": bool(reached)}
 
 
-def _result(cfg, metric, lm, batch, graph, design, filtered, scores, chosen, curve, checks, att, stab, full, empty, effects):
+def _result(cfg, metric, lm, batch, graph, design, filtered, scores, chosen, curve, checks, att, stab, full, empty, effects,
+            classes):
     df = graph.edges()
     r_idx, s_idx = torch.tensor(df.r.to_numpy()), torch.tensor(df.s.to_numpy())
     df["score"] = scores[r_idx, s_idx].numpy()
@@ -233,14 +237,14 @@ def _result(cfg, metric, lm, batch, graph, design, filtered, scores, chosen, cur
     sel = df[keep[torch.tensor(df.r.to_numpy()), torch.tensor(df.s.to_numpy())].numpy()]
     circuit = {"method": cfg.method, "select": chosen["point"]["select"], "target": cfg.target,
                "reached_target": chosen["reached"], "n_edges": int(keep.sum()), "faithfulness": chosen["point"]["faithfulness"],
-               "nodes": circuit_nodes(graph, keep),
+               "nodes": circuit_nodes(graph, keep), "heads": circuit_heads(graph, keep),
                "edges": [[r.sender, r.receiver, r.input, float(r.score)] for r in sel.itertuples()],
                "smallest_faithful": chosen["point"] if chosen["reached"] else None,
                "scores_are": "estimates (attribution); faithfulness is measured by exact edge patching"}
     record = {**asdict(cfg), "metric": metric, "model": lm.info.get("spec", cfg.model), "design": design,
               **({"filtered": filtered} if filtered else {})}
     baseline = {"n_pairs": len(batch), "metric": metric, "model_metric": float(full.mean()),
-                "empty_circuit_metric": float(empty.mean()), "head_effects": effects}
+                "empty_circuit_metric": float(empty.mean()), "head_effects": effects, "head_classes": classes}
     info = {"n_edges": graph.n_edges, "n_senders": len(graph.senders), "n_receivers": len(graph.receivers),
             "head_senders": graph.head_senders, "n_layers": graph.n_layers, "n_heads": graph.n_heads}
     return CircuitResult(config=record, model=dict(lm.info), environment=environment(), baseline=baseline,

@@ -1,6 +1,7 @@
 """The checks of every circuit run, single-head patching for node-level circuits, and the circuit's stability.
 
     run_circuit_checks(...)   # full circuit == recipient, empty circuit == donor, edge patch == plain patch
+    head_classes(lm, batch)   # IOI pairs: the IOI head class of each head (``analysis.heads``), to line up with circuits
     attribution_check(...)    # Spearman of attribution estimates against exact single-edge patches
     stability(...)            # edge Jaccard of circuits from resampled pairs and from each template
 
@@ -15,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..analysis.circuits import jaccard
+from ..analysis.heads import characterise, classify
 from ..engine.capture import capture
 from ..engine.eap import edge_scores
 from ..engine.edges import edge_patched_logits
@@ -22,6 +24,7 @@ from ..engine.graph import Graph
 from ..engine.patching import patch_variants
 from ..engine.sanity import SanityCheck, _diff, _exact_tol, _ulps
 from ..engine.sites import AttnOutSite, HeadSite
+from ..errors import UnsupportedArchitectureError
 from ..experiment.results import spearman
 
 
@@ -51,6 +54,21 @@ def head_effects(lm, graph: Graph, batch, score, base: float) -> dict[str, float
         m = _plain(lm, batch, group, sites, lambda lg: {"m": score(lg, slice(None))}, donor)["m"]  # (K, B)
         out.update({n: float(v.float().mean()) - base for n, v in zip(group, m)})
     return out
+
+
+IOI_POSITIONS = ("IO", "S1", "S1+1", "S2", "END")
+
+
+def head_classes(lm, batch) -> dict[str, list[str]] | None:
+    """IOI head classes (``analysis.heads``: attention, DLA and copy-score thresholds) of the heads that get one, as
+    {"a5.h3": ["name mover", ...]}; None when the pairs lack IOI's named positions or the family is unsupported."""
+    if not all(p in batch.positions for p in IOI_POSITIONS):
+        return None
+    try:
+        found = classify(characterise(lm, batch))
+    except UnsupportedArchitectureError:
+        return None
+    return {f"a{c['layer']}.h{c['head']}": c["classes"] for c in found}
 
 
 def _float_tol(lm, scale: float) -> float:

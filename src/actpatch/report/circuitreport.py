@@ -2,6 +2,7 @@
 
     fig = plot_faithfulness(result)    # faithfulness against circuit size: edge circuits vs node-level circuits
     fig = plot_circuit(result)         # the chosen circuit: nodes by layer, edge width by |score|, colour by sign
+    fig = plot_curves([eap, eap_ig])   # several runs' curves, one panel per model and task
     save_circuit_plots(result, "runs/circuit")      # faithfulness.png, circuit.png
     render_circuit_md(result, plots); render_circuit_html(result, images)
 """
@@ -9,6 +10,7 @@
 from __future__ import annotations
 
 import re
+from typing import Sequence
 
 import matplotlib
 
@@ -40,6 +42,31 @@ def plot_faithfulness(result: CircuitResult) -> plt.Figure:
     ax.set_ylabel("faithfulness")
     ax.set_title(f"{result.config.get('task')}: {result.config.get('metric')}, {result.baseline['n_pairs']} pairs")
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_curves(results: Sequence[CircuitResult]) -> plt.Figure:
+    """Several runs' faithfulness curves, one panel per model and task: each run's edge circuits, and the node-level
+    circuits once (they do not depend on the edge method)."""
+    panels: dict[tuple[str, str], list[CircuitResult]] = {}
+    for r in results:
+        panels.setdefault((str(r.model.get("spec") or r.model.get("model_id")), str(r.config.get("task"))), []).append(r)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, ((model, task), runs) in zip(axes[0], panels.items()):
+        for i, r in enumerate(runs):
+            for (method, select), part in r.faithfulness_frame().groupby(["method", "select"], sort=False):
+                if method == "nodes" and i:
+                    continue
+                part = part.sort_values("edges")
+                label = "node-level (top single heads)" if method == "nodes" else f"{method} ({select})"
+                ax.plot(part.edges, part.faithfulness, marker="o", ms=3, label=label)
+        ax.axhline(runs[0].circuit.get("target", 0.8), color="gray", ls="--", lw=1)
+        ax.set_xscale("log")
+        ax.set_xlabel(f"edges kept (of {runs[0].graph.get('n_edges')}, log scale)")
+        ax.set_ylabel("faithfulness")
+        ax.set_title(f"{task} on {model}", fontsize=10)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -114,6 +141,7 @@ def findings(result: CircuitResult) -> list[str]:
         missing = [n for n in top if n not in senders]
         out.append(f"Of the {len(top)} attention senders that move the metric most when patched alone (all positions), "
                    f"{len(top) - len(missing)} send edges in the circuit" + (f"; not: {', '.join(missing)}." if missing else "."))
+    out += _class_findings(result)
     att = result.attribution_check
     out.append(f"Edge scores are attribution estimates; on {att['n_edges']} edges re-measured by exact patching, "
                f"Spearman {att['spearman']:.2f}, signs agree on {100 * att['sign_agreement']:.0f}%.")
@@ -125,10 +153,59 @@ def findings(result: CircuitResult) -> list[str]:
     return out
 
 
+CLASS_ORDER = ("name mover", "negative name mover", "backup name mover", "S-inhibition", "S suppressor", "induction",
+               "duplicate token", "previous token")
+
+
+def _class_findings(result: CircuitResult) -> list[str]:
+    """How the circuit's heads line up with the IOI head classes (IOI pairs only)."""
+    classes = result.baseline.get("head_classes")
+    if classes is None:
+        return []
+    inside = set(result.circuit.get("heads", []))
+    if not classes:
+        return [f"No head meets the IOI class thresholds (analysis.heads) on these pairs; the circuit has {len(inside)} "
+                "heads and none can be named by class."]
+    parts = []
+    for cls in CLASS_ORDER:
+        members = [h for h, cl in classes.items() if cls in cl]
+        if members:
+            hit = [h for h in members if h in inside]
+            parts.append(f"{cls} {len(hit)} of {len(members)}" + (f" ({', '.join(hit[:6])})" if hit else ""))
+    unnamed = sorted(inside - set(classes))
+    coarse = "" if result.graph.get("head_senders", True) else (
+        " Heads count here when their layer's attention writes in the circuit and they read in it: this model's "
+        "attention writes through a norm, so one head's write is not separable from its layer's.")
+    return [f"IOI head classes (attention, DLA and copy-score thresholds, analysis.heads) in the circuit's "
+            f"{len(inside)} heads: " + "; ".join(parts) + f". {len(unnamed)} of the circuit's heads have no class."
+            + coarse]
+
+
+def head_table(result: CircuitResult, top: int = 10) -> pd.DataFrame:
+    """The circuit's heads, the classified heads and the top single-head patches, side by side."""
+    effects = result.baseline.get("head_effects") or {}
+    classes = result.baseline.get("head_classes") or {}
+    inside = set(result.circuit.get("heads", []))
+    rank = {n: i + 1 for i, n in enumerate(sorted(effects, key=lambda n: -abs(effects[n])))}
+    top_heads = {n for n in rank if rank[n] <= top and ".h" in n}
+    rows = []
+    for name in sorted(inside | set(classes) | top_heads, key=_head_key):
+        sender = name if name in effects else name.split(".")[0]  # a layer's attention where heads are not separable
+        rows.append({"head": name, "in circuit": name in inside, "single patch of": sender,
+                     "effect": effects.get(sender), "rank": rank.get(sender), "IOI classes": ", ".join(classes.get(name, []))})
+    return pd.DataFrame(rows, columns=["head", "in circuit", "single patch of", "effect", "rank", "IOI classes"])
+
+
+def _head_key(name: str) -> tuple[int, int]:
+    layer, head = re.match(r"a(\d+)\.h(\d+)", name).groups()
+    return int(layer), int(head)
+
+
 def _tables(result: CircuitResult) -> dict[str, pd.DataFrame]:
     checks = pd.DataFrame([{"check": k, "passed": v["passed"], "detail": v["detail"]} for k, v in result.sanity.items()])
     edges = pd.DataFrame(result.circuit["edges"][:25], columns=["sender", "receiver", "input", "score (estimate)"])
-    return {"sanity checks": checks, "faithfulness": result.faithfulness_frame(), "strongest edges of the circuit": edges}
+    return {"sanity checks": checks, "faithfulness": result.faithfulness_frame(), "strongest edges of the circuit": edges,
+            "heads: circuit, single-head patches, IOI classes": head_table(result)}
 
 
 def render_circuit_md(result: CircuitResult, plots: list[str]) -> str:
