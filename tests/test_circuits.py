@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pandas as pd
 import pytest
 import torch
 
 from actpatch import wrap_model
-from actpatch.analysis.circuits import (circuit_heads, circuit_nodes, exact_prune, fed_senders, greedy_edges, jaccard, node_circuit,
+from actpatch.analysis.circuits import (circuit_heads, circuit_nodes, curve_area, exact_prune, fed_senders, greedy_edges, jaccard, node_circuit,
                                         prune, top_edges)
 from actpatch.cli import main
 from actpatch.engine import edges as edges_module
@@ -90,6 +91,14 @@ def test_circuit_heads_read_and_write(gpt2_lm, gpt2_tokenizer):
     assert circuit_heads(gemma, _keep(gemma, [("input", "a1.h2<q>"), ("a1", "logits")])) == ["a1.h2"]
 
 
+def test_curve_area_runs_from_the_empty_circuit_to_the_whole_graph():
+    assert curve_area([], [], 100) == pytest.approx(0.5, abs=1e-12)  # the endpoints alone: a straight line
+    x1 = math.log(2) / math.log(101)  # one edge keeps everything: a triangle, then a rectangle of height 1
+    assert curve_area([1], [1.0], 100) == pytest.approx(x1 / 2 + (1 - x1), abs=1e-12)
+    # points at 0 edges or at the whole graph do not move the endpoints, which hold by definition
+    assert curve_area([0, 1, 100], [0.3, 1.0, 0.7], 100) == pytest.approx(x1 / 2 + (1 - x1), abs=1e-12)
+
+
 def test_exact_prune_drops_edges_that_change_nothing(gpt2_lm):
     g = build_graph(gpt2_lm.adapter)
     needed = _keep(g, [("input", "a0.h0<q>"), ("a0.h0", "logits")])
@@ -114,6 +123,10 @@ def test_circuit_run_checks_faithfulness_and_round_trip(gpt2_lm, tmp_path):
     assert len(result.edges) == result.graph["n_edges"]
     assert result.attribution_check["n_edges"] >= 20 and -1 <= result.attribution_check["spearman"] <= 1
     assert {s["subset"] for s in result.stability["subsets"]} == {"resample 0", "template 0", "template 1"}
+    areas = result.areas().set_index("method").area
+    assert set(areas.index) == {"eap", "nodes"}
+    nodes = df[df.method == "nodes"]
+    assert areas["nodes"] == pytest.approx(curve_area(nodes.edges, nodes.faithfulness, result.graph["n_edges"]))
     assert result.baseline["head_classes"] is None  # these pairs have no IOI positions
     graph = build_graph(gpt2_lm.adapter)
     assert result.circuit["heads"] == circuit_heads(graph, _keep_of(graph, result))

@@ -3,6 +3,7 @@
     result = run_circuit(task="ioi", method="eap-ig")
     result.edges_frame()        # sender, receiver, input, score (an estimate: attribution)
     result.faithfulness_frame() # method, size, edges, nodes, metric, faithfulness, per-pair quartiles
+    result.areas()              # the area under each curve (log size from the empty circuit to the whole graph)
     result.circuit              # {"edges": [[sender, receiver, input, score], ...], "nodes": [...], ...}
     result.save("runs/circuit"); CircuitResult.load("runs/circuit")
 
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..analysis.circuits import curve_area
 from .results import _atomic_write, _finite
 
 
@@ -58,6 +60,13 @@ class CircuitResult:
 
     def faithfulness_frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.faithfulness)
+
+    def areas(self) -> pd.DataFrame:
+        """Area under each faithfulness curve (``analysis.circuits.curve_area``): method, select, area."""
+        n = int(self.graph.get("n_edges") or 0)
+        rows = [{"method": m, "select": s, "area": curve_area(part.edges, part.faithfulness, n)}
+                for (m, s), part in self.faithfulness_frame().groupby(["method", "select"], sort=False)] if n else []
+        return pd.DataFrame(rows, columns=["method", "select", "area"])
 
     def to_json(self) -> dict:
         return {"config": self.config, "model": self.model, "environment": self.environment, "baseline": self.baseline,

@@ -134,6 +134,11 @@ def findings(result: CircuitResult) -> list[str]:
         row = hit.sort_values("edges").iloc[0]
         out.append(f"Node-level circuits (top heads by single-head patching) first reach it with {int(row['size'])} "
                    f"heads, {int(row['edges'])} edges.")
+    areas = result.areas()
+    if len(areas):
+        out.append("Area under the faithfulness curve (log size, from the empty circuit to the whole graph; 1 is "
+                   "best): " + ", ".join(f"{'node-level' if r.method == 'nodes' else r.method} {r.area:.2f}"
+                                         for r in areas.itertuples()) + ".")
     effects = result.baseline.get("head_effects") or {}
     if effects:
         top = sorted(effects, key=lambda n: -abs(effects[n]))[:10]
@@ -205,7 +210,7 @@ def _tables(result: CircuitResult) -> dict[str, pd.DataFrame]:
     checks = pd.DataFrame([{"check": k, "passed": v["passed"], "detail": v["detail"]} for k, v in result.sanity.items()])
     edges = pd.DataFrame(result.circuit["edges"][:25], columns=["sender", "receiver", "input", "score (estimate)"])
     return {"sanity checks": checks, "faithfulness": result.faithfulness_frame(), "strongest edges of the circuit": edges,
-            "heads: circuit, single-head patches, IOI classes": head_table(result)}
+            "heads of the circuit, their single-head patches and classes": head_table(result)}
 
 
 def render_circuit_md(result: CircuitResult, plots: list[str]) -> str:
