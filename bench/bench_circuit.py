@@ -2,14 +2,14 @@
 
     .venv/bin/python bench/bench_circuit.py --out bench/results-circuit.json     # about 3 minutes on 2 CPU cores
 
-Rows: recording every sender's output (one pass per side), a plain forward and backward (the floor of any gradient
-method here), EAP over every edge (the two recording passes plus one forward and backward), EAP-IG with K steps
-(two recording passes plus K forwards and backwards), one faithfulness point (one edge-patched forward of every
-pair). FE = seconds / one plain forward of the same pairs (END logits over the whole vocabulary). Times are the
+Rows: recording every sender's output in the donor run (one pass), a plain forward and backward (the floor of any
+gradient method here), EAP over every edge (one forward and backward of the recipient that also records its senders;
+the totals add the donor's recording), EAP-IG with K steps (K forwards and backwards, the first of them recording),
+one faithfulness point (one edge-patched forward of every pair). FE = seconds / one plain forward of the same pairs (END logits over the whole vocabulary). Times are the
 fastest of several runs (5 for the forward, 3 per row): this machine's noise only ever adds time. Memory: each
 row's peak resident growth over the level before it, and for EAP the whole process's peak above its level before
 the model was loaded, next to the issue's bound of 2 x (the model's parameters + one activation cache: every
-sender's output for these pairs, what EAP keeps per side).
+sender's output for these pairs, what EAP keeps of the donor).
 """
 
 from __future__ import annotations
@@ -69,25 +69,24 @@ def main() -> None:
         print(f"{name:28s} {secs:7.2f} s  {secs / fwd:6.1f} FE  +{peak / 2**30:.2f} GiB  {note}", flush=True)
         return out
 
-    rec = row("record senders (one side)", lambda: sender_outputs(lm, graph, batch, "recipient")[0], "1 forward + writes")
-    don = sender_outputs(lm, graph, batch, "donor")[0]
+    don = row("record senders (donor)", lambda: sender_outputs(lm, graph, batch, "donor")[0], "1 forward + writes")
     row("plain forward + backward", forward_backward, "d metric / d input embeddings")
     with PeakRSS() as whole:
         whole.base = rss0  # the process's peak above its level before the model was loaded
-        eap = row("EAP scores", lambda: edge_scores(lm, graph, batch, metric, rec, don), "+ 2 recording passes")
-    row(f"EAP-IG scores (K={args.ig_steps})", lambda: edge_scores(lm, graph, batch, metric, rec, don, steps=args.ig_steps),
-        "+ 2 recording passes")
+        eap = row("EAP scores", lambda: edge_scores(lm, graph, batch, metric, don), "+ the donor's recording")
+    row(f"EAP-IG scores (K={args.ig_steps})", lambda: edge_scores(lm, graph, batch, metric, don, steps=args.ig_steps),
+        "+ the donor's recording")
     keep = top_edges(graph, eap, 200)
     row("faithfulness point", lambda: edge_patched_logits(lm, graph, batch, don, (graph.allowed & ~keep).float()),
         "top-200 circuit")
     row("empty circuit", lambda: edge_patched_logits(lm, graph, batch, don, graph.allowed.float()), "every edge patched")
     params = sum(p.numel() * p.element_size() for p in lm.model.parameters())
-    cache = rec.numel() * rec.element_size()
+    cache = don.numel() * don.element_size()
     summary = {
         "forward_seconds": fwd, "n_pairs": len(batch), "tokens": int(ids.shape[1]), "n_edges": graph.n_edges,
         "model_gib": params / 2**30, "sender_cache_gib": cache / 2**30,
-        "eap_total_fe": results[2]["fe"] + 2 * results[0]["fe"],
-        "eap_ig_total_fe": results[3]["fe"] + 2 * results[0]["fe"],
+        "eap_total_fe": results[2]["fe"] + results[0]["fe"],
+        "eap_ig_total_fe": results[3]["fe"] + results[0]["fe"],
         "eap_process_peak_gib": whole.peak / 2**30,
         "memory_bound_gib": 2 * (params + cache) / 2**30,
         "machine": platform.processor() or platform.machine(), "torch": torch.__version__, "actpatch": actpatch.__version__,

@@ -36,15 +36,33 @@ MUTANTS = {
                         "each head's write recorded under its neighbour's name"),
     "graph_parallel": ("engine/graph.py", 'r.input == "mlp" and not parallel', 'r.input == "mlp"',
                        "the graph lets a parallel-residual MLP read its own layer's attention"),
-    "eap_no_interpolation": ("engine/eap.py", "alphas = [None] if steps is None else [k / steps for k in range(1, steps + 1)]",
+    "eap_no_interpolation": ("engine/eap.py", "alphas = [None] if steps is None else [k / steps for k in range(steps, 0, -1)]",
                              "alphas = [None] * (steps or 1)", "EAP-IG takes every gradient at the recipient"),
-    "eap_block_start": ("engine/eap.py", "r0 = int(graph.allowed[:, s0:s1].any(1).nonzero().min())",
-                        "r0 = int(graph.allowed[:, s0:s1].any(1).nonzero().min()) + 1",
-                        "the first receiver of each sender block gets no scores"),
-    "eap_last_step_only": ("engine/eap.py", "grads[receivers] += grad.float()", "grads[receivers] = grad.float()",
-                           "EAP-IG keeps only the last step's gradient"),
-    "eap_norm_vjp": ("engine/edges.py", "yield rows, torch.func.vmap(pullback)(g_normed)[0]",
-                     "yield rows, g_normed", "a head's input gradient skips its norm"),
+    "eap_records_interpolated": ("engine/eap.py", "[k / steps for k in range(steps, 0, -1)]",
+                                 "[k / steps for k in range(1, steps + 1)]",
+                                 "EAP-IG records donor - recipient in its first, interpolated, run"),
+    "eap_reach": ("engine/eap.py", "reach = [int(r.nonzero().max()) + 1", "reach = [int(r.nonzero().max())",
+                  "each receiver's last sender gets no score"),
+    "eap_last_step_only": ("engine/eap.py", "scores[receivers, :end] += (g @", "scores[receivers, :end] = (g @",
+                           "EAP-IG keeps only the last step's scores"),
+    "eap_last_chunk": ("engine/eap.py", "    if rows:\n        product(buf[:len(rows)], rows)", "    pass",
+                       "the receivers of the last score chunk get no scores"),
+    "eap_record_sign": ("engine/edgegrads.py", "self.written[s] -= _positions(value.detach(), self.at)",
+                        "self.written[s] += _positions(value.detach(), self.at)", "donor + recipient for non-head senders"),
+    "eap_record_heads": ("engine/edgegrads.py", "self.written[first:first + H] -= self.head_writes(layer, zh)",
+                         "self.written[first:first + H] -= self.head_writes(layer, zh).roll(1, 0)", "each head's recipient write under its neighbour"),
+    "eap_positions": ("engine/edgegrads.py", "keep.nonzero(as_tuple=True)", "keep.flip(1).nonzero(as_tuple=True)",
+                      "gradients and differences taken at the padded end instead of the tokens"),
+    "eap_norm_vjp": ("engine/edgegrads.py", "return torch.func.vmap(pullback)(g_normed)[0]",
+                     "return g_normed", "a head's input gradient skips its norm"),
+    "edge_shared_input": ("engine/edges.py", "y = normed[which[i]] @ weight", "y = normed[min(i, len(reps) - 1)] @ weight",
+                          "receivers with the same weights read another group's input"),
+    "edge_base_dropped": ("engine/edges.py", "        return None if d is None else x + d[0]\n", "        return None\n",
+                          "a layer's most common q/k/v input is never made: those receivers read the recipient"),
+    "edge_own_unchanged": ("engine/edges.py",
+                           "xs = x.unsqueeze(0) if d is None else x.unsqueeze(0) + d  # (U, B, T, D)",
+                           "if d is None:\n            return None\n        xs = x.unsqueeze(0) + d",
+                           "heads that read the stream unchanged keep what the norm's patched input gave them"),
     "prune_no_reach": ("analysis/circuits.py", "            reached[feeds[r]] = True", "            pass",
                        "pruning forgets which nodes the input reaches"),
     "noise_prefix": ("engine/planning.py", "        same &= ~batch.noise_mask[:, :w]", "        pass",
@@ -131,6 +149,17 @@ MUTANTS = {
 }
 
 
+FIRST = {"engine/edges.py": ["tests/test_edges.py", "tests/test_circuits.py"], "engine/eap.py": ["tests/test_edges.py"],
+         "engine/edgegrads.py": ["tests/test_edges.py"],
+         "engine/graph.py": ["tests/test_edges.py"], "analysis/circuits.py": ["tests/test_circuits.py"]}
+
+
+def _ordered(path: str) -> list[str]:
+    """Every test file, those closest to the mutated module first (-x stops at the first failure)."""
+    first = FIRST.get(path, [])
+    return first + [t for t in TESTS if t not in first]
+
+
 def run(name: str, timeout: int = 1800) -> tuple[bool, float, str]:
     """(caught, seconds, last lines of the test output) for one mutant."""
     path, old, new, _ = MUTANTS[name]
@@ -147,7 +176,7 @@ def run(name: str, timeout: int = 1800) -> tuple[bool, float, str]:
         env = {**os.environ, "PYTHONPATH": str(Path(tmp) / "src")}
         start = time.time()
         try:
-            proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *TESTS],
+            proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *_ordered(path)],
                                   cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout)
             caught, out = proc.returncode != 0, proc.stdout
         except subprocess.TimeoutExpired:

@@ -115,7 +115,7 @@ def test_circuit_run_checks_faithfulness_and_round_trip(gpt2_lm, tmp_path):
                          progress=False)
     assert result.passed, result.sanity
     assert set(result.sanity) == {"full_circuit_is_recipient", "empty_circuit_is_donor",
-                                  "edge_patch_matches_plain_patch", "no_hooks_left"}
+                                  "edge_patch_matches_plain_patch", "circuit_sums_agree", "no_hooks_left"}
     df = result.faithfulness_frame()
     # the node-level circuit with every head is the whole model: faithfulness exactly 1
     whole = df[(df.method == "nodes")].sort_values("edges").iloc[-1]
@@ -168,12 +168,17 @@ def test_ioi_circuit_lines_heads_up_with_their_classes(gpt2_lm):
     # the MLP and logits receivers read the run's own residual stream: a head's write at END no longer reaches
     # them, so patching all edges out of a head differs from a plain patch (the empty circuit still matches the
     # donor: at END, donor and recipient differ only through attention)
-    ("on_single", "edge_patch_matches_plain_patch"),
-    # the heads' q, k and v ignore their patches: the empty circuit is not the donor run
-    ("on_qkv", "empty_circuit_is_donor"),
+    (("on_single",), "edge_patch_matches_plain_patch"),
+    # the heads' q, k and v ignore their patches (at the norm and at the projection): the empty circuit is not the
+    # donor run
+    (("on_qkv", "on_attn_input"), "empty_circuit_is_donor"),
+    # only the layers' shared q/k/v input is dropped: the written-out sums no longer agree
+    (("on_attn_input",), "circuit_sums_agree"),
 ])
 def test_a_receiver_that_ignores_its_patch_fails_a_check(gpt2_lm, monkeypatch, method, fails):
-    monkeypatch.setattr(edges_module._Flow, method, lambda self, *args: None)
+    for name in method:  # the attention input is still kept, as the hooks after it need it
+        monkeypatch.setattr(edges_module._Flow, name, lambda self, *args, name=name: None if name != "on_attn_input"
+                            else self.resid.__setitem__(*args))
     result = run_circuit(lm=gpt2_lm, pairs=PAIRS, task="pairs", method="eap", edges=(5,), resamples=0, progress=False)
     assert not result.sanity[fails]["passed"]
     assert result.sanity["full_circuit_is_recipient"]["passed"]

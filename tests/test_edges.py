@@ -13,6 +13,7 @@ import torch
 
 from actpatch import wrap_model
 from actpatch.engine.batch import tokenize_pairs
+from actpatch.engine import eap as eap_module
 from actpatch.engine.eap import edge_scores
 from actpatch.engine.edges import edge_patched_logits, sender_outputs
 from actpatch.engine.graph import build_graph
@@ -105,10 +106,17 @@ def qkv_columns(fam, which, index, n_heads, d_head):
     return 0, slice(start, start + d_head)
 
 
-def reference_edge(model, fam, batch, receiver, delta, n_heads, d_head):
-    """END logits with ``delta`` (B, T, D) added to one receiver's input only, in a forward of its own."""
+def reference_edge(model, fam, batch, receiver, delta, n_heads, d_head, start=None):
+    """END logits with ``delta`` (B, T, D) added to one receiver's input only, in a forward of its own; ``start``
+    (B, T, D), if given, replaces the first block's input (the run's embeddings)."""
     blocks = get(model, fam["blocks"])
     handles = []
+    if start is not None:
+        def embeddings(mod, args, kwargs):
+            if args:
+                return (start, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": start}
+        handles.append(blocks[0].register_forward_pre_hook(embeddings, with_kwargs=True))
     if receiver.input == "logits":
         handles.append(get(model, fam["final"]).register_forward_pre_hook(lambda m, args: (args[0] + delta,)))
     elif receiver.input == "mlp":
@@ -122,21 +130,25 @@ def reference_edge(model, fam, batch, receiver, delta, n_heads, d_head):
         handles.append(norm.register_forward_pre_hook(lambda m, args: seen.__setitem__("x", args[0])))
 
         def replace(mod, args, res):
-            normed = norm(seen["x"] + delta)
+            normed = norm.forward(seen["x"] + delta)  # .forward: not through the hook above
             w = proj.weight[:, cols] if fam["conv"] else proj.weight[cols, :].T  # (D, Dh)
             res = res.clone()
             res[..., cols] = normed @ w + (0 if proj.bias is None else proj.bias[cols])
             return res
 
         handles.append(proj.register_forward_hook(replace))
+    return plain_end_logits(model, batch, handles)
+
+
+def plain_end_logits(model, batch, handles):
+    """END logits of one plain forward of the recipient prompts with ``handles``, removed afterwards."""
     try:
         with torch.no_grad():
             logits = model(input_ids=batch.recipient_ids, attention_mask=batch.attention_mask).logits
     finally:
         for h in handles:
             h.remove()
-    rows = torch.arange(len(batch))
-    return logits[rows, batch.position("END")]
+    return logits[torch.arange(len(batch)), batch.position("END")]
 
 
 def sample_edges(graph, n=14, seed=0):
@@ -151,14 +163,19 @@ def sample_edges(graph, n=14, seed=0):
     return picked
 
 
+def _setup(arch, tokenizer, dtype=torch.float32):
+    """A tiny model of ``arch`` in ``dtype``, its wrapper, family paths and adapter, PAIRS, the graph, and the donor's
+    recording and END logits."""
+    model = tiny_model(arch).to(dtype)
+    lm = wrap_model(model, tokenizer)
+    batch = tokenize_pairs(tokenizer, PAIRS)
+    graph = build_graph(lm.adapter)
+    return (model, lm, FAMILIES[arch], lm.adapter, batch, graph) + sender_outputs(lm, graph, batch, "donor")
+
+
 @pytest.mark.parametrize("arch", list(FAMILIES))
 def test_exact_edge_patching_matches_plain_reference(arch, gpt2_tokenizer):
-    model = tiny_model(arch)
-    lm = wrap_model(model, gpt2_tokenizer)
-    fam, a = FAMILIES[arch], lm.adapter
-    batch = tokenize_pairs(gpt2_tokenizer, PAIRS)
-    graph = build_graph(a)
-    don, don_logits = sender_outputs(lm, graph, batch, "donor")
+    model, lm, fam, a, batch, graph, don, don_logits = _setup(arch, gpt2_tokenizer)
     rec_plain = plain_senders(model, fam, batch, batch.recipient_ids, a.n_heads, a.d_head)
     don_plain = plain_senders(model, fam, batch, batch.donor_ids, a.n_heads, a.d_head)
     # the recorded sender outputs are the plain ones
@@ -195,14 +212,12 @@ def norm_inputs(model, fam, batch, ids):
 def test_every_edge_into_one_receiver_makes_it_read_the_donor(arch, gpt2_tokenizer):
     # all of a receiver's edges patched: it reads the donor's residual stream, whatever the rest of the run does
     # (under GPT-NeoX's parallel residual, the MLP's donor input excludes its own layer's attention)
-    model = tiny_model(arch)
-    lm = wrap_model(model, gpt2_tokenizer)
-    fam, a = FAMILIES[arch], lm.adapter
-    batch = tokenize_pairs(gpt2_tokenizer, PAIRS)
-    graph = build_graph(a)
-    don, _ = sender_outputs(lm, graph, batch, "donor")
+    model, lm, fam, a, batch, graph, don, _ = _setup(arch, gpt2_tokenizer)
     rec_in, don_in = norm_inputs(model, fam, batch, batch.recipient_ids), norm_inputs(model, fam, batch, batch.donor_ids)
-    L = a.n_layers - 1
+    S, L = len(graph.senders), a.n_layers - 1
+    # the rows after the senders: the donor's residual stream at each receiver point, as a plain run has it
+    for i, key in enumerate([(k, l) for l in range(a.n_layers) for k in ("attn", "mlp")] + [("final", -1)]):
+        torch.testing.assert_close(don[S + i], don_in[key], rtol=0, atol=1e-6)
     for label, key in ((f"m{L}", ("mlp", L)), ("logits", ("final", -1)), (f"a{L}.h1<q>", ("attn", L))):
         r = graph.receiver_index(label)
         w = torch.zeros(graph.allowed.shape)
@@ -212,33 +227,67 @@ def test_every_edge_into_one_receiver_makes_it_read_the_donor(arch, gpt2_tokeniz
         assert float((got - ref).abs().max()) <= 1e-5, f"{arch} {label}"  # float32 summation order
 
 
-def _scoring_setup(arch, dtype, tokenizer):
-    """A tiny model of ``arch``, PAIRS, its graph, both sides' sender outputs and the logit difference per pair."""
-    lm = wrap_model(tiny_model(arch).to(dtype), tokenizer)
-    batch = tokenize_pairs(tokenizer, PAIRS)
-    graph = build_graph(lm.adapter)
-    rec, _ = sender_outputs(lm, graph, batch, "recipient")
-    don, _ = sender_outputs(lm, graph, batch, "donor")
-    rows = torch.arange(len(batch))
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neox"])
+def test_a_layer_reading_the_donor_but_one_head(arch, gpt2_tokenizer):
+    # every q/k/v input of one layer fully patched but one head's values: the others read the donor's residual
+    # stream and those values the recipient's. Plain reference: the layer's norm gets the donor's input, and the
+    # values' columns of the projection are recomputed from the recipient's, written out.
+    model, lm, fam, a, batch, graph, don, _ = _setup(arch, gpt2_tokenizer)
+    L = a.n_layers - 1
+    rows = graph.layer_receivers(L, ("q", "k", "v"))
+    r0 = [r for r in rows if graph.receivers[r].input == "v"][1]  # the values of head (or KV group) 1
+    w = torch.zeros(graph.allowed.shape)
+    w[[r for r in rows if r != r0]] = 1.0
+    got = edge_patched_logits(lm, graph, batch, don, w)
+    w[r0] = 1.0
+    everything = edge_patched_logits(lm, graph, batch, don, w)  # the layer reads the donor, those values too
 
-    def metric(logits, sl):
-        return logits[rows[sl], batch.answer_ids[sl]] - logits[rows[sl], batch.wrong_ids[sl]]
+    block = get(model, fam["blocks"])[L]
+    norm = get(block, fam["ln1"])
+    don_in = norm_inputs(model, fam, batch, batch.donor_ids)[("attn", L)]
+    k, cols = qkv_columns(fam, "v", 1, a.n_heads, a.d_head)
+    proj = get(block, fam["qkv"][k])
+    seen = {}
 
-    return lm, batch, graph, rec, don, metric
+    def to_donor(mod, args):
+        seen["x"] = args[0]
+        return (don_in,)
+
+    def own_values(mod, args, res):
+        wv = proj.weight[:, cols] if fam["conv"] else proj.weight[cols, :].T  # (D, Dh)
+        res = res.clone()
+        res[..., cols] = norm.forward(seen["x"]) @ wv + (0 if proj.bias is None else proj.bias[cols])  # no hooks
+        return res
+
+    ref = plain_end_logits(model, batch, [norm.register_forward_pre_hook(to_donor), proj.register_forward_hook(own_values)])
+    assert float((got - ref).abs().max()) <= 1e-5, arch  # float32 summation order
+    assert float((everything - ref).abs().max()) > 1e-3  # those values matter: reading the donor's would fail
+
+
+def _logit_diff(batch):
+    """The metric EAP differentiates: answer - wrong logit of each of the batch's rows ``sl``."""
+    def metric(logits, sl):  # logits (b, V) of the batch's rows sl
+        rows = torch.arange(len(logits))
+        return logits[rows, batch.answer_ids[sl]] - logits[rows, batch.wrong_ids[sl]]
+    return metric
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neox", "gemma3"])
-def test_eap_matches_finite_differences_and_ig1_is_eap(arch, gpt2_tokenizer):
+def test_eap_matches_finite_differences_and_ig1_is_eap(arch, gpt2_tokenizer, monkeypatch):
     # float64 where the family computes in it; Gemma's tiny model overflows to NaN in float64 (HF masks), so float32.
     # Llama and NeoX normalise / rotate in float32 internally even then, hence a finite-difference step of 1e-2.
     dtype = torch.float32 if arch.startswith("gemma") else torch.float64
-    lm, batch, graph, rec, don, metric = _scoring_setup(arch, dtype, gpt2_tokenizer)
-    eap = edge_scores(lm, graph, batch, metric, rec, don)
-    ig1 = edge_scores(lm, graph, batch, metric, rec, don, steps=1)
-    ig3 = edge_scores(lm, graph, batch, metric, rec, don, steps=3)
+    _, lm, _, _, batch, graph, don, _ = _setup(arch, gpt2_tokenizer, dtype)
+    metric = _logit_diff(batch)
+    eap = edge_scores(lm, graph, batch, metric, don)
+    ig1 = edge_scores(lm, graph, batch, metric, don, steps=1)
+    ig3 = edge_scores(lm, graph, batch, metric, don, steps=3)
     scale = float(eap.abs().max())
     assert scale > 0
     torch.testing.assert_close(ig1, eap, rtol=0, atol=1e-6 * scale)  # alpha = 1: the same gradient, up to rounding
+    # a pair per gradient pass, and two receivers per score product: the same sums, in float32 products
+    monkeypatch.setattr(eap_module, "_CHUNK", 2)
+    torch.testing.assert_close(edge_scores(lm, graph, batch, metric, don, max_rows=1), eap, rtol=0, atol=1e-5 * scale)
     assert float((ig3 - eap).abs().max()) > 1e-3 * scale  # more steps: a different estimate
     assert bool((eap[~graph.allowed] == 0).all())
     eps, worst = 1e-2, 0.0
@@ -255,23 +304,28 @@ def test_eap_matches_finite_differences_and_ig1_is_eap(arch, gpt2_tokenizer):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_eap_ig_matches_finite_differences_along_the_path(arch, gpt2_tokenizer):
-    # Every edge out of the input patched with weight 1 - alpha runs the model on donor + alpha (recipient - donor)
-    # embeddings, so the derivative in one more input edge's weight there is that step's gradient times
-    # (donor - recipient) of the input: EAP-IG of an input edge is the mean of these over alpha = k / K.
-    lm, batch, graph, rec, don, metric = _scoring_setup(arch, torch.float64, gpt2_tokenizer)
+    # EAP-IG of edge s -> r is the mean over alpha = k / K of d metric / d e, where the run's embeddings are
+    # donor + alpha (recipient - donor) and r's input gets e (donor_s - recipient_s) added: written here as plain
+    # forwards (the first block's input replaced, the difference added at one receiver), one per evaluation.
+    model, lm, fam, a, batch, graph, don, _ = _setup(arch, gpt2_tokenizer, torch.float64)
+    metric = _logit_diff(batch)
     K, eps = 3, 1e-3
-    ig = edge_scores(lm, graph, batch, metric, rec, don, steps=K)
+    ig = edge_scores(lm, graph, batch, metric, don, steps=K)
+    rec_plain = plain_senders(model, fam, batch, batch.recipient_ids, a.n_heads, a.d_head)
+    don_plain = plain_senders(model, fam, batch, batch.donor_ids, a.n_heads, a.d_head)
     scale, worst = float(ig.abs().max()), 0.0
-    for r in [0, 1, graph.receiver_index("m1"), graph.receiver_index("logits")]:  # a q, a k, an MLP, the logits
+    for r, s in sample_edges(graph, n=4, seed=2):
+        name = graph.senders[s]
+        diff = don_plain[name] - rec_plain[name]
         fd = 0.0
         for k in range(1, K + 1):
+            start = don_plain["input"] + k / K * (rec_plain["input"] - don_plain["input"])
+
             def m(e):
-                w = torch.zeros(graph.allowed.shape, dtype=torch.float64)
-                w[:, 0] = 1 - k / K
-                w[r, 0] += e
-                return float(metric(edge_patched_logits(lm, graph, batch, don, w), slice(None)).mean())
+                logits = reference_edge(model, fam, batch, graph.receivers[r], e * diff, a.n_heads, a.d_head, start)
+                return float(metric(logits, slice(None)).mean())
             fd += (m(eps) - m(-eps)) / (2 * eps) / K
-        worst = max(worst, abs(fd - float(ig[r, 0])))
+        worst = max(worst, abs(fd - float(ig[r, s])))
     # float64 with float32 norms inside (Llama): central differences agree to well below a score's scale
     assert worst <= 2e-3 * scale, f"{arch}: EAP-IG differs from finite differences by {worst:.3g} (scale {scale:.3g})"
 
@@ -283,6 +337,8 @@ def test_bad_input_and_hooks_removed(gpt2_tokenizer):
     don, _ = sender_outputs(lm, graph, batch, "donor")
     with pytest.raises(DataError, match="receivers, senders"):
         edge_patched_logits(lm, graph, batch, don, torch.zeros(3, 3))
+    with pytest.raises(DataError, match="sender_outputs"):  # the senders' rows alone, without the streams
+        edge_patched_logits(lm, graph, batch, don[:len(graph.senders)], torch.zeros(graph.allowed.shape))
     uneven = tokenize_pairs(gpt2_tokenizer, [PromptPair("The cat sat", "The big dog sat", " on", " in")])
     with pytest.raises(DataError, match="equal token"):
         sender_outputs(lm, graph, uneven, "donor")
@@ -290,9 +346,8 @@ def test_bad_input_and_hooks_removed(gpt2_tokenizer):
     def boom(logits, sl):
         raise RuntimeError("metric failed")
 
-    rec, _ = sender_outputs(lm, graph, batch, "recipient")
     with pytest.raises(RuntimeError, match="metric failed"):
-        edge_scores(lm, graph, batch, boom, rec, don)
+        edge_scores(lm, graph, batch, boom, don)
     assert count_hooks(lm.model) == 0
     assert all(p.requires_grad is False for p in lm.model.parameters())  # as tiny_model left them
     with pytest.raises(UnsupportedArchitectureError, match="olmo2"):

@@ -1,16 +1,18 @@
 """Edge attribution patching: an estimate of every edge's effect from gradients (EAP, EAP-IG).
 
-    rec, _ = sender_outputs(lm, graph, batch, "recipient"); don, _ = sender_outputs(lm, graph, batch, "donor")
-    scores = edge_scores(lm, graph, batch, metric, rec, don)             # EAP: (R, S)
-    scores = edge_scores(lm, graph, batch, metric, rec, don, steps=5)    # EAP-IG
+    don, _ = sender_outputs(lm, graph, batch, "donor")
+    scores = edge_scores(lm, graph, batch, metric, don)             # EAP: (R, S)
+    scores = edge_scores(lm, graph, batch, metric, don, steps=5)    # EAP-IG
 
 The score of edge s -> r estimates the change of the mean metric when r reads the donor's output of s:
 (donor_s - recipient_s) . dm/dx_r, summed over positions (Syed, Rager & Conmy 2023). EAP takes the gradient at
-the recipient run: one recipient forward and one backward (plus the two recording passes). EAP-IG (Hanna,
-Pezzelle & Belinkov 2024) averages it over ``steps`` runs whose input embeddings move from the donor's to the
-recipient's (alpha = k / steps, k = 1..steps), so one step is EAP. Both are estimates; exact edge patching
-(``engine.edges``) measures. Each receiver's input gradient is summed over the steps and scored once: one
-(R, b*T*D) x (b*T*D, S) product per group of pairs, whatever the number of steps.
+the recipient run: one forward and backward of the recipient, which also records each sender's donor - recipient
+(so, with the donor's recording, three passes in all). EAP-IG (Hanna, Pezzelle & Belinkov 2024) averages it over
+``steps`` runs whose input embeddings move from the donor's to the recipient's (alpha = k / steps, k = 1..steps),
+so one step is EAP; the alpha = 1 run goes first and records. Both are estimates; exact edge patching
+(``engine.edges``) measures. After each backward pass the receivers are scored a chunk of layers at a time: their
+input gradients (``engine.edgegrads``, R' x N x D) times the differences of the senders before them, over the N
+non-padding positions; nothing of size all receivers x positions is kept.
 """
 
 from __future__ import annotations
@@ -25,72 +27,79 @@ from ..model.models import LoadedModel
 from .attribution import _activation_gradients_only
 from .batch import PairBatch
 from .capture import last_logits
-from .edges import receiver_inputs
+from .edgegrads import receiver_inputs
 from .graph import Graph
 
-EAP_TOKENS = 128  # tokens per gradient pass; the pass keeps d metric / d input for every receiver: R x 128 x D floats
-_BLOCKS = 4  # sender blocks of the score product: 4 skips about 3/8 of a full (R, S) product
+EAP_TOKENS = 256  # tokens per gradient pass, at most; it keeps every sender's donor - recipient: S x 256 x D floats
+_CHUNK = 96  # receivers per score product: about six layers of a small model's
 MetricFn = Callable[[Tensor, slice], Tensor]  # (END logits (b, V), which rows of the batch) -> per-pair metric (b,)
 
 
 def edge_scores(
     lm: LoadedModel, graph: Graph, batch: PairBatch, metric: MetricFn,
-    recipient: Float[Tensor, "sender batch pos d_model"], donor: Float[Tensor, "sender batch pos d_model"],
-    steps: int | None = None, max_rows: int | None = None, bar=None,
+    donor: Float[Tensor, "sender batch pos d_model"], steps: int | None = None, max_rows: int | None = None, bar=None,
 ) -> Float[Tensor, "receiver sender"]:
     """Estimated change of the mean metric when each edge alone is patched to the donor (0 where no edge).
 
-    ``steps`` None: EAP; an int >= 1: EAP-IG with that many interpolation steps. Pairs are processed in groups of
-    ``max_rows`` (default about ``EAP_TOKENS`` tokens). Leaves the model as it was (no weight gets a gradient).
+    ``donor``: the donor run's recording (``sender_outputs``). ``steps`` None: EAP; an int >= 1:
+    EAP-IG with that many interpolation steps. Pairs are processed in groups of ``max_rows`` (default about
+    ``EAP_TOKENS`` tokens). Leaves the model as it was (no weight gets a gradient).
 
     Example::
 
-        scores = edge_scores(lm, graph, batch, lambda logits, rows: logit_diff(logits, a[rows], w[rows]), rec, don, steps=5)
+        scores = edge_scores(lm, graph, batch, lambda logits, rows: logit_diff(logits, a[rows], w[rows]), don, steps=5)
     """
     if steps is not None and (not isinstance(steps, int) or steps < 1):
         raise ValueError(f"steps (--ig-steps) must be an int >= 1, got {steps!r}")
-    alphas = [None] if steps is None else [k / steps for k in range(1, steps + 1)]
-    rows = max_rows or max(1, EAP_TOKENS // batch.recipient_ids.shape[1])
+    alphas = [None] if steps is None else [k / steps for k in range(steps, 0, -1)]  # alpha = 1 (the recipient) first
+    rows = max_rows or group_rows(batch)
+    reach = [int(r.nonzero().max()) + 1 if bool(r.any()) else 0 for r in graph.allowed]  # senders before each receiver
     scores = torch.zeros(graph.allowed.shape, dtype=torch.float64)
     dev = lm.device
     with _activation_gradients_only(lm):
         for lo in range(0, len(batch), rows):
             part = batch.select(slice(lo, lo + rows))
-            grads = None  # (R, b, T, D): d metric / d each receiver's input, summed over the steps
+            sl, keep = slice(lo, lo + len(part)), part.attention_mask.to(dev).bool()  # (b, T): the positions scored
+            diff = None  # (S, N, D) float32: donor - recipient of every sender, written by the alpha = 1 pass
             for alpha in alphas:
-                with torch.enable_grad(), receiver_inputs(lm, graph, alpha, donor[0, lo:lo + rows]) as flow:
+                with torch.enable_grad(), receiver_inputs(lm, graph, alpha, donor[:, sl], keep, diff is None) as flow:
                     logits = last_logits(lm, part.recipient_ids.to(dev), part.attention_mask.to(dev), part.position("END"))
                     # the sum, divided by the batch size afterwards (a mean's per-pair gradients underflow in float16)
-                    metric(logits, slice(lo, lo + len(part))).float().sum().backward()
+                    metric(logits, sl).float().sum().backward()
+                diff = flow.written if diff is None else diff
                 with torch.no_grad():
-                    for receivers, grad in flow.receiver_grads():
-                        if grads is None:  # every receiver is written at the first step, so no zero fill
-                            grads = torch.empty(len(graph.receivers), *grad.shape[1:], device=grad.device)
-                        if alpha == alphas[0]:
-                            grads[receivers] = grad.float()
-                        else:
-                            grads[receivers] += grad.float()
+                    _score(flow.receiver_grads(), diff, reach, scores)
                 if bar is not None:
                     bar.update(1)
-            with torch.no_grad():  # the steps share each sender's donor - recipient, so one product scores them all
-                scores += _dot(graph, grads, donor[:, lo:lo + rows], recipient[:, lo:lo + rows])
     scores = scores / (len(batch) * len(alphas))
     return (scores * graph.allowed).float()
 
 
-def _dot(graph: Graph, grads: Float[Tensor, "receiver b pos d_model"], donor: Float[Tensor, "sender b pos d_model"],
-         recipient: Float[Tensor, "sender b pos d_model"]) -> Float[Tensor, "receiver sender"]:
-    """grads[r] . (donor[s] - recipient[s]) for every edge: a few large matmuls over blocks of senders, each against
-    only the receivers after the block's first sender (each tensor is read a few times, not once per receiver
-    group), with only one block's differences in memory at a time."""
-    S = len(graph.senders)
-    out = torch.zeros(graph.allowed.shape, dtype=torch.float64)
-    g = grads.flatten(1)  # (R, b*T*D)
-    step = -(-S // _BLOCKS)
-    for s0 in range(0, S, step):
-        s1 = min(S, s0 + step)
-        r0 = int(graph.allowed[:, s0:s1].any(1).nonzero().min())  # the first receiver that reads this block
-        diff = (donor[s0:s1] - recipient[s0:s1]).to(g.device, torch.float32).flatten(1)  # (S', b*T*D)
-        out[r0:, s0:s1] = (g[r0:] @ diff.T).double().cpu()  # (R', S')
-    return out
+def group_rows(batch: PairBatch) -> int:
+    """Pairs per gradient pass: groups of at most ``EAP_TOKENS`` tokens (one pair if longer), as even as can be."""
+    n, T = len(batch), batch.recipient_ids.shape[1]
+    groups = -(-n // max(1, EAP_TOKENS // T))
+    return -(-n // groups)
 
+
+def _score(grads, diff: Float[Tensor, "sender pos d_model"], reach: list[int], scores: Tensor) -> None:
+    """Add grad[r] . diff[s] (summed over positions and d_model) to ``scores`` for every receiver ``grads`` yields
+    (in layer order) and every sender before it: one product per up to ``_CHUNK`` receivers, so each chunk reads the
+    senders' differences once (a layer's few receivers alone would make the product memory-bound)."""
+    buf, rows = diff.new_empty(_CHUNK, diff[0].numel()), []  # the chunk's gradients (as float32), copied in as they come
+
+    def product(g: Tensor, receivers: list[int]) -> None:
+        end = max(reach[r] for r in receivers)
+        scores[receivers, :end] += (g @ diff[:end].flatten(1).T).double().cpu()  # (R', N*D) @ (N*D, S') -> (R', S')
+
+    for receivers, grad in grads:
+        if rows and len(rows) + len(receivers) > _CHUNK:
+            product(buf[:len(rows)], rows)
+            rows = []
+        if len(receivers) > _CHUNK:  # a layer with more receivers than a chunk holds: on its own
+            product(grad.to(torch.float32).flatten(1), receivers)
+            continue
+        buf[len(rows):len(rows) + len(receivers)] = grad.flatten(1)
+        rows += receivers
+    if rows:
+        product(buf[:len(rows)], rows)

@@ -46,6 +46,7 @@ CHECK_DESCRIPTIONS = {
     "full_circuit_is_recipient": "a circuit of every edge reproduces the recipient's logits exactly",
     "empty_circuit_is_donor": "patching every edge (and every edge but the logits' own) reproduces the donor's logits",
     "edge_patch_matches_plain_patch": "patching all edges out of a head equals an ordinary patch of that head",
+    "circuit_sums_agree": "the chosen circuit gives the same logits with every receiver's input summed out in full",
 }
 
 

@@ -20,7 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..analysis.circuits import circuit_heads, circuit_nodes, exact_prune, greedy_edges, node_circuit, top_edges
-from ..engine.eap import EAP_TOKENS, edge_scores
+from ..engine.capture import last_logits
+from ..engine.eap import edge_scores, group_rows
 from ..engine.edges import edge_patched_logits, sender_outputs
 from ..engine.graph import Graph, build_graph
 from ..engine.hooks import count_hooks
@@ -181,8 +182,10 @@ def run_circuit(config: CircuitConfig | None = None, *, lm: LoadedModel | None =
     batch, design, filtered = _pairs_for(pcfg, lm, pairs)
     hooks_before = count_hooks(lm.model)
     graph = build_graph(lm.adapter)
-    rec, rec_logits = sender_outputs(lm, graph, batch, "recipient")
-    don, don_logits = sender_outputs(lm, graph, batch, "donor")
+    don, don_logits = sender_outputs(lm, graph, batch, "donor")  # the recipient's are recorded while scoring
+    with torch.inference_mode():
+        rec_logits = last_logits(lm, batch.recipient_ids.to(lm.device), batch.attention_mask.to(lm.device),
+                                 batch.position("END"))
     answers, wrong = batch.answers()
     rec_f = rec_logits.float()
 
@@ -194,21 +197,21 @@ def run_circuit(config: CircuitConfig | None = None, *, lm: LoadedModel | None =
     steps = None if cfg.method == "eap" else cfg.ig_steps
     disable = {True: False, None: None, False: True}[cfg.progress]
     sizes = sorted(set(cfg.edges or default_sizes(graph.n_edges)))
-    grad_rows = min(rows, max(1, EAP_TOKENS // batch.recipient_ids.shape[1]))
+    grad_rows = min(rows, group_rows(batch))
     with tqdm(total=len(range(0, len(batch), grad_rows)) * (steps or 1), desc=f"{cfg.method} scores", disable=disable,
               dynamic_ncols=True) as bar:
-        scores = edge_scores(lm, graph, batch, score, rec, don, steps=steps, max_rows=grad_rows, bar=bar)
+        scores = edge_scores(lm, graph, batch, score, don, steps=steps, max_rows=grad_rows, bar=bar)
     full, empty = score(rec_logits, slice(None)).float().cpu(), evaluate.per_pair(torch.zeros_like(graph.allowed))
     effects = head_effects(lm, graph, batch, score, float(full.mean()))
     with tqdm(total=len(sizes) + min(10, len(effects)), desc="faithfulness", disable=disable, dynamic_ncols=True) as bar:
         curve, kept = _curve(cfg, graph, scores, evaluate, full, empty, sizes, bar)
         nodes = _node_curve(graph, effects, evaluate, full, empty, bar)
     chosen = _choose(cfg, graph, scores, evaluate, curve, kept, full, empty, disable)
-    checks = run_circuit_checks(lm, graph, batch, don, rec_logits, don_logits, rows, effects)
+    checks = run_circuit_checks(lm, graph, batch, don, rec_logits, don_logits, rows, effects, chosen["keep"])
     checks.append(check_no_hooks_left(lm, hooks_before))
     att = attribution_check(graph, scores, evaluate, full)
     select = lambda sc: _select(cfg, graph, sc, int(chosen["point"]["size"]))  # noqa: E731
-    stab = stability(lm, graph, batch, rec, don, score, steps, select, chosen["keep"], cfg.resamples, cfg.seed,
+    stab = stability(lm, graph, batch, don, score, steps, select, chosen["keep"], cfg.resamples, cfg.seed,
                      disable) if cfg.resamples and cfg.select != "exact" else {}
     return _result(cfg, pcfg.metric, lm, batch, graph, design, filtered, scores, chosen, curve + nodes, checks, att,
                    stab, full, empty, effects, head_classes(lm, batch))

@@ -1,6 +1,6 @@
 """The checks of every circuit run, single-head patching for node-level circuits, and the circuit's stability.
 
-    run_circuit_checks(...)   # full circuit == recipient, empty circuit == donor, edge patch == plain patch
+    run_circuit_checks(...)   # full == recipient, empty == donor, edge patch == plain patch, both sums agree
     head_classes(lm, batch)   # IOI pairs: the IOI head class of each head (``analysis.heads``), to line up with circuits
     attribution_check(...)    # Spearman of attribution estimates against exact single-edge patches
     stability(...)            # edge Jaccard of circuits from resampled pairs and from each template
@@ -78,13 +78,14 @@ def _float_tol(lm, scale: float) -> float:
 
 
 def run_circuit_checks(lm, graph: Graph, batch, donor, rec_logits, don_logits, rows: int,
-                       effects: dict[str, float]) -> list[SanityCheck]:
-    """Full circuit == recipient (exact), empty circuit == donor, and all edges out of a sender == a plain patch."""
+                       effects: dict[str, float], circuit: torch.Tensor) -> list[SanityCheck]:
+    """Full circuit == recipient (exact), empty circuit == donor, all edges out of a sender == a plain patch, and
+    the chosen ``circuit`` the same when every receiver's sum is written out."""
     allowed = graph.allowed.float()
 
-    def logits(weights):
-        parts = [edge_patched_logits(lm, graph, batch.select(slice(lo, lo + rows)), donor[:, lo:lo + rows], weights)
-                 for lo in range(0, len(batch), rows)]
+    def logits(weights, explicit=False):
+        parts = [edge_patched_logits(lm, graph, batch.select(slice(lo, lo + rows)), donor[:, lo:lo + rows], weights,
+                                     explicit) for lo in range(0, len(batch), rows)]
         return torch.cat(parts)
 
     scale = float(rec_logits.abs().max())
@@ -109,6 +110,12 @@ def run_circuit_checks(lm, graph: Graph, batch, donor, rec_logits, don_logits, r
         w = torch.zeros_like(allowed)
         w[:, graph.sender_index(name)] = 1.0
         worst = max(worst, _diff(logits(w), ref))
+    outside = (graph.allowed & ~circuit).float()
+    d_sums = _diff(logits(outside), logits(outside, explicit=True))
+    checks.append(SanityCheck("circuit_sums_agree", d_sums <= tol,
+                              f"the chosen circuit ({int(circuit.sum())} edges) with shared inputs and stream "
+                              f"differences vs every receiver's written-out sum: max abs dlogit = {d_sums:.3g}", d_sums,
+                              tol))
     checks.append(SanityCheck("edge_patch_matches_plain_patch", worst <= tol,
                               f"all edges out of {', '.join(names)} vs a plain patch of each: max abs dlogit = "
                               f"{worst:.3g}", worst, tol))
@@ -139,7 +146,7 @@ def attribution_check(graph: Graph, scores: torch.Tensor, evaluate, full: torch.
             "note": "edge scores are first-order estimates; these edges were re-measured by exact edge patching"}
 
 
-def stability(lm, graph: Graph, batch, rec, don, score, steps, select, keep, resamples: int, seed: int,
+def stability(lm, graph: Graph, batch, don, score, steps, select, keep, resamples: int, seed: int,
               disable) -> dict:
     """Edge Jaccard between the chosen circuit and circuits of the same size from bootstrap resamples of the pairs
     and from each template's pairs (templates with at least two pairs)."""
@@ -158,7 +165,7 @@ def stability(lm, graph: Graph, batch, rec, don, score, steps, select, keep, res
     for name, idx in tqdm(subsets, desc="stability", disable=disable, dynamic_ncols=True):
         sub = batch.select(idx)
         sc = edge_scores(lm, graph, sub, lambda lg, rows, idx=idx: score(lg, torch.tensor(idx)[rows]),
-                         rec[:, idx], don[:, idx], steps=steps)
+                         don[:, idx], steps=steps)
         out.append({"subset": name, "n_pairs": len(idx), "jaccard": jaccard(select(sc), keep)})
     res = [x["jaccard"] for x in out if x["subset"].startswith("resample")]
     tem = [x["jaccard"] for x in out if x["subset"].startswith("template")]
