@@ -145,20 +145,17 @@ class _Flow:
         kept = self._sum(rows, (1 - w) * ok.float(), like)
         return total.expand(len(rows), *total.shape[1:]) - (0 if kept is None else kept)
 
-    def receive(self, rows: list[int], x: Tensor) -> Tensor | None:
-        """The inputs (R', B, T, D) of ``rows`` that all read ``x`` (B, T, D); None: they read ``x`` unchanged."""
-        d = self.delta(rows, x)
-        return None if d is None else x.unsqueeze(0) + d
+    def read(self, receiver: int, x: Tensor) -> Tensor | None:
+        """What ``receiver`` reads where the stream is ``x`` (B, T, D); None: ``x`` unchanged."""
+        d = self.delta([receiver], x)
+        return None if d is None else x + d[0]
 
     def on_attn_input(self, layer: int, x: Tensor) -> Tensor | None:
         """Keep the layer's residual stream; in patch mode, give the norm its most common receivers' input."""
         self.resid[layer] = x
         if self.mode == "record":
             self._stream(2 * layer, x)
-        if layer not in self.base:
-            return None
-        d = self.delta([self.base[layer]], x)
-        return None if d is None else x + d[0]
+        return self.read(self.base[layer], x) if layer in self.base else None
 
     def on_qkv(self, layer: int, which: tuple[str, ...], out: Tensor) -> Tensor | None:
         """Replace each receiving head's slice of the projection ``out`` (B, T, F) by the projection of its own input."""
@@ -193,8 +190,7 @@ class _Flow:
         if self.mode == "record":
             self._stream(_point(self.g, receiver), x)
             return None
-        xs = self.receive([receiver], x)
-        return None if xs is None else xs[0]
+        return self.read(receiver, x)
 
     # --- the hooks ---------------------------------------------------------------------------------------------
     def specs(self) -> list[HookSpec]:
