@@ -5,8 +5,10 @@
 Rows: recording every sender's output in the donor run (one pass), a plain forward and backward (the floor of any
 gradient method here), EAP over every edge (one forward and backward of the recipient that also records its senders;
 the totals add the donor's recording), EAP-IG with K steps (K forwards and backwards, the first of them recording),
-one faithfulness point (one edge-patched forward of every pair). FE = seconds / one plain forward of the same pairs (END logits over the whole vocabulary). Times are the
-fastest of several runs (5 for the forward, 3 per row): this machine's noise only ever adds time. Memory: each
+one faithfulness point (one edge-patched forward of every pair). FE = seconds / one plain forward of the same pairs
+(END logits over the whole vocabulary). Each row runs 3 times, each time right after a plain forward, and FE is the
+row's fastest run over the fastest of those forwards: this machine's speed drifts by 30% within a minute, so a
+forward timed once at the start gave FE ratios 30% apart between runs. Memory: each
 row's peak resident growth over the level before it, and for EAP the whole process's peak above its level before
 the model was loaded, next to the issue's bound of 2 x (the model's parameters + one activation cache: every
 sender's output for these pairs, what EAP keeps of the donor).
@@ -58,15 +60,26 @@ def main() -> None:
             finally:
                 leaf.remove()
 
-    with torch.inference_mode():
-        last_logits(lm, ids, mask, end)
-        fwd = timed(lambda: last_logits(lm, ids, mask, end), repeat=5, fastest=True)[0]
-    results = []
+    def forward():
+        with torch.inference_mode():
+            return last_logits(lm, ids, mask, end)
+
+    forward()
+    results, forwards = [], []
 
     def row(name, fn, note):
-        secs, out, peak = timed(fn, repeat=3, fastest=True)
-        results.append({"row": name, "seconds": secs, "fe": secs / fwd, "peak_rss_gib": peak / 2**30, "note": note})
-        print(f"{name:28s} {secs:7.2f} s  {secs / fwd:6.1f} FE  +{peak / 2**30:.2f} GiB  {note}", flush=True)
+        runs, fwds, peak, out = [], [], 0, None
+        for _ in range(3):  # a forward right before each run: FE compares times of the same minute
+            fwds.append(timed(forward)[0])
+            secs, out, grew = timed(fn)
+            runs.append(secs)
+            peak = max(peak, grew)
+        secs, fwd = min(runs), min(fwds)
+        forwards.extend(fwds)
+        results.append({"row": name, "seconds": secs, "forward_seconds": fwd, "fe": secs / fwd,
+                        "peak_rss_gib": peak / 2**30, "note": note})
+        print(f"{name:28s} {secs:7.2f} s  {secs / fwd:6.1f} FE (forward {fwd:.2f} s)  +{peak / 2**30:.2f} GiB  {note}",
+              flush=True)
         return out
 
     don = row("record senders (donor)", lambda: sender_outputs(lm, graph, batch, "donor")[0], "1 forward + writes")
@@ -83,7 +96,7 @@ def main() -> None:
     params = sum(p.numel() * p.element_size() for p in lm.model.parameters())
     cache = don.numel() * don.element_size()
     summary = {
-        "forward_seconds": fwd, "n_pairs": len(batch), "tokens": int(ids.shape[1]), "n_edges": graph.n_edges,
+        "forward_seconds": min(forwards), "forward_seconds_max": max(forwards), "n_pairs": len(batch), "tokens": int(ids.shape[1]), "n_edges": graph.n_edges,
         "model_gib": params / 2**30, "sender_cache_gib": cache / 2**30,
         "eap_total_fe": results[2]["fe"] + results[0]["fe"],
         "eap_ig_total_fe": results[3]["fe"] + results[0]["fe"],

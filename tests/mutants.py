@@ -147,12 +147,18 @@ MUTANTS = {
                    "width = int(self.attention_mask.sum(dim=1).max()) - 1", "a chunk trimmed one token short"),
     "logit_cap_ignored": ("engine/planning.py", "(row_cap is None or rows <= row_cap))", "True)",
                           "rows of full-vocabulary logits not capped (memory, not numbers)"),
+    "split_vs_chosen": ("experiment/circuitchecks.py", 'jaccard(circuits[f"{k} half A"], circuits[f"{k} half B"])',
+                        'jaccard(circuits[f"{k} half A"], keep)', "the halves' Jaccard taken against the chosen circuit"),
+    "template_halves_shared": ("experiment/circuitchecks.py", "min(halves, key=len).extend(by[t])",
+                               "[min(halves, key=len).append(i) for i in by[t]]",
+                               "a template's pairs dealt out one by one, so both halves share it"),
 }
 
 
 FIRST = {"engine/edges.py": ["tests/test_edges.py", "tests/test_circuits.py"], "engine/eap.py": ["tests/test_edges.py"],
          "engine/edgegrads.py": ["tests/test_edges.py"],
-         "engine/graph.py": ["tests/test_edges.py"], "analysis/circuits.py": ["tests/test_circuits.py"]}
+         "engine/graph.py": ["tests/test_edges.py"], "analysis/circuits.py": ["tests/test_circuits.py"],
+         "experiment/circuitchecks.py": ["tests/test_circuits.py"]}
 
 
 def _ordered(path: str) -> list[str]:

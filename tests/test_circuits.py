@@ -17,9 +17,11 @@ from actpatch.engine import edges as edges_module
 from actpatch.engine.graph import build_graph
 from actpatch.engine.pairs import PromptPair
 from actpatch.errors import ConfigError
+from actpatch.experiment import circuitchecks
 from actpatch.experiment.circuit import run_circuit
+from actpatch.experiment.circuitchecks import random_halves, template_halves
 from actpatch.experiment.circuitresult import CircuitResult
-from actpatch.report.circuitreport import findings, head_table, plot_curves
+from actpatch.report.circuitreport import findings, head_table, plot_curves, render_circuit_md
 from conftest import tiny_model
 
 PAIRS = [
@@ -122,7 +124,11 @@ def test_circuit_run_checks_faithfulness_and_round_trip(gpt2_lm, tmp_path):
     assert whole.edges == result.graph["n_edges"] and whole.faithfulness == pytest.approx(1.0, abs=1e-5)
     assert len(result.edges) == result.graph["n_edges"]
     assert result.attribution_check["n_edges"] >= 20 and -1 <= result.attribution_check["spearman"] <= 1
-    assert {s["subset"] for s in result.stability["subsets"]} == {"resample 0", "template 0", "template 1"}
+    assert {s["subset"] for s in result.stability["subsets"]} == {"resample 0", "random half A", "random half B",
+                                                                  "template half A", "template half B"}
+    assert 0 <= result.stability["template_split_jaccard"] <= 1 and 0 <= result.stability["random_split_jaccard"] <= 1
+    md = render_circuit_md(result, [])
+    assert "template half B" in md and "Jaccard with the other half" in md
     areas = result.areas().set_index("method").area
     assert set(areas.index) == {"eap", "nodes"}
     nodes = df[df.method == "nodes"]
@@ -213,3 +219,46 @@ def test_other_selections_run_end_to_end(gpt2_lm, select):
     assert result.circuit["select"] == select and result.circuit["n_edges"] <= result.graph["n_edges"]
     if select == "exact":  # every edge it dropped moved the metric by less than 1% of (model - empty)
         assert result.circuit["n_edges"] < result.graph["n_edges"]
+
+
+def test_template_halves_share_no_template_and_are_as_even_as_templates_allow():
+    templates = [0, 0, 1, 2, 2, 2]
+    a, b = template_halves(templates)
+    assert sorted(a + b) == list(range(6))
+    assert not {templates[i] for i in a} & {templates[i] for i in b}
+    assert sorted([len(a), len(b)]) == [3, 3]  # 3 pairs of template 2 on one side, templates 0 and 1 on the other
+    assert template_halves([0, 0, 0]) is None and template_halves([0, None, 1]) is None
+    a, b = random_halves(7, seed=3)
+    assert sorted(a + b) == list(range(7)) and (len(a), len(b)) == (3, 4)
+    assert (a, b) == random_halves(7, seed=3) and (a, b) != random_halves(7, seed=4)
+
+
+class _Pairs:
+    def __init__(self, templates):
+        self.pairs = [PromptPair("a", "b", " c", " d", template=t) for t in templates]
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def select(self, idx):
+        return idx
+
+
+def test_stability_compares_the_two_halves_with_each_other(monkeypatch):
+    # a stand-in for edge scores: the circuit of a subset is its pairs' own edges plus edge 10, shared by all
+    def scores(lm, graph, idx, metric, don, steps=None):
+        sc = torch.zeros(1, 11)
+        sc[0, idx], sc[0, 10] = 1.0, 1.0
+        return sc
+    monkeypatch.setattr(circuitchecks, "edge_scores", scores)
+    keep = torch.zeros(1, 11, dtype=torch.bool)
+    keep[0, [0, 1, 2, 3, 10]] = True
+    out = circuitchecks.stability(None, None, _Pairs([0, 0, 1, 1]), torch.zeros(2, 4), None, None,
+                                  lambda sc: sc > 0, keep, resamples=2, seed=0, disable=True)
+    # halves {0, 1} + 10 and {2, 3} + 10 share one edge of five; either half against the chosen circuit would be 3/5
+    assert out["template_split_jaccard"] == pytest.approx(1 / 5, abs=1e-12)
+    assert out["random_split_jaccard"] == pytest.approx(1 / 5, abs=1e-12)  # any two disjoint halves of 2 pairs here
+    resampled = [x for x in out["subsets"] if x["subset"].startswith("resample")]
+    assert len(resampled) == 2 and out["resample_jaccard_mean"] == pytest.approx(
+        sum(x["jaccard"] for x in resampled) / 2, abs=1e-12)
+    assert all(x["jaccard"] == pytest.approx(len(set(x["pairs"]) | {10}) / 5, abs=1e-12) for x in resampled)

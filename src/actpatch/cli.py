@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     circ.add_argument("--pairs-file", metavar="FILE", help="JSONL of your pairs (as for run)")
     circ.add_argument("--model", default=DEFAULT_MODEL, metavar="SPEC", help=f"model spec as for ioi (default: {DEFAULT_MODEL})")
     circ.add_argument("--method", choices=CIRCUIT_METHODS, default="eap-ig",
-                      help="eap: gradient at the recipient (2 recording passes + 1 forward/backward); eap-ig "
+                      help="eap: gradient at the recipient (the donor's recording + 1 forward/backward of the recipient); eap-ig "
                       "(default): integrated gradients over --ig-steps runs from the donor's embeddings to the recipient's")
     circ.add_argument("--ig-steps", type=int, default=5, metavar="K", help="EAP-IG interpolation steps (default: 5)")
     circ.add_argument("--metric", choices=TASK_METRICS, default=None, help="as for run (default: the task's)")
@@ -211,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "greedy: grown from the logits; exact: ACDC-style pruning, one exact pass per edge (small graphs)")
     circ.add_argument("--target", type=float, default=0.8, help="the faithfulness to reach (default: 0.8)")
     circ.add_argument("--resamples", type=int, default=3, metavar="R",
-                      help="stability: circuits from R bootstrap resamples of the pairs (default: 3; 0 skips)")
+                      help="stability: circuits from R bootstrap resamples of the pairs, and from two halves of "
+                      "the pairs split by template and at random (default: 3; 0 skips all of it)")
     circ.add_argument("--max-batch", type=int, metavar="ROWS", help="pairs per forward pass (default: automatic)")
     _add_run_options(circ, out="runs/circuit", n_pairs=16, designs=None)
 

@@ -3,7 +3,7 @@
     run_circuit_checks(...)   # full == recipient, empty == donor, edge patch == plain patch, both sums agree
     head_classes(lm, batch)   # IOI pairs: the IOI head class of each head (``analysis.heads``), to line up with circuits
     attribution_check(...)    # Spearman of attribution estimates against exact single-edge patches
-    stability(...)            # edge Jaccard of circuits from resampled pairs and from each template
+    stability(...)            # edge Jaccard of circuits from resampled pairs, and of halves split by template
 
 The plain patches here come from the ordinary patching engine (``patch_variants`` on ``HeadSite`` or, where one
 head's write is not separable, ``AttnOutSite``), not from edge patching: the comparison is between two
@@ -148,26 +148,43 @@ def attribution_check(graph: Graph, scores: torch.Tensor, evaluate, full: torch.
 
 def stability(lm, graph: Graph, batch, don, score, steps, select, keep, resamples: int, seed: int,
               disable) -> dict:
-    """Edge Jaccard between the chosen circuit and circuits of the same size from bootstrap resamples of the pairs
-    and from each template's pairs (templates with at least two pairs)."""
-    n = len(batch)
-    subsets = []
+    """Edge Jaccard of circuits of the chosen size: with the chosen circuit, for ``resamples`` bootstrap resamples
+    of the pairs; and between the two disjoint halves of a split of the pairs, by template (when the pairs have
+    templates) and at random (the same question without the templates: how much two halves agree by chance)."""
+    n, subsets = len(batch), []
     for i in range(resamples):
         gen = torch.Generator().manual_seed(1000 * seed + i + 1)
         subsets.append((f"resample {i}", sorted(torch.randint(0, n, (n,), generator=gen).tolist())))
-    templates = [p.template for p in batch.pairs]
-    if len({t for t in templates if t is not None}) > 1:
-        for t in sorted({t for t in templates if t is not None}):
-            idx = [i for i, x in enumerate(templates) if x == t]
-            if len(idx) >= 2:
-                subsets.append((f"template {t}", idx))
-    out = []
+    splits = {"random": random_halves(n, seed), "template": template_halves([p.template for p in batch.pairs])}
+    splits = {k: v for k, v in splits.items() if v is not None and min(map(len, v)) >= 2}
+    subsets += [(f"{kind} half {'AB'[j]}", half) for kind, halves in splits.items() for j, half in enumerate(halves)]
+    circuits, out = {}, []
     for name, idx in tqdm(subsets, desc="stability", disable=disable, dynamic_ncols=True):
         sub = batch.select(idx)
         sc = edge_scores(lm, graph, sub, lambda lg, rows, idx=idx: score(lg, torch.tensor(idx)[rows]),
                          don[:, idx], steps=steps)
-        out.append({"subset": name, "n_pairs": len(idx), "jaccard": jaccard(select(sc), keep)})
+        circuits[name] = select(sc)
+        out.append({"subset": name, "n_pairs": len(idx), "pairs": idx, "jaccard": jaccard(circuits[name], keep)})
     res = [x["jaccard"] for x in out if x["subset"].startswith("resample")]
-    tem = [x["jaccard"] for x in out if x["subset"].startswith("template")]
-    mean = lambda xs: float(sum(xs) / len(xs)) if xs else None  # noqa: E731
-    return {"resample_jaccard_mean": mean(res), "template_jaccard_mean": mean(tem), "subsets": out}
+    between = {k: jaccard(circuits[f"{k} half A"], circuits[f"{k} half B"]) for k in splits}
+    return {"resample_jaccard_mean": sum(res) / len(res) if res else None,
+            "template_split_jaccard": between.get("template"), "random_split_jaccard": between.get("random"),
+            "subsets": out}
+
+
+def random_halves(n: int, seed: int) -> tuple[list[int], list[int]]:
+    """Pairs 0..n-1 in two disjoint halves at random (sizes n // 2 and the rest), reproducibly from ``seed``."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(1000 * seed + 999)).tolist()
+    return sorted(perm[:n // 2]), sorted(perm[n // 2:])
+
+
+def template_halves(templates: list) -> tuple[list[int], list[int]] | None:
+    """The pairs in two halves that share no template, as even in size as whole templates allow (the most
+    frequent templates placed first, each in the smaller half); None when fewer than two templates are known."""
+    if any(t is None for t in templates) or len(set(templates)) < 2:
+        return None
+    by = {t: [i for i, x in enumerate(templates) if x == t] for t in set(templates)}
+    halves: tuple[list[int], list[int]] = ([], [])
+    for t in sorted(by, key=lambda t: (-len(by[t]), str(t))):
+        min(halves, key=len).extend(by[t])  # the first of two equal halves on a tie
+    return sorted(halves[0]), sorted(halves[1])

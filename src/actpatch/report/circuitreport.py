@@ -152,9 +152,14 @@ def findings(result: CircuitResult) -> list[str]:
                f"Spearman {att['spearman']:.2f}, signs agree on {100 * att['sign_agreement']:.0f}%.")
     s = result.stability
     if s.get("resample_jaccard_mean") is not None:
-        out.append(f"Stability: edge Jaccard with circuits from resampled pairs {s['resample_jaccard_mean']:.2f}"
-                   + (f", from single templates {s['template_jaccard_mean']:.2f}" if s.get("template_jaccard_mean") is not None else "")
-                   + ".")
+        out.append(f"Stability: edge Jaccard with circuits from resampled pairs {s['resample_jaccard_mean']:.2f}.")
+    if s.get("random_split_jaccard") is not None:
+        n = [x["n_pairs"] for x in s["subsets"] if x["subset"].startswith("random half")]
+        line = (f"Circuits from two random halves of the pairs ({n[0]} and {n[1]}) share "
+                f"{s['random_split_jaccard']:.2f} of their edges (Jaccard)")
+        if s.get("template_split_jaccard") is not None:
+            line += f"; two halves with no template in common share {s['template_split_jaccard']:.2f}"
+        out.append(line + ".")
     return out
 
 
@@ -209,8 +214,17 @@ def _head_key(name: str) -> tuple[int, int]:
 def _tables(result: CircuitResult) -> dict[str, pd.DataFrame]:
     checks = pd.DataFrame([{"check": k, "passed": v["passed"], "detail": v["detail"]} for k, v in result.sanity.items()])
     edges = pd.DataFrame(result.circuit["edges"][:25], columns=["sender", "receiver", "input", "score (estimate)"])
-    return {"sanity checks": checks, "faithfulness": result.faithfulness_frame(), "strongest edges of the circuit": edges,
-            "heads of the circuit, their single-head patches and classes": head_table(result)}
+    tables = {"sanity checks": checks, "faithfulness": result.faithfulness_frame(), "strongest edges of the circuit": edges,
+              "heads of the circuit, their single-head patches and classes": head_table(result)}
+    subsets = result.stability.get("subsets") or []
+    if subsets:  # each subset's circuit, of the chosen size, against the chosen circuit; the halves' own Jaccard
+        between = {"random": result.stability.get("random_split_jaccard"),
+                   "template": result.stability.get("template_split_jaccard")}
+        tables["stability: circuits of the chosen size from subsets of the pairs"] = pd.DataFrame(
+            [{"subset": x["subset"], "pairs": x["n_pairs"], "Jaccard with the chosen circuit": x["jaccard"],
+              "Jaccard with the other half": between.get(x["subset"].split(" half")[0]) if " half" in x["subset"] else ""}
+             for x in subsets])
+    return tables
 
 
 def render_circuit_md(result: CircuitResult, plots: list[str]) -> str:
