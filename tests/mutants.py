@@ -152,13 +152,17 @@ MUTANTS = {
     "template_halves_shared": ("experiment/circuitchecks.py", "min(halves, key=len).extend(by[t])",
                                "[min(halves, key=len).append(i) for i in by[t]]",
                                "a template's pairs dealt out one by one, so both halves share it"),
+    "stability_size_by_n": ("experiment/circuit.py", 'if cfg.select == "top" and n:', "if False:",
+                            "stability's circuits chosen by the top-N count before pruning, not by edges"),
+    "top_with_bisect": ("analysis/circuits.py", "            lo = mid + 1", "            lo = mid + 2",
+                        "the bisection skips sizes: a circuit larger than needed"),
 }
 
 
 FIRST = {"engine/edges.py": ["tests/test_edges.py", "tests/test_circuits.py"], "engine/eap.py": ["tests/test_edges.py"],
          "engine/edgegrads.py": ["tests/test_edges.py"],
          "engine/graph.py": ["tests/test_edges.py"], "analysis/circuits.py": ["tests/test_circuits.py"],
-         "experiment/circuitchecks.py": ["tests/test_circuits.py"]}
+         "experiment/circuitchecks.py": ["tests/test_circuits.py"], "experiment/circuit.py": ["tests/test_circuits.py"]}
 
 
 def _ordered(path: str) -> list[str]:

@@ -11,14 +11,14 @@ import torch
 
 from actpatch import wrap_model
 from actpatch.analysis.circuits import (circuit_heads, circuit_nodes, curve_area, exact_prune, fed_senders, greedy_edges, jaccard, node_circuit,
-                                        prune, top_edges)
+                                        prune, top_edges, top_edges_with)
 from actpatch.cli import main
 from actpatch.engine import edges as edges_module
 from actpatch.engine.graph import build_graph
 from actpatch.engine.pairs import PromptPair
 from actpatch.errors import ConfigError
 from actpatch.experiment import circuitchecks
-from actpatch.experiment.circuit import run_circuit
+from actpatch.experiment.circuit import CircuitConfig, _same_size, run_circuit
 from actpatch.experiment.circuitchecks import random_halves, template_halves
 from actpatch.experiment.circuitresult import CircuitResult
 from actpatch.report.circuitreport import findings, head_table, plot_curves, render_circuit_md
@@ -55,6 +55,27 @@ def test_prune_keeps_only_paths_from_input_to_logits(gpt2_lm):
     assert torch.equal(kept, _keep(g, path))
     assert circuit_nodes(g, kept) == ["input", "a0.h1", "m1", "logits"]
     assert not prune(g, _keep(g, [("a0.h1", "m1"), ("m1", "logits")])).any()  # never reached from the input
+
+
+def test_top_edges_with_grows_until_pruning_leaves_enough_edges(gpt2_lm):
+    g = build_graph(gpt2_lm.adapter)
+    scores = torch.zeros(g.allowed.shape)
+    for (sender, receiver), value in {("input", "a0.h0<q>"): 10.0, ("a1.h0", "logits"): 9.0,  # no path: pruned
+                                      ("a0.h0", "logits"): 8.0, ("a0.h0", "m1"): 7.0, ("m1", "logits"): 6.0}.items():
+        scores[g.receiver_index(receiver), g.sender_index(sender)] = value
+    assert not top_edges(g, scores, 2).any()  # the two strongest edges share no path
+    want = _keep(g, [("input", "a0.h0<q>"), ("a0.h0", "logits")])
+    assert torch.equal(top_edges_with(g, scores, 1), want) and torch.equal(top_edges_with(g, scores, 2), want)
+    bigger = _keep(g, [("input", "a0.h0<q>"), ("a0.h0", "logits"), ("a0.h0", "m1"), ("m1", "logits")])
+    assert torch.equal(top_edges_with(g, scores, 3), bigger)  # top 4 prune to 2 edges, top 5 to 4
+    # against a plain scan over n on random scores: the first top-n circuit with enough edges after pruning
+    noisy = torch.randn(g.allowed.shape, generator=torch.Generator().manual_seed(1)) * g.allowed
+    for n_edges in (1, 5, 17, 40):
+        n = next(n for n in range(n_edges, g.n_edges + 1) if int(top_edges(g, noisy, n).sum()) >= n_edges)
+        assert torch.equal(top_edges_with(g, noisy, n_edges), top_edges(g, noisy, n)), n_edges
+    # stability compares circuits of the chosen one's edge count: a 2-edge circuit chosen as the top 2 of other scores
+    chosen = {"keep": want, "point": {"size": 2}}
+    assert torch.equal(_same_size(CircuitConfig(), g, scores, chosen), want)
 
 
 def test_top_greedy_and_node_circuits(gpt2_lm):

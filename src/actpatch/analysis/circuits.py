@@ -1,6 +1,7 @@
 """Circuits: sets of edges of a ``Graph``, chosen from edge scores, and what they contain.
 
     keep = top_edges(graph, scores, 200)          # (R, S) bool: the 200 edges of largest |score|, then pruned
+    keep = top_edges_with(graph, scores, 135)     # the smallest such circuit with at least 135 edges after pruning
     keep = greedy_edges(graph, scores, 200)       # grown from the logits, one best edge at a time
     keep = exact_prune(graph, scores, evaluate)   # ACDC-style: drop each edge whose exact removal changes little
     circuit_nodes(graph, keep)                    # the nodes it contains
@@ -73,6 +74,20 @@ def top_edges(graph: Graph, scores: Float[Tensor, "receiver sender"], n: int, ab
     keep = torch.zeros(graph.allowed.numel(), dtype=torch.bool)
     keep[idx] = True
     return prune(graph, keep.view(graph.allowed.shape))
+
+
+def top_edges_with(graph: Graph, scores: Float[Tensor, "receiver sender"], n_edges: int, absolute: bool = True) -> Tensor:
+    """The smallest ``top_edges`` circuit that keeps at least ``n_edges`` edges after pruning: circuits of one size
+    (in edges) from other scores, to compare edge for edge. Pruning only grows with n, so this bisects on n."""
+    _check_n(graph, n_edges)
+    lo, hi = n_edges, graph.n_edges  # every allowed edge lies on a path from the input to the logits
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if int(top_edges(graph, scores, mid, absolute).sum()) >= n_edges:
+            hi = mid
+        else:
+            lo = mid + 1
+    return top_edges(graph, scores, lo, absolute)
 
 
 def greedy_edges(graph: Graph, scores: Float[Tensor, "receiver sender"], n: int, absolute: bool = True) -> Tensor:

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..analysis.circuits import circuit_heads, circuit_nodes, exact_prune, greedy_edges, node_circuit, top_edges
+from ..analysis.circuits import (circuit_heads, circuit_nodes, exact_prune, greedy_edges, node_circuit, top_edges,
+                                 top_edges_with)
 from ..engine.capture import last_logits
 from ..engine.eap import edge_scores, group_rows
 from ..engine.edges import edge_patched_logits, sender_outputs
@@ -117,6 +118,14 @@ def _select(cfg: CircuitConfig, graph: Graph, scores: torch.Tensor, n: int) -> t
     return (greedy_edges if cfg.select == "greedy" else top_edges)(graph, scores, min(n, graph.n_edges))
 
 
+def _same_size(cfg: CircuitConfig, graph: Graph, scores: torch.Tensor, chosen: dict) -> torch.Tensor:
+    """A circuit from other scores with as many edges as the chosen one (top: after pruning), for stability."""
+    n = int(chosen["keep"].sum())
+    if cfg.select == "top" and n:
+        return top_edges_with(graph, scores, n)
+    return _select(cfg, graph, scores, int(chosen["point"]["size"]))
+
+
 def _point(graph: Graph, keep: torch.Tensor, m: torch.Tensor, full: torch.Tensor, empty: torch.Tensor, **info) -> dict:
     per_pair = (m - empty) / (full - empty)
     f = float((m.mean() - empty.mean()) / (full.mean() - empty.mean()))
@@ -210,7 +219,7 @@ def run_circuit(config: CircuitConfig | None = None, *, lm: LoadedModel | None =
     checks = run_circuit_checks(lm, graph, batch, don, rec_logits, don_logits, rows, effects, chosen["keep"])
     checks.append(check_no_hooks_left(lm, hooks_before))
     att = attribution_check(graph, scores, evaluate, full)
-    select = lambda sc: _select(cfg, graph, sc, int(chosen["point"]["size"]))  # noqa: E731
+    select = lambda sc: _same_size(cfg, graph, sc, chosen)  # noqa: E731
     stab = stability(lm, graph, batch, don, score, steps, select, chosen["keep"], cfg.resamples, cfg.seed,
                      disable) if cfg.resamples and cfg.select != "exact" else {}
     return _result(cfg, pcfg.metric, lm, batch, graph, design, filtered, scores, chosen, curve + nodes, checks, att,

@@ -148,9 +148,10 @@ def attribution_check(graph: Graph, scores: torch.Tensor, evaluate, full: torch.
 
 def stability(lm, graph: Graph, batch, don, score, steps, select, keep, resamples: int, seed: int,
               disable) -> dict:
-    """Edge Jaccard of circuits of the chosen size: with the chosen circuit, for ``resamples`` bootstrap resamples
-    of the pairs; and between the two disjoint halves of a split of the pairs, by template (when the pairs have
-    templates) and at random (the same question without the templates: how much two halves agree by chance)."""
+    """Edge Jaccard of circuits with as many edges as the chosen one (``select``): with the chosen circuit, for
+    ``resamples`` bootstrap resamples of the pairs; and between the two disjoint halves of a split of the pairs, by
+    template (when the pairs have templates) and at random (the same question without the templates: how much two
+    halves agree by chance)."""
     n, subsets = len(batch), []
     for i in range(resamples):
         gen = torch.Generator().manual_seed(1000 * seed + i + 1)

@@ -220,7 +220,7 @@ def _tables(result: CircuitResult) -> dict[str, pd.DataFrame]:
     if subsets:  # each subset's circuit, of the chosen size, against the chosen circuit; the halves' own Jaccard
         between = {"random": result.stability.get("random_split_jaccard"),
                    "template": result.stability.get("template_split_jaccard")}
-        tables["stability: circuits of the chosen size from subsets of the pairs"] = pd.DataFrame(
+        tables["stability: circuits with as many edges as the chosen one, from subsets of the pairs"] = pd.DataFrame(
             [{"subset": x["subset"], "pairs": x["n_pairs"], "Jaccard with the chosen circuit": x["jaccard"],
               "Jaccard with the other half": between.get(x["subset"].split(" half")[0]) if " half" in x["subset"] else ""}
              for x in subsets])
