@@ -1,6 +1,6 @@
 """Cost of circuit discovery on the bundled model, in forward-equivalents (FE) and memory.
 
-    .venv/bin/python bench/bench_circuit.py --out bench/results-circuit.json     # about 3 minutes on 2 CPU cores
+    .venv/bin/python bench/bench_circuit.py --out bench/results-circuit.json     # about 2 minutes on 2 CPU cores
 
 Rows: recording every sender's output in the donor run (one pass), a plain forward and backward (the floor of any
 gradient method here), EAP over every edge (one forward and backward of the recipient that also records its senders;
@@ -96,7 +96,8 @@ def main() -> None:
     params = sum(p.numel() * p.element_size() for p in lm.model.parameters())
     cache = don.numel() * don.element_size()
     summary = {
-        "forward_seconds": min(forwards), "forward_seconds_max": max(forwards), "n_pairs": len(batch), "tokens": int(ids.shape[1]), "n_edges": graph.n_edges,
+        "forward_seconds": min(forwards), "forward_seconds_max": max(forwards),
+        "n_pairs": len(batch), "tokens": int(ids.shape[1]), "n_edges": graph.n_edges,
         "model_gib": params / 2**30, "sender_cache_gib": cache / 2**30,
         "eap_total_fe": results[2]["fe"] + results[0]["fe"],
         "eap_ig_total_fe": results[3]["fe"] + results[0]["fe"],

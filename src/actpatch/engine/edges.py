@@ -16,7 +16,6 @@ another input with the projection of its own normed input (once per distinct inp
 
 from __future__ import annotations
 
-
 import torch
 from jaxtyping import Float
 from torch import Tensor
