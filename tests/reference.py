@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import torch
 
-BLOCKS = {"gpt2": "transformer.h", "gpt_neo": "transformer.h", "gpt_neox": "gpt_neox.layers"}  # else model.layers
-HEADS_IN = {"gpt2": "attn.c_proj", "gpt_neo": "attn.attention.out_proj", "gpt_neox": "attention.dense"}  # else o_proj
+BLOCKS = {"gpt2": "transformer.h", "gpt_neo": "transformer.h", "gpt_neox": "gpt_neox.layers", "gptj": "transformer.h",
+          "falcon": "transformer.h", "bloom": "transformer.h", "gpt_bigcode": "transformer.h",
+          "opt": "model.decoder.layers"}  # else model.layers
+HEADS_IN = {"gpt2": "attn.c_proj", "gpt_neo": "attn.attention.out_proj", "gpt_neox": "attention.dense",
+            "phi": "self_attn.dense", "gptj": "attn.out_proj", "falcon": "self_attention.dense",
+            "bloom": "self_attention.dense", "gpt_bigcode": "attn.c_proj", "opt": "self_attn.out_proj"}  # else o_proj
 
 
 def _get(root, path: str):

@@ -62,12 +62,16 @@ def test_bundled_attribution_ranks_heads_like_exact_patching(smollm):
 
 
 def test_bundled_variable_length_batch_equals_one_pair_at_a_time(smollm):
-    """Prompts of different lengths in one right-padded batch give each pair's own numbers (1e-5)."""
+    """Prompts of different lengths in one right-padded batch give each pair's own numbers (5e-5).
+
+    30 layers of float32 with other matmul shapes: the summation order differs at every layer. 1e-5 held on the
+    machines before; this CPU's kernels gave 1.4e-5 on an LD of 0.2, so the bound is 5e-5 (still far below any
+    effect a wrong row or position would have, which is of order 0.1)."""
     from actpatch import HeadSite, HiddenSite
     from test_hardening import batched_equals_single
 
     variants = [[HeadSite(16)], [HeadSite(23, 3)], [HiddenSite(20, "S2")], [HeadSite(24, None, "END")], [HiddenSite(28)]]
-    batched_equals_single(smollm, 4, variants)
+    batched_equals_single(smollm, 4, variants, tol=5e-5)
 
 
 @pytest.mark.parametrize("prompt, substring", [

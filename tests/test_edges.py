@@ -42,6 +42,17 @@ FAMILIES = {
 }
 FAMILIES["mistral"] = FAMILIES["llama"]
 FAMILIES["gemma2"] = FAMILIES["gemma3"]
+# issue 26: every family whose graph can be built (tests/families.py configs; kv = their key/value heads)
+for _name in ("qwen2", "qwen3", "smollm3", "starcoder2", "qwen2_moe", "qwen3_moe", "mixtral", "stablelm"):
+    FAMILIES[_name] = dict(FAMILIES["llama"], kv=2)
+FAMILIES["phi3"] = dict(FAMILIES["llama"], qkv=("self_attn.qkv_proj",), layout="blocks", kv=2)
+FAMILIES["falcon_new"] = dict(blocks="transformer.h", ln1="ln_attn", qkv=("self_attention.query_key_value",),
+                              layout="grouped", o="self_attention.dense", post=None, ln2="ln_mlp", mlp_out="mlp",
+                              final="transformer.ln_f", conv=False, kv=2)
+FAMILIES["falcon_seq"] = dict(FAMILIES["falcon_new"], ln1="input_layernorm", ln2="post_attention_layernorm",
+                              layout="per_head", kv=4)
+FAMILIES["bloom"] = dict(FAMILIES["falcon_seq"], mlp_out="mlp.dense_4h_to_h")
+FAMILIES["gpt_bigcode"] = dict(FAMILIES["gpt2"], conv=False, kv=1)
 
 PAIRS = [
     PromptPair("When Mary and John went to the store, John gave a drink to",
@@ -97,11 +108,16 @@ def plain_senders(model, fam, batch, ids, n_heads, d_head):
 def qkv_columns(fam, which, index, n_heads, d_head):
     """The (module number, feature slice) of ``which``'s head ``index`` in the projection output, written out."""
     i = "qkv".index(which)
+    kv = fam.get("kv", n_heads)
     if fam["layout"] == "separate":
         return i, slice(index * d_head, (index + 1) * d_head)
-    if fam["layout"] == "blocks":  # GPT-2: [all q | all k | all v]
-        start = i * n_heads * d_head + index * d_head
-    else:  # GPT-NeoX: per head [q k v]
+    if fam["layout"] == "blocks":  # GPT-2, Phi-3, multi-query: [H queries | KV keys | KV values]
+        start = ([0, n_heads, n_heads + kv][i] + index) * d_head
+    elif fam["layout"] == "grouped":  # Falcon-40B: per KV group [its G queries, k, v]
+        g = n_heads // kv
+        block = (index // g) * (g + 2) + index % g if which == "q" else index * (g + 2) + g + i - 1
+        start = block * d_head
+    else:  # GPT-NeoX, Bloom: per head [q k v]
         start = (index * 3 + i) * d_head
     return 0, slice(start, start + d_head)
 

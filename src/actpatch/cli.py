@@ -43,6 +43,7 @@ from .experiment.taskcompare import plot_task_compare, render_task_compare, run_
 from .experiment.config import DIRECTIONS, METHODS, IOIConfig
 from .experiment.contrast import PairsConfig, run_pairs, site_families
 from .experiment.experiments import plan_ioi, run_ioi
+from .experiment.selftest import check_model, summary
 from .model.adapters import ARCHITECTURES
 from .model.models import BUNDLED, DEFAULT_MODEL, DTYPES, bundled_gguf, install_hint
 from .report.outputs import PARTIAL, discard, prepare_out, write_outputs
@@ -217,7 +218,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(circ, out="runs/circuit", n_pairs=16, designs=None)
 
     sub.add_parser("models", help="list supported architectures and whether the bundled model is installed")
+    chk = sub.add_parser(
+        "check-model", help="self-test every patching feature on a model (yours): PASS / FAIL / UNSUPPORTED per feature",
+        description="Find the model's adapter (or build one from its module tree) and check every feature on 2 pairs of "
+        "random token ids against the independent reference. Exit status: 0 all supported features pass, 1 one "
+        "fails, 2 bad input.")
+    chk.add_argument("model", help="a hub id, a local checkpoint folder (a tokenizer is not needed), a .gguf file "
+                     f"or a bundled name ({', '.join(BUNDLED)})")
+    chk.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
+    chk.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    chk.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    chk.add_argument("--trust-remote-code", action="store_true", help="let transformers run the checkpoint's own code")
+    chk.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
     return parser
+
+
+def cmd_check_model(args: argparse.Namespace, argv: list[str]) -> int:
+    report, _ = check_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    print(report.to_json() if args.json else report.table() + "\n\n" + summary(report))
+    return 0 if report.passed else 1
 
 
 def _top_k(args: argparse.Namespace) -> int:
@@ -529,7 +548,8 @@ def main(argv: list[str] | None = None) -> int:
         quiet_loading = args.quiet or not sys.stderr.isatty()
         with _quiet_transformers(quiet_loading), warnings.catch_warnings():
             warnings.showwarning = _show_warning
-            commands = {"ioi": cmd_ioi, "run": cmd_run, "compare": cmd_compare, "circuit": cmd_circuit}
+            commands = {"ioi": cmd_ioi, "run": cmd_run, "compare": cmd_compare, "circuit": cmd_circuit,
+                        "check-model": cmd_check_model}
             return commands[args.command](args, argv)
     except ActpatchError as exc:
         print(f"actpatch: error: {exc}", file=sys.stderr)

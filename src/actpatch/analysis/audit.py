@@ -44,7 +44,7 @@ def attention_writes(lm: LoadedModel, input_ids: Tensor, batch: PairBatch) -> di
 
     def keep(store: dict, L: int):
         def fn(x: Tensor) -> None:
-            store[L] = x.detach()
+            store[L] = x.detach().clone()  # Falcon adds attention into the MLP's output in place
         return fn
 
     def keep_call(L: int):
@@ -67,7 +67,10 @@ def attention_writes(lm: LoadedModel, input_ids: Tensor, batch: PairBatch) -> di
     for L in range(a.n_layers):
         x = rows_at(inp[L], end, dev).float()  # (B, D)
         after = rows_at(out[L], end, dev).float()
-        w = after - x - rows_at(mlp[L], end, dev).float() if a.parallel_residual else rows_at(mid[L], end, dev).float() - x
+        if a.parallel_residual:
+            w = after - x - a.resid_scale * rows_at(mlp[L], end, dev).float()
+        else:  # OPT runs the MLP half on (B*T, D) rows: back to (B, T, D)
+            w = rows_at(mid[L].view(inp[L].shape), end, dev).float() - x
         writes.append(w)
         resid.append(after)
     inputs = torch.stack([rows_at(inp[L], end, dev).float() for L in range(a.n_layers)])

@@ -149,9 +149,23 @@ def ld_readout(lm: LoadedModel, batch: PairBatch, resid_end: Float[Tensor, "batc
     """g(x) = (x through the final norm, its scale frozen at ``resid_end``) . (W_U[IO] - W_U[S]), per pair:
     (..., B, D) -> (..., B). ``resid_end``: the recipient's last residual stream at END, (B, D)."""
     dev = execution_device(lm.model.get_output_embeddings())  # the read-out's device (a device map may split the model)
-    f = frozen_norm(lm.adapter.final_norm(), resid_end.to(dev))
-    direction = ld_direction(lm, batch, dev)  # (B, D)
+    a = lm.adapter
+    _require_residual_sum(lm, "the direct logit attribution")
+    f = frozen_norm(a.final_norm(), resid_end.to(dev))
+    proj = a.final_proj()  # OPT's project_out: linear, no bias
+    direction = ld_direction(lm, batch, dev) * a.logit_scale  # (B, D_embed); Cohere and Granite scale the logits
+    if proj is not None:
+        return lambda x: (proj(f(x.to(dev)).to(proj.weight.dtype)).float() * direction).sum(-1)
     return lambda x: (f(x.to(dev)) * direction).sum(-1)
+
+
+def _require_residual_sum(lm: LoadedModel, what: str) -> None:
+    """Refuse ``what`` on a model whose residual stream is not a sum of writes (norms after the residual add)."""
+    if lm.adapter.arch.post_ln or lm.adapter.final_norm() is None:
+        raise UnsupportedArchitectureError(
+            f"{what} needs a residual stream that is the sum of what each block writes, but {lm.adapter.arch.name} "
+            f"({lm.model.config.model_type}) normalises after the residual add (post-LN). Patching works on it; "
+            "run without the analysis (--no-analysis, analysis=False).")
 
 
 def direct_readout(
@@ -184,6 +198,8 @@ def head_writes(
         post = frozen_norm(norm, rows_at(cache[AttnOutSite(layer)], end, dev))  # scale of the real output
         per_head = post(per_head)
         bias = None if bias is None else post(bias)
+    if a.resid_scale != 1.0:  # Granite adds residual_multiplier x attention
+        per_head, bias = per_head * a.resid_scale, None if bias is None else bias * a.resid_scale
     return per_head, bias
 
 
@@ -221,7 +237,8 @@ def copy_scores(lm: LoadedModel, name_ids: Int[Tensor, "n"], top: int = 5) -> tu
     specs += [(a.attn_out(L), "input", keep(L)) for L in range(a.n_layers)]
     with torch.inference_mode(), hooks(specs):
         lm.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
-    norm, w_u = a.final_norm(), lm.model.get_output_embeddings()
+    _require_residual_sum(lm, "the copy scores")
+    norm, w_u = a.finalize, lm.model.get_output_embeddings()
     copy, neg = torch.zeros(a.n_layers, a.n_heads), torch.zeros(a.n_layers, a.n_heads)
     with torch.inference_mode():
         for L in range(a.n_layers):
@@ -230,7 +247,7 @@ def copy_scores(lm: LoadedModel, name_ids: Int[Tensor, "n"], top: int = 5) -> tu
             post = a.attn_post_norm(L)
             if post is not None:  # Gemma 2/3, OLMo 2: what the head writes passes the post-norm (sign-symmetric)
                 ov = post(ov.to(execution_device(post)))
-            ov = ov.to(execution_device(norm))
+            ov = ov.to(execution_device(a.final_norm()))
             for sign, target in ((1.0, copy), (-1.0, neg)):
                 hits = []
                 for lo in range(0, len(ids), NAMES_PER_PASS):  # (H, n, V) logits for a few names at a time

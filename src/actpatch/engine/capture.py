@@ -122,7 +122,8 @@ def locate_nonfinite(
 
     specs = [(lm.model.get_input_embeddings(), "output", watch("the token embeddings"))]
     specs += [(adapter.block(L), "output", watch(f"layer {L} (its block output)")) for L in range(adapter.n_layers)]
-    specs.append((adapter.final_norm(), "output", watch("the final norm")))
+    if adapter.final_norm() is not None:
+        specs.append((adapter.final_norm(), "output", watch("the final norm")))
     with torch.inference_mode(), hooks(specs):
         lm.model.base_model(input_ids=input_ids.to(lm.device), attention_mask=real.long(), use_cache=False)
     return bad[0] if bad else "the unembedding (LM head)"

@@ -117,6 +117,27 @@ class Graph:
         return head_name(layer, head) if self.head_senders else f"a{layer}"
 
 
+def circuit_refusal(adapter: Adapter) -> str:
+    """Why the graph cannot be built for ``adapter``'s model ("" when it can): each receiver must read the residual
+    stream through a norm of its own, every write must be a term of that stream, and q, k, v per head must be a
+    slice of a linear projection of the normed stream."""
+    arch = adapter.arch
+    if not arch.attn_norm:
+        return "it has no norm in front of attention, so a head's q, k and v input cannot be set apart"
+    if arch.qk_norm_spans_heads:
+        return "q and k pass a norm over all heads together, so one head's query is not a slice of one projection"
+    if adapter.shared_norm:
+        return ("attention and the MLP read the block input through one shared norm, so the MLP's input cannot be "
+                "patched apart from the heads' q, k and v")
+    if arch.post_ln or adapter.final_norm() is None:
+        return "it normalises after the residual add (post-LN), so the residual stream is not a sum of writes"
+    if arch.flat_mlp:
+        return "its MLP runs on (batch*positions, d_model) rows"
+    if adapter.resid_scale != 1.0:
+        return "each block's writes are scaled by a residual multiplier, which edge patching does not model yet"
+    return ""
+
+
 def build_graph(adapter: Adapter) -> Graph:
     """The graph of ``adapter``'s model (pre-norm, post-norm attention, parallel residual).
 
@@ -124,11 +145,9 @@ def build_graph(adapter: Adapter) -> Graph:
 
         graph = build_graph(lm.adapter); graph.n_edges
     """
-    if not adapter.arch.attn_norm:
-        raise UnsupportedArchitectureError(
-            f"circuits need the norm in front of attention to give each head its own q, k and v input; "
-            f"{adapter.arch.name} has no pre-norm and normalises q and k over all heads together. Supported for "
-            "circuits: gpt2, llama-family, gemma2/3, gpt_neox, gpt_neo.")
+    why = circuit_refusal(adapter)
+    if why:
+        raise UnsupportedArchitectureError(f"circuits are not supported on {adapter.arch.name}: {why}.")
     L, H, KV = adapter.n_layers, adapter.n_heads, adapter.n_kv_heads
     per_head = adapter.attn_post_norm(0) is None
     senders, sender_layer = ["input"], [-1]

@@ -11,7 +11,8 @@ recipient's cached keys and values standing in for positions < p:
 
 Call arguments are handled generically: every tensor with a per-row batch axis is repeated for
 the stacked copies, the query-position axis of positional tensors (masks, rotary tables, position
-ids) is cut at ``pos``, and the model's KV-cache argument is replaced by one pre-filled with the
+ids) is cut at ``pos``, arguments the adapter names as laid out (rows * heads, ...) (Bloom's ALiBi) are
+repeated whole, and the model's KV-cache argument is replaced by one pre-filled with the
 recipient's keys and values. The experiment's ``fast_path_matches_reference`` sanity check and
 the tests compare this path with plain full forward passes on every supported architecture.
 """
@@ -118,10 +119,14 @@ class RecipientState:
         for L in range(start, a.n_layers):
             self._fill(cache, L, pos, copies)  # one layer's keys/values at a time: memory stays flat
             rest, kwargs = self._prepare(self.calls[L], copies, pos, cache)
+            for name in a.arch.head_batched_args:  # (B*H, ..., T_keys) (Bloom's ALiBi): repeated, never cut
+                if isinstance(self.calls[L][1].get(name), Tensor):
+                    x = self.calls[L][1][name]
+                    kwargs[name] = x.repeat(copies, *([1] * (x.dim() - 1)))  # (copies*B*H, ...), variant-major
             out = a.block(L)(h, *rest, **kwargs)
             h = out[0] if isinstance(out, tuple) else out
             cache.layers[L] = type(cache.layers[L])()  # drop this layer's keys/values
-        h = a.final_norm()(h)
+        h = a.finalize(h)
         rows = torch.arange(h.shape[0], device=h.device)
         cols = None if columns is None else columns.repeat(copies, 1)  # (copies*B, n)
         ex = None if exact is None else exact.repeat(copies, 1)  # (copies*B, m)

@@ -48,16 +48,25 @@ def site_columns(lm: LoadedModel, site: Site) -> list[slice]:
     """The feature columns ``site`` covers in its module's flat (B, T, F) activation: one slice per head, or all.
 
     Worked out here from the layouts' definitions, not from ``Site.columns``: heads are H blocks of d_head; a
-    separate q/k/v projection is H' blocks (H' = KV heads for k and v); GPT-2's fused one is [q | k | v], each
-    H blocks; GPT-NeoX's is H blocks of [q k v].
+    separate q/k/v projection is H' blocks (H' = KV heads for k and v); a "blocks" fused one is H query blocks, then
+    KV key blocks, then KV value blocks (GPT-2, Phi-3, multi-query); "per_head" is H blocks of [q k v] (GPT-NeoX,
+    Bloom); "grouped" is KV groups of [G queries, k, v] (Falcon's new architecture).
     """
     a, dh = lm.adapter, lm.adapter.d_head
     if site.kind == "head":
         heads = range(a.n_heads) if site.head is None else (site.head,) if isinstance(site.head, int) else site.head
         return [slice(h * dh, (h + 1) * dh) for h in heads]
     if site.kind in ("q", "k", "v"):
-        layout, i = a.arch.qkv_layout, "qkv".index(site.kind)
-        block = {"separate": site.head, "qkv_blocks": i * a.n_heads + site.head, "per_head": 3 * site.head + i}[layout]
+        layout, i, h = a.arch.qkv_layout, "qkv".index(site.kind), site.head
+        if layout == "grouped":
+            group = a.n_heads // a.n_kv_heads
+            if site.kind == "q":  # query head h sits in group h // G, at place h % G
+                block = (h // group) * (group + 2) + h % group
+            else:  # key/value head h is group h: after its G queries
+                block = h * (group + 2) + group + (i - 1)
+        else:
+            block = {"separate": h, "blocks": [h, a.n_heads + h, a.n_heads + a.n_kv_heads + h][i],
+                     "per_head": 3 * h + i}[layout]
         return [slice(block * dh, (block + 1) * dh)]
     return [slice(None)]
 
@@ -128,7 +137,7 @@ def reference_logit_diff(
 
     ``donor`` maps ``site.key`` to the donor activation. The read-out is the model's final hidden state at
     END times the LM head's two rows, in float32 (soft-capped like the model), so half precision does
-    not round the difference.
+    not round the difference. The family's logit scale is read from the config under its HF names.
     """
     out = _patched_forward(lm, batch, donor, variant, lm.model.base_model)
     hidden = out.last_hidden_state  # (B, T, D), final-normed
@@ -139,7 +148,9 @@ def reference_logit_diff(
         logits = torch.einsum("bd,bnd->bn", end.to(rows.device), rows)  # (B, 2)
         if getattr(head, "bias", None) is not None:
             logits = logits + head.bias[torch.stack([batch.answer_ids, batch.wrong_ids], 1).to(head.bias.device)].float()
-    cap = getattr(lm.model.config, "final_logit_softcapping", None)
+    config = lm.model.config  # the families' own config fields: Cohere multiplies, Granite divides, Gemma soft-caps
+    logits = logits * float(getattr(config, "logit_scale", None) or 1.0) / float(getattr(config, "logits_scaling", None) or 1.0)
+    cap = getattr(config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return (logits[:, 0] - logits[:, 1]).cpu()

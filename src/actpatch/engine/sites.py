@@ -104,6 +104,12 @@ class MlpOutSite(_Site):
     def module(self, adapter: Adapter) -> nn.Module:
         return adapter.mlp(self.layer)
 
+    def validate(self, adapter: Adapter) -> None:
+        super().validate(adapter)
+        if adapter.arch.flat_mlp:
+            raise SiteError(f"the mlp site is not supported on {adapter.arch.name}: its MLP runs on the positions "
+                            "flattened to (batch*positions, d_model) rows; patch the hidden state or the heads instead")
+
 
 @dataclass(frozen=True)
 class HeadSite(_Site):

@@ -1,20 +1,19 @@
-"""Architecture adapters: where a model keeps its blocks, heads and projections.
+"""Architecture adapters: an ``Architecture`` entry bound to one loaded model.
 
-One short declarative ``Architecture`` per model family says where the block list, the attention
-output projection (whose *input* holds the per-head outputs), the MLP and the final norm live,
-and how to read n_heads and d_head from the config. Everything else in actpatch is
-architecture-agnostic and talks to a bound ``Adapter``::
+The entries themselves are in ``model.architectures`` (one short declarative entry per family). Everything else in
+actpatch is architecture-agnostic and talks to a bound ``Adapter``::
 
     adapter = get_adapter(model)            # picks the Architecture from config.model_type
     adapter.attn_out(5)                     # the o_proj / c_proj module of layer 5
     adapter.head_weights(5)                 # W_O split per head, (H, Dh, D)
+    adapter.unembed(adapter.finalize(h))    # final norm (+ projection), LM head, logit scale and soft-cap
 
-Unknown architectures raise ``UnsupportedArchitectureError`` listing the supported ones.
+Unknown architectures raise ``UnsupportedArchitectureError`` listing the supported ones (``model.autoadapt`` can
+try to build an entry from the module tree).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -22,7 +21,10 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from ..errors import UnsupportedArchitectureError
+from .architectures import ARCHITECTURES, Architecture, find_architecture, supported_model_types
 from .placement import execution_device, onloaded
+
+__all__ = ["ARCHITECTURES", "Adapter", "Architecture", "get_adapter", "supported_model_types"]
 
 
 def _attr_path(root: nn.Module, path: str) -> nn.Module:
@@ -33,100 +35,6 @@ def _attr_path(root: nn.Module, path: str) -> nn.Module:
     return obj
 
 
-def _d_head(config) -> int:
-    # Gemma 3 has head_dim 256 != d_model / n_heads, so the config's head_dim wins when present.
-    head_dim = getattr(config, "head_dim", None)
-    return int(head_dim) if head_dim else config.hidden_size // config.num_attention_heads
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """Where one model family keeps its parts (paths are relative to the *CausalLM* model).
-
-    Example::
-
-        Architecture(name="mine", model_types=("mine",), blocks="model.layers", attn_out="self_attn.o_proj",
-                     mlp="mlp", final_norm="model.norm", n_heads=lambda c: c.num_attention_heads, d_head=lambda c: c.head_dim)
-    """
-
-    name: str
-    model_types: tuple[str, ...]
-    blocks: str                 # the ModuleList of decoder blocks
-    attn_out: str               # attention output projection, relative to a block (its input = heads)
-    mlp: str                    # MLP module, relative to a block
-    final_norm: str             # norm applied after the last block (before the LM head)
-    n_heads: Callable[[object], int]
-    d_head: Callable[[object], int]
-    conv1d: bool = False        # GPT-2's Conv1D stores W as (in, out) instead of Linear's (out, in)
-    # where queries, keys and values are made (for path patching into a receiver head's q, k or v):
-    # three Linear paths (q, k, v), or one fused module with layout "qkv_blocks" ([q | k | v], GPT-2)
-    # or "per_head" ([q k v] per head, GPT-NeoX)
-    qkv: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-    qkv_layout: str = "separate"
-    # a norm applied to the attention output before it joins the residual stream (Gemma 2/3, OLMo 2)
-    attn_post_norm: str | None = None
-    # the module whose first input is the residual stream between attention and MLP (h + attention's
-    # write); the sanity checks measure what attention really wrote from it. Unused with a parallel residual.
-    resid_mid: str = "post_attention_layernorm"
-    # the norms that read the residual stream before attention and before the MLP (their *input* is what a
-    # circuit's receiver sees), and a norm after the MLP before the residual add (Gemma 2/3, OLMo 2)
-    attn_norm: str = "input_layernorm"
-    mlp_norm: str = "post_attention_layernorm"
-    mlp_post_norm: str | None = None
-
-
-ARCHITECTURES: tuple[Architecture, ...] = (
-    Architecture(
-        name="gpt2", model_types=("gpt2",), blocks="transformer.h", attn_out="attn.c_proj",
-        mlp="mlp", final_norm="transformer.ln_f", n_heads=lambda c: c.n_head, d_head=lambda c: c.n_embd // c.n_head, conv1d=True,
-        qkv=("attn.c_attn",), qkv_layout="qkv_blocks", resid_mid="ln_2", attn_norm="ln_1", mlp_norm="ln_2",
-    ),
-    Architecture(
-        name="llama", model_types=("llama", "mistral", "qwen2", "qwen3", "olmo", "gemma"),
-        blocks="model.layers", attn_out="self_attn.o_proj", mlp="mlp", final_norm="model.norm",
-        n_heads=lambda c: c.num_attention_heads, d_head=_d_head,
-    ),
-    Architecture(  # post-norms: the attention output is normalised before the residual add
-        name="gemma2", model_types=("gemma2", "gemma3", "gemma3_text"),
-        blocks="model.layers", attn_out="self_attn.o_proj", mlp="mlp", final_norm="model.norm",
-        n_heads=lambda c: c.num_attention_heads, d_head=_d_head,
-        attn_post_norm="post_attention_layernorm", resid_mid="pre_feedforward_layernorm",
-        mlp_norm="pre_feedforward_layernorm", mlp_post_norm="post_feedforward_layernorm",
-    ),
-    Architecture(  # no pre-norms; q_norm / k_norm normalise the whole projection, so q and k are read after them
-        name="olmo2", model_types=("olmo2",),
-        blocks="model.layers", attn_out="self_attn.o_proj", mlp="mlp", final_norm="model.norm",
-        n_heads=lambda c: c.num_attention_heads, d_head=_d_head,
-        qkv=("self_attn.q_norm", "self_attn.k_norm", "self_attn.v_proj"),
-        attn_post_norm="post_attention_layernorm", resid_mid="mlp",
-        attn_norm="", mlp_norm="mlp", mlp_post_norm="post_feedforward_layernorm",  # no pre-norms
-    ),
-    Architecture(
-        name="gpt_neox", model_types=("gpt_neox",), blocks="gpt_neox.layers",
-        attn_out="attention.dense", mlp="mlp", final_norm="gpt_neox.final_layer_norm",
-        n_heads=lambda c: c.num_attention_heads, d_head=lambda c: c.hidden_size // c.num_attention_heads,
-        qkv=("attention.query_key_value",), qkv_layout="per_head",
-    ),
-    Architecture(
-        name="gpt_neo", model_types=("gpt_neo",), blocks="transformer.h",
-        attn_out="attn.attention.out_proj", mlp="mlp", final_norm="transformer.ln_f",
-        n_heads=lambda c: c.num_heads, d_head=lambda c: c.hidden_size // c.num_heads,
-        qkv=("attn.attention.q_proj", "attn.attention.k_proj", "attn.attention.v_proj"), resid_mid="ln_2",
-        attn_norm="ln_1", mlp_norm="ln_2",
-    ),
-)
-
-
-def supported_model_types() -> tuple[str, ...]:
-    """Every ``config.model_type`` that has an adapter.
-
-    Example::
-
-        "llama" in supported_model_types()  # True
-    """
-    return tuple(t for arch in ARCHITECTURES for t in arch.model_types)
-
-
 class Adapter:
     """An ``Architecture`` bound to one loaded model, with its dimensions read and checked.
 
@@ -135,14 +43,16 @@ class Adapter:
         adapter = get_adapter(model); adapter.attn_out(5); adapter.head_weights(5).shape  # (H, Dh, D)
     """
 
-    def __init__(self, model: nn.Module, arch: Architecture) -> None:
+    def __init__(self, model: nn.Module, arch: Architecture, auto: bool = False) -> None:
         self.model = model
-        self.arch = arch
         config = model.config
-        self.blocks: nn.ModuleList = _attr_path(model, arch.blocks)
+        self.arch = arch.bind(config)  # every config-dependent field evaluated for this model
+        self.auto = auto  # built by inspecting the module tree (model.autoadapt), not from the table
+        self.blocks: nn.ModuleList = _attr_path(model, self.arch.blocks)
         self.n_layers = len(self.blocks)
         self.n_heads = int(arch.n_heads(config))
         self.d_head = int(arch.d_head(config))
+        self.n_kv_heads = int(arch.n_kv_heads(config))
         in_features = self._in_features(self.attn_out(0))
         if in_features != self.n_heads * self.d_head:
             raise UnsupportedArchitectureError(
@@ -150,6 +60,12 @@ class Adapter:
                 f"{self.n_heads} * {self.d_head} = {self.n_heads * self.d_head} features, got {in_features}. "
                 "The config does not describe this checkpoint; please report the model id."
             )
+        if self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads:
+            raise UnsupportedArchitectureError(
+                f"{arch.name} adapter: expected the {self.n_heads} query heads to split evenly into key/value heads, "
+                f"got {self.n_kv_heads} key/value heads; please report the model id.")
+        self.resid_scale = 1.0 if arch.resid_scale is None else float(arch.resid_scale(config))
+        self.logit_scale = 1.0 if arch.logit_scale is None else float(arch.logit_scale(config))
 
     def _in_features(self, proj: nn.Module) -> int:
         return proj.weight.shape[0] if self.arch.conv1d else proj.weight.shape[1]
@@ -166,42 +82,38 @@ class Adapter:
         ``(output, weights)`` from it, weights (B, H, T, T)."""
         return _attr_path(self.blocks[layer], self.arch.attn_out.rpartition(".")[0])
 
-    @property
-    def n_kv_heads(self) -> int:
-        """Key/value heads (fewer than query heads under grouped-query attention)."""
-        cfg = self.model.config
-        return int(getattr(cfg, "num_key_value_heads", None) or self.n_heads)
-
     def qkv_slot(self, layer: int, which: str, head: int) -> tuple[nn.Module, Callable[[Tensor], Tensor]]:
         """The module that computes ``which`` ("q", "k" or "v") of ``layer``, and a function that views
         its output (B, T, F) as that query head's slice (B, T, Dh). Under grouped-query attention a
         query head's k and v are its group's shared KV head."""
-        idx = "qkv".index(which)
-        H, Dh = self.n_heads, self.d_head
-        slot = head if which == "q" else head // (H // self.n_kv_heads)
-        if self.arch.qkv_layout == "separate":
-            module = _attr_path(self.blocks[layer], self.arch.qkv[idx])
-            return module, lambda out: out.view(*out.shape[:2], -1, Dh)[:, :, slot]  # (B, T, H', Dh) -> head
-        module = _attr_path(self.blocks[layer], self.arch.qkv[0])
-        if self.arch.qkv_layout == "qkv_blocks":
-            return module, lambda out: out.view(*out.shape[:2], 3, H, Dh)[:, :, idx, head]  # (B, T, 3, H, Dh)
-        return module, lambda out: out.view(*out.shape[:2], H, 3, Dh)[:, :, head, idx]  # (B, T, H, 3, Dh)
+        slot = head if which == "q" else head // (self.n_heads // self.n_kv_heads)
+        start, Dh = self.qkv_start(which, slot), self.d_head
+        return self.qkv_module(layer, which), lambda out: out[..., start:start + Dh]  # (B, T, F) -> (B, T, Dh)
 
     def qkv_module(self, layer: int, which: str) -> nn.Module:
         """The module whose output holds ``which`` ("q", "k" or "v") of ``layer`` (one fused module for all three
-        in GPT-2 and GPT-NeoX)."""
+        in GPT-2, GPT-NeoX, Phi-3, Falcon, Bloom and GPT-BigCode)."""
         idx = "qkv".index(which)
         return _attr_path(self.blocks[layer], self.arch.qkv[idx if self.arch.qkv_layout == "separate" else 0])
 
     def qkv_start(self, which: str, head: int) -> int:
         """Where head ``head``'s d_head features of ``which`` start in ``qkv_module``'s output, (B, T, F) flat. For
         k and v under grouped-query attention ``head`` is the KV head (group); for q it is the query head."""
-        idx, H, Dh = "qkv".index(which), self.n_heads, self.d_head
-        if self.arch.qkv_layout == "separate":
+        idx, H, KV, Dh = "qkv".index(which), self.n_heads, self.n_kv_heads, self.d_head
+        layout = self.arch.qkv_layout
+        if layout == "separate":
             return head * Dh  # (B, T, H', Dh) flat
-        if self.arch.qkv_layout == "qkv_blocks":
-            return (idx * H + head) * Dh  # (B, T, 3, H, Dh) flat
-        return (head * 3 + idx) * Dh  # per_head: (B, T, H, 3, Dh) flat
+        if layout == "blocks":
+            return ((0, H, H + KV)[idx] + head) * Dh  # (B, T, [H | KV | KV], Dh) flat
+        if layout == "per_head":
+            return (head * 3 + idx) * Dh  # (B, T, H, 3, Dh) flat
+        if layout == "grouped":  # (B, T, KV, G + 2, Dh) flat: each group's G queries, then its k, then its v
+            G = H // KV
+            if which == "q":
+                return ((head // G) * (G + 2) + head % G) * Dh
+            return (head * (G + 2) + G + idx - 1) * Dh
+        raise UnsupportedArchitectureError(f"{self.arch.name}: unknown qkv_layout {layout!r}; expected separate, "
+                                           "blocks, per_head or grouped")
 
     def qkv_head_weights(self, layer: int, which: str, head: int) -> tuple[Float[Tensor, "d_head d_model"], Tensor | None]:
         """The rows of ``which``'s projection that make head ``head`` (a KV head for k and v): W (Dh, D) and bias (Dh,),
@@ -213,6 +125,7 @@ class Adapter:
         return w_out_in[start:start + Dh], None if bias is None else bias[start:start + Dh]
 
     def mlp(self, layer: int) -> nn.Module:
+        """The module whose output is the MLP's output (before any post-norm and residual scale)."""
         return _attr_path(self.blocks[layer], self.arch.mlp)
 
     def attn_post_norm(self, layer: int) -> nn.Module | None:
@@ -221,8 +134,13 @@ class Adapter:
 
     @property
     def parallel_residual(self) -> bool:
-        """True when attention and MLP both read the block input (GPT-NeoX's default, GPT-J)."""
-        return bool(getattr(self.model.config, "use_parallel_residual", False))
+        """True when attention and MLP both read the block input (GPT-NeoX's default, GPT-J, Phi-2, Cohere, Falcon)."""
+        return bool(self.arch.parallel)
+
+    @property
+    def shared_norm(self) -> bool:
+        """True when attention and the MLP read their input through one and the same norm module (GPT-J, Phi-2)."""
+        return bool(self.arch.attn_norm) and self.arch.attn_norm == self.arch.mlp_norm
 
     def resid_mid(self, layer: int) -> nn.Module | None:
         """The module whose first input is the block input plus what attention wrote (None: parallel residual)."""
@@ -231,9 +149,9 @@ class Adapter:
     def attn_written(self, layer: int, attn_out: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
         """What the attention block adds to the residual stream, given the output projection's output."""
         norm = self.attn_post_norm(layer)
-        if norm is None:
-            return attn_out
-        return norm(attn_out.to(execution_device(norm))).to(attn_out.device)
+        if norm is not None:
+            attn_out = norm(attn_out.to(execution_device(norm))).to(attn_out.device)
+        return attn_out * self.resid_scale if self.resid_scale != 1.0 else attn_out
 
     def attn_norm(self, layer: int) -> nn.Module | None:
         """The norm whose input is the residual stream that ``layer``'s attention reads (None: it reads it raw)."""
@@ -244,12 +162,25 @@ class Adapter:
         return _attr_path(self.blocks[layer], self.arch.mlp_norm)
 
     def mlp_written(self, layer: int) -> nn.Module:
-        """The module whose output is what ``layer``'s MLP adds to the residual stream (the MLP, or its post-norm)."""
+        """The module whose output, times ``resid_scale``, is what ``layer``'s MLP adds to the residual stream (the
+        MLP, or its post-norm)."""
         path = self.arch.mlp_post_norm or self.arch.mlp
         return _attr_path(self.blocks[layer], path)
 
-    def final_norm(self) -> nn.Module:
-        return _attr_path(self.model, self.arch.final_norm)
+    def final_norm(self) -> nn.Module | None:
+        """The norm after the last block (None for a post-norm OPT, whose blocks end in a norm)."""
+        return None if self.arch.final_norm is None else _attr_path(self.model, self.arch.final_norm)
+
+    def final_proj(self) -> nn.Module | None:
+        """A projection between the final norm and the LM head (OPT's project_out), if any."""
+        return None if self.arch.final_proj is None else _attr_path(self.model, self.arch.final_proj)
+
+    def finalize(self, h: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_embed"]:
+        """The last block's output -> what the LM head reads: the final norm, then the final projection if any."""
+        for module in (self.final_norm(), self.final_proj()):
+            if module is not None:
+                h = module(h)
+        return h
 
     def head_weights(self, layer: int) -> Float[Tensor, "head d_head d_model"]:
         """W_O split per head, so that o_proj(z) = sum_h z_h @ W_O[h] + b_O."""
@@ -266,7 +197,7 @@ class Adapter:
         self, hidden: Float[Tensor, "batch d_model"], columns: Int[Tensor, "batch n"] | None = None,
         exact: Int[Tensor, "batch m"] | None = None,
     ) -> Float[Tensor, "batch n"]:
-        """Final-normed hidden states -> logits, including Gemma-style final logit soft-capping.
+        """Finalized hidden states -> logits, with the family's logit scale (Cohere, Granite) and final soft-cap (Gemma).
 
         With ``columns`` only those token ids are computed, per row: (batch, n) instead of (batch, vocab),
         in float32. In half precision the full-vocabulary logits come out in the model's dtype, rounded
@@ -281,6 +212,8 @@ class Adapter:
                 logits = logits.float().scatter(1, exact.to(logits.device), self._columns(head, hidden, exact))
         else:
             logits = self._columns(head, hidden, columns)
+        if self.logit_scale != 1.0:
+            logits = logits * self.logit_scale
         cap = getattr(self.model.config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
@@ -298,25 +231,49 @@ class Adapter:
         return logits
 
     def describe(self) -> dict[str, object]:
-        return {
+        out = {
             "architecture": self.arch.name, "model_type": self.model.config.model_type,
-            "n_layers": self.n_layers, "n_heads": self.n_heads, "d_head": self.d_head,
+            "n_layers": self.n_layers, "n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads, "d_head": self.d_head,
             "attn_out": f"{self.arch.blocks}[i].{self.arch.attn_out}",
         }
+        if self.auto:
+            out["adapter"] = "automatic (built from the module tree and accepted by the self-test)"
+        return out
 
 
-def get_adapter(model: nn.Module) -> Adapter:
-    """Bind the matching ``Architecture`` to ``model`` (a HF *ForCausalLM).
+def get_adapter(model: nn.Module, auto: bool = False) -> Adapter:
+    """Bind the matching ``Architecture`` to ``model`` (a HF *ForCausalLM). ``auto``: for a model_type with no entry,
+    build one from the module tree (``model.autoadapt``); check it with the self-test before trusting it.
 
     Example::
 
         adapter = get_adapter(model)  # model: a HF *ForCausalLM
     """
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    for arch in ARCHITECTURES:
-        if model_type in arch.model_types:
-            return Adapter(model, arch)
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if config is not None and (getattr(config, "is_encoder_decoder", False) or getattr(config, "add_cross_attention", False)):
+        raise UnsupportedArchitectureError(
+            f"{model_type!r} is an encoder-decoder or cross-attention model; actpatch patches decoder-only causal LMs "
+            "(a HF *ForCausalLM with self-attention only). Use a decoder-only model.")
+    arch = find_architecture(model_type)
+    if arch is not None:
+        return Adapter(model, arch)
+    if config is not None and getattr(config, "is_decoder", None) is False:
+        raise UnsupportedArchitectureError(
+            f"{model_type!r} is not a causal model (its config says is_decoder=False); actpatch patches decoder-only "
+            "causal LMs.")
+    if auto:
+        from .autoadapt import infer_architecture
+
+        arch, missing = infer_architecture(model)
+        if arch is None:
+            raise UnsupportedArchitectureError(
+                f"no adapter for model_type {model_type!r}, and no automatic one could be built: not found: "
+                f"{'; '.join(missing)}. Write an Architecture entry in actpatch/model/architectures.py (blocks, "
+                "attn_out, mlp, final_norm, qkv, qkv_layout, attn_norm, mlp_norm) like the ones there.")
+        return Adapter(model, arch, auto=True)
     raise UnsupportedArchitectureError(
         f"no adapter for model_type {model_type!r}; supported: {', '.join(supported_model_types())}. "
-        "Add an Architecture entry to actpatch/adapters.py (blocks, attn_out, mlp, n_heads, d_head)."
+        "Run `actpatch check-model MODEL` to try an automatic adapter, or add an Architecture entry to "
+        "actpatch/model/architectures.py (blocks, attn_out, mlp, final_norm, q/k/v)."
     )

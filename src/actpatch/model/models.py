@@ -178,14 +178,21 @@ def _converted_bundled(name: str) -> tuple[Path, dict[str, object]]:
 
 
 def _from_pretrained(source: str, dtype: torch.dtype, revision: str | None, local_only: bool, trust_remote_code: bool = False,
-                     device_map: str | dict | None = None, offload_folder: str | None = None):
+                     device_map: str | dict | None = None, offload_folder: str | None = None,
+                     require_tokenizer: bool = True):
     """transformers' loaders, safely: no repository code unless asked; safetensors preferred over pickles
     (transformers reads a .bin only when no .safetensors exists, and then with weights_only=True)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"revision": revision, "local_files_only": local_only, "trust_remote_code": trust_remote_code}
+    _refuse_non_causal(AutoConfig.from_pretrained(source, **kwargs), source)
     try:
-        tok = AutoTokenizer.from_pretrained(source, **kwargs)
+        try:
+            tok = AutoTokenizer.from_pretrained(source, **kwargs)
+        except (OSError, ValueError, TypeError):
+            if require_tokenizer:
+                raise
+            tok = None  # check-model works on token ids alone
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="eager", **kwargs,
                                                      device_map=device_map, offload_folder=offload_folder)
     except ValueError as exc:
@@ -202,6 +209,14 @@ def _from_pretrained(source: str, dtype: torch.dtype, revision: str | None, loca
             ) from exc
         raise
     return model, tok
+
+
+def _refuse_non_causal(config, source: str) -> None:
+    """Encoder-decoder and cross-attention checkpoints are refused before any weights are read."""
+    if getattr(config, "is_encoder_decoder", False) or getattr(config, "add_cross_attention", False):
+        raise UnsupportedArchitectureError(
+            f"{source!r} is an encoder-decoder or cross-attention model ({config.model_type}); actpatch patches "
+            "decoder-only causal LMs (a HF *ForCausalLM with self-attention only).")
 
 
 def _hub_error(spec: str, exc: Exception) -> ModelLoadError:
@@ -222,14 +237,14 @@ def _from_hub(spec: str, dtype: torch.dtype, revision: str | None, **load_kw):
     """The HF cache first (no network at all), then the hub unless HF_HUB_OFFLINE is set."""
     try:
         return _from_pretrained(spec, dtype, revision, local_only=True, **load_kw)
-    except ModelLoadError:
+    except (ModelLoadError, UnsupportedArchitectureError):
         raise
     except (OSError, ValueError) as exc:  # huggingface_hub's errors subclass OSError/ValueError
         if _hub_offline():
             raise _hub_error(spec, exc) from exc
     try:
         return _from_pretrained(spec, dtype, revision, local_only=False, **load_kw)
-    except ModelLoadError:
+    except (ModelLoadError, UnsupportedArchitectureError):
         raise
     except (OSError, ValueError) as exc:
         raise _hub_error(spec, exc) from exc
@@ -244,6 +259,8 @@ def load_model(
     trust_remote_code: bool = False,
     device_map: str | dict | None = None,
     offload_folder: str | os.PathLike | None = None,
+    require_tokenizer: bool = True,
+    auto_adapter: bool = False,
 ) -> LoadedModel:
     """Load ``spec`` (bundled name, local dir, .gguf file or hub id) in eval mode with eager attention.
 
@@ -251,6 +268,8 @@ def load_model(
     unless you pass it, and is recorded in the result's model info. ``device_map="auto"`` spreads a
     model too large for one device over the GPUs (and CPU) with accelerate; ``device`` is then ignored.
     Modules that fit nowhere are offloaded to ``offload_folder`` on disk (needed only then).
+    ``require_tokenizer=False`` loads a checkpoint without tokenizer files (``tokenizer`` is then None);
+    ``auto_adapter=True`` builds an adapter from the module tree for a model_type with no entry.
 
     Example::
 
@@ -265,7 +284,7 @@ def load_model(
     if offload_folder is not None and device_map is None:
         raise ConfigError("--offload-folder only applies with --device-map (e.g. --device-map auto); got no device map")
     folder_kw = {"device_map": device_map, "offload_folder": None if offload_folder is None else str(offload_folder)}
-    load_kw = {"trust_remote_code": trust_remote_code, **folder_kw}
+    load_kw = {"trust_remote_code": trust_remote_code, "require_tokenizer": require_tokenizer, **folder_kw}
     path = Path(spec).expanduser()
     if spec in BUNDLED:
         folder, extra = _converted_bundled(spec)
@@ -279,7 +298,7 @@ def load_model(
     elif path.is_dir():
         try:
             model, tok = _from_pretrained(str(path), torch_dtype, None, local_only=True, **load_kw)
-        except ModelLoadError:
+        except (ModelLoadError, UnsupportedArchitectureError):
             raise
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"{path} is not a loadable HF checkpoint directory: {exc}") from exc
@@ -297,7 +316,7 @@ def load_model(
         info["device"] = "device_map:" + ",".join(sorted({f"cuda:{d}" if isinstance(d, int) else str(d)
                                                           for d in placed.values()}))
     model.requires_grad_(False)
-    return wrap_model(model, tok, info)
+    return wrap_model(model, tok, info, auto_adapter=auto_adapter)
 
 
 def _force_eager(model: nn.Module) -> str:
@@ -327,17 +346,24 @@ def _force_eager(model: nn.Module) -> str:
     return f"eager (was {current})"
 
 
-def wrap_model(model: nn.Module, tokenizer: object, info: dict[str, object] | None = None) -> LoadedModel:
+def wrap_model(model: nn.Module, tokenizer: object, info: dict[str, object] | None = None,
+               auto_adapter: bool = False) -> LoadedModel:
     """Wrap an already-built HF causal LM (e.g. a random-init test model) as a ``LoadedModel``.
 
     The model is switched to eager attention if it uses another implementation (SDPA, flash): the
     fast path's suffix replays and the head analysis need it. ``info["attn_implementation"]`` says so.
 
+    ``auto_adapter``: for a model_type with no adapter entry, build one from the module tree (recorded in
+    ``info["adapter"]``); ``actpatch.self_test(lm)`` says whether it can be trusted.
+
     Example::
 
         lm = wrap_model(GPT2LMHeadModel(GPT2Config(n_layer=2)), tokenizer)
     """
-    adapter = get_adapter(model)
+    adapter = get_adapter(model, auto=auto_adapter)
+    if adapter.auto:
+        log.warning("%s has no adapter entry: using an automatic one built from the module tree (%s); check it with "
+                    "`actpatch check-model` or actpatch.self_test(lm)", model.config.model_type, adapter.arch.name)
     attn = _force_eager(model)
     full = {"model_id": getattr(model.config, "name_or_path", None) or "in-memory", "source": "object"}
     full.update(info or {})
