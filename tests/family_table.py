@@ -21,6 +21,7 @@ def render(results: dict) -> str:
     from families import CONFIGS
 
     from actpatch.experiment.selftest import FEATURES
+    from actpatch.model.architectures import supported_model_types
 
     head = "| family (config) | model_type | " + " | ".join(FEATURES) + " |"
     lines = [head, "|" + "---|" * (len(FEATURES) + 2)]
@@ -34,7 +35,8 @@ def render(results: dict) -> str:
         cells = [MARK.get(status.get(f, "FAIL"), "?") for f in FEATURES]
         lines.append(f"| {family} | {report.model.get('model_type')} | " + " | ".join(cells) + " |")
     notes = [f"- – {why} ({', '.join(fams)})" for why, fams in reasons.items()]
-    return "\n".join([START, "", *lines, "", "✓ passes, ✗ fails, – unsupported:", *notes, "", END])
+    types = "Every model_type with an entry: " + ", ".join(f"`{m}`" for m in supported_model_types()) + "."
+    return "\n".join([START, "", *lines, "", "✓ passes, ✗ fails, – unsupported:", *notes, "", types, "", END])
 
 
 def main() -> int:

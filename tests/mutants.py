@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TESTS = ["tests/test_set_metrics.py", "tests/test_trust.py", "tests/test_checks.py", "tests/test_engine.py", "tests/test_contrast.py", "tests/test_noise.py", "tests/test_edges.py", "tests/test_circuits.py", "tests/test_run.py",
+TESTS = ["tests/test_families.py", "tests/test_check_model.py", "tests/test_set_metrics.py", "tests/test_trust.py", "tests/test_checks.py", "tests/test_engine.py", "tests/test_contrast.py", "tests/test_noise.py", "tests/test_edges.py", "tests/test_circuits.py", "tests/test_run.py",
          "tests/test_attribution.py", "tests/test_scale.py", "tests/test_analysis.py",
          "tests/test_experiment.py", "tests/test_ioi.py"]
 
@@ -86,8 +86,8 @@ MUTANTS = {
                            "a write from another donor index inside the shared prefix skipped"),
     "donor_mask": ("engine/capture.py", "mask = batch.donor_attention_mask if side == \"donor\" else batch.attention_mask",
                    "mask = batch.attention_mask", "donors run with the recipient's mask"),
-    "qkv_offset": ("model/adapters.py", "return (idx * H + head) * Dh  # (B, T, 3, H, Dh) flat",
-                   "return (head * 3 + idx) * Dh  # (B, T, 3, H, Dh) flat", "GPT-2's fused q/k/v read as per-head"),
+    "qkv_offset": ("model/adapters.py", "return ((0, H, H + KV)[idx] + head) * Dh  # (B, T, [H | KV | KV], Dh) flat",
+                   "return (head * 3 + idx) * Dh", "GPT-2's fused q/k/v read as per-head"),
     "kl_direction": ("engine/metrics.py", "out[\"kl\"] = kl_from(recipient.to(logits.device), logits)",
                      "out[\"kl\"] = kl_from(logits, recipient.to(logits.device))", "KL measured the other way round"),
     "set_lse": ("engine/metrics.py", "return picked.masked_fill(~mask, float(\"-inf\")).logsumexp(dim=-1)",
@@ -138,8 +138,10 @@ MUTANTS = {
                             "path patching senders not written"),
     "donor_shape_unchecked": ("engine/patching.py", "    if tuple(src.shape[:2]) != want:", "    if False:",
                               "donor cache of another width accepted"),
-    "qk_before_norm": ("model/adapters.py", 'qkv=("self_attn.q_norm", "self_attn.k_norm", "self_attn.v_proj"),',
-                       'qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),', "OLMo 2 q/k written before q_norm"),
+    "qk_before_norm": ("model/architectures.py",
+                       'name="olmo2", model_types=("olmo2",), **_LLAMA, qkv=("self_attn.q_norm", "self_attn.k_norm",',
+                       'name="olmo2", model_types=("olmo2",), **_LLAMA, qkv=("self_attn.q_proj", "self_attn.k_proj",',
+                       "OLMo 2 q/k written before q_norm"),
     "pool_unweighted": ("experiment/pooling.py", "        return sum(w * p for w, p in zip(weights, parts)) / total\n    if isinstance(first, dict):",
                         "        return sum(parts) / len(parts)\n    if isinstance(first, dict):",
                         "chunks of pairs pooled without their sizes"),
@@ -156,10 +158,33 @@ MUTANTS = {
                             "stability's circuits chosen by the top-N count before pruning, not by edges"),
     "top_with_bisect": ("analysis/circuits.py", "            lo = mid + 1", "            lo = mid + 2",
                         "the bisection skips sizes: a circuit larger than needed"),
+    # issue 26: the architecture entries and the adapter's layouts, scales and flags
+    "qkv_blocks_k_offset": ("model/adapters.py", "return ((0, H, H + KV)[idx] + head) * Dh  #",
+                            "return ((0, H + 1, H + KV)[idx] + head) * Dh  #",
+                            "a fused [q | k | v] split with k one head late (Phi-3, Falcon multi-query, GPT-BigCode)"),
+    "qkv_grouped_k_offset": ("model/adapters.py", "return (head * (G + 2) + G + idx - 1) * Dh",
+                             "return (head * (G + 2) + G + idx - 2) * Dh",
+                             "Falcon's grouped layout read with k one head early (its group's last query)"),
+    "cohere_logit_scale": ("model/architectures.py", "logit_scale=lambda c: float(c.logit_scale),", "",
+                           "Cohere's logit_scale dropped from its entry"),
+    "granite_logits_scaling": ("model/architectures.py", "logit_scale=lambda c: 1.0 / c.logits_scaling,", "",
+                               "Granite's logits_scaling dropped from its entry"),
+    "logit_scale_ignored": ("model/adapters.py", "        if self.logit_scale != 1.0:\n            logits = logits * self.logit_scale\n",
+                            "", "unembed ignores every entry's logit scale"),
+    "granite_multiplier": ("model/architectures.py", "resid_scale=lambda c: float(c.residual_multiplier),", "",
+                           "Granite's residual multiplier dropped from its entry"),
+    "parallel_ignored": ("model/adapters.py", "return bool(self.arch.parallel)", "return False",
+                         "the parallel-residual flag ignored (GPT-J, Phi-2, Cohere, Falcon, StableLM parallel)"),
+    "falcon_parallel": ("model/architectures.py", "return bool(c.new_decoder_architecture or c.parallel_attn)",
+                        "return bool(c.parallel_attn)", "Falcon's new decoder architecture read as sequential"),
+    "causal_probe": ("model/adapters.py", "    if d > 1e-6 * max(1.0, float(a.abs().max())):", "    if False:",
+                     "a bidirectional model passes as causal"),
 }
 
 
-FIRST = {"engine/edges.py": ["tests/test_edges.py", "tests/test_circuits.py"], "engine/eap.py": ["tests/test_edges.py"],
+FIRST = {"model/adapters.py": ["tests/test_families.py", "tests/test_check_model.py"],
+         "model/architectures.py": ["tests/test_families.py", "tests/test_check_model.py"],
+         "engine/edges.py": ["tests/test_edges.py", "tests/test_circuits.py"], "engine/eap.py": ["tests/test_edges.py"],
          "engine/edgegrads.py": ["tests/test_edges.py"],
          "engine/graph.py": ["tests/test_edges.py"], "analysis/circuits.py": ["tests/test_circuits.py"],
          "experiment/circuitchecks.py": ["tests/test_circuits.py"], "experiment/circuit.py": ["tests/test_circuits.py"]}

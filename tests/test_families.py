@@ -68,7 +68,7 @@ BLOCKS = {"gpt2": "transformer.h", "gpt_neo": "transformer.h", "gpt_neox": "gpt_
 UNSUPPORTED = {
     "granite": {"circuits"}, "olmoe": {"circuits"}, "olmo2": {"circuits"}, "cohere": {"circuits"}, "phi": {"circuits"},
     "gptj": {"circuits"}, "falcon": {"circuits"}, "stablelm_parallel": {"circuits"}, "opt": {"mlp", "circuits"},
-    "opt_post": {"mlp", "dla", "circuits"},
+    "opt_post": {"mlp", "dla", "gap", "circuits"},
 }
 RESULTS: dict[str, object] = {}
 PAIRS = [  # equal token lengths on both sides and across rows: every position can be patched, no padding (in float64

@@ -47,6 +47,7 @@ from .experiment.contrast import PairsConfig, patch, run_pairs
 from .experiment.experiments import plan_ioi, run_ioi
 from .experiment.pairsresult import PairsResult
 from .experiment.results import HeadGrid, IOIResult
+from .experiment.selftest import SelfTest, check_model, load_checked, self_test
 from .model.models import DEFAULT_MODEL, LoadedModel, load_model, wrap_model
 from .tasks.ioi import generate_pairs, tokenize_ioi
 from .tasks.registry import TASKS, Task, get_task, register
@@ -65,5 +66,5 @@ __all__ = [
     "patched", "plan_ioi", "prob_ratio", "run_chunk", "run_ioi", "run_sanity_checks", "supported_model_types", "token_prob",
     "tokenize_ioi", "tokenize_pairs", "wrap_model", "PairsConfig", "PairsResult", "patch", "run_pairs", "TASKS",
     "Task", "get_task", "register", "CircuitConfig", "CircuitResult", "Graph", "build_graph", "edge_patched_logits",
-    "edge_scores", "run_circuit", "sender_outputs",
+    "edge_scores", "run_circuit", "sender_outputs", "SelfTest", "check_model", "load_checked", "self_test",
 ]

@@ -4,10 +4,11 @@
     actpatch run --pairs-file facts.jsonl --positions subject END --out runs/facts   # your own task
     actpatch compare --models smollm2-135m gemma3-270m   # the same comparison on several models
     actpatch circuit ioi --method eap-ig --out runs/circuit   # the task's circuit and its faithfulness
+    actpatch check-model my-org/my-model           # the self-test on your own model: feature x PASS/FAIL table
     actpatch models                                # supported architectures, bundled model status
 
 Exit codes: 0 = done and every sanity check passed; 1 = a sanity check failed (results are still
-written, and marked as failed); 2 = bad input (message from actpatch's error hierarchy);
+written, and marked as failed), or a check-model feature failed; 2 = bad input (message from actpatch's error hierarchy);
 130 = interrupted.
 """
 
@@ -479,7 +480,7 @@ def cmd_compare(args: argparse.Namespace, argv: list[str]) -> int:
 
 def cmd_models() -> int:
     for arch in ARCHITECTURES:
-        print(f"{arch.name:9s} model_type {', '.join(arch.model_types):38s} heads at {arch.blocks}[i].{arch.attn_out}")
+        print(f"{arch.name:12s} model_type {', '.join(arch.model_types):30s} heads at {arch.blocks}[i].{arch.attn_out}")
     for name, entry in BUNDLED.items():
         if "assemble" in entry:  # do not write 250 MB just to list models
             installed = importlib.util.find_spec(entry["package"]) is not None

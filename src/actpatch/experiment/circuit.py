@@ -30,11 +30,12 @@ from ..engine.metrics import TASK_METRICS, task_scores
 from ..engine.sanity import check_no_hooks_left
 from ..engine.pairs import PromptPair
 from ..errors import ConfigError
-from ..model.models import DEFAULT_MODEL, LoadedModel, load_model
+from ..model.models import DEFAULT_MODEL, LoadedModel
 from .circuitchecks import attribution_check, head_classes, head_effects, run_circuit_checks, stability
 from .circuitresult import CircuitResult
 from .config import environment
 from .contrast import PairsConfig, _pairs_for
+from .selftest import load_checked
 
 log = logging.getLogger(__name__)
 METHODS = ("eap", "eap-ig")
@@ -185,7 +186,7 @@ def run_circuit(config: CircuitConfig | None = None, *, lm: LoadedModel | None =
     cfg = replace(config or CircuitConfig(), **overrides)
     cfg.validate()
     if lm is None:
-        lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+        lm = load_checked(cfg.model, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     pcfg = PairsConfig(model=cfg.model, task=cfg.task, pairs_file=cfg.pairs_file or ("<python>" if pairs else None),
                        n_pairs=cfg.n_pairs, design=cfg.design, seed=cfg.seed, metric=cfg.metric).resolved()
     batch, design, filtered = _pairs_for(pcfg, lm, pairs)

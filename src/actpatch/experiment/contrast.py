@@ -33,11 +33,12 @@ from ..engine.planning import memory_budget, pair_chunk, release_memory
 from ..engine.sanity import check_fast_path, check_no_hooks_left, run_sanity_checks
 from ..engine.sites import AttnOutSite, EmbedSite, HeadSite, HiddenSite, MlpOutSite, QKVSite
 from ..errors import ConfigError, DataError, SanityCheckError
-from ..model.models import DEFAULT_MODEL, LoadedModel, load_model
+from ..model.models import DEFAULT_MODEL, LoadedModel
 from ..tasks.registry import get_task
 from .config import environment
 from .pairsresult import PairsResult
 from .pooling import concat_scores, pool_checks
+from .selftest import load_checked
 
 log = logging.getLogger(__name__)
 FAMILIES = ("embed", "hidden", "all_heads", "head", "attn", "mlp", "q", "k", "v")
@@ -244,7 +245,7 @@ def run_pairs(config: PairsConfig | None = None, *, lm: LoadedModel | None = Non
         cfg = replace(cfg, pairs_file=cfg.pairs_file or "<python>")
     cfg = cfg.resolved()
     if lm is None:
-        lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+        lm = load_checked(cfg.model, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     batch, design, filtered = _pairs_for(cfg, lm, pairs)
     a = lm.adapter
     layers = list(range(a.n_layers)) if cfg.layers is None else sorted(set(cfg.layers))
@@ -289,7 +290,7 @@ def patch(model, pairs: Sequence[PromptPair] | Sequence[dict] | str | Path, *, s
         df = actpatch.patch(lm, "facts.jsonl", sites="heads", positions=["subject", "END"], metric="kl")
     """
     if isinstance(model, str):
-        model = load_model(model)
+        model = load_checked(model)
     if not isinstance(model, LoadedModel):
         raise ConfigError(f"model must be a LoadedModel or a model spec (load_model's), got {type(model).__name__}; "
                           "wrap a HuggingFace model first: wrap_model(model, tokenizer).")

@@ -31,12 +31,13 @@ from ..engine.hooks import count_hooks
 from ..engine.planning import memory_budget, pair_chunk, plan_sweep, release_memory, shared_prefix
 from ..engine.sanity import SanityCheck, check_no_hooks_left
 from ..errors import ConfigError
-from ..model.models import LoadedModel, load_model
+from ..model.models import LoadedModel
 from ..model.placement import parameter_sums
 from ..tasks.ioi import denoising, generate_pairs, load_pairs_file, tokenize_ioi
 from .config import IOIConfig, environment
 from .pooling import pool_checks, pool_profiles
 from .results import IOIResult
+from .selftest import load_checked
 from .sweeps import design_cells, run_design, sweep_positions
 
 
@@ -60,7 +61,7 @@ def _prepare(config: IOIConfig | None, lm: LoadedModel | None, overrides: dict):
     file_pairs = load_pairs_file(cfg.pairs_file) if cfg.pairs_file is not None else None  # bad files fail fast
     if lm is None:
         log.info("loading %s (%s on %s)", cfg.model, cfg.dtype, cfg.device or "auto")
-        lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+        lm = load_checked(cfg.model, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
                         device_map=cfg.device_map, offload_folder=cfg.offload_folder)
     layers = _layers(cfg, lm.adapter.n_layers)
     if file_pairs is not None:

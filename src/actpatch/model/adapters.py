@@ -241,6 +241,24 @@ class Adapter:
         return out
 
 
+@torch.no_grad()
+def _not_causal(model: nn.Module, n: int = 6) -> str:
+    """Why ``model`` is not causal ("" when it is): changing the last of ``n`` tokens must leave the outputs at
+    the earlier positions as they were. Config flags cannot say this (GPT-NeoX's config has is_decoder=False)."""
+    try:
+        emb = model.get_input_embeddings().weight
+        ids = torch.arange(1, n + 1, device=emb.device).remainder(emb.shape[0]).unsqueeze(0)  # (1, T)
+        changed = ids.clone()
+        changed[0, -1] = (ids[0, -1] + 1) % emb.shape[0]
+        a, b = (model(input_ids=x).logits[0, :-1].float() for x in (ids, changed))  # (T-1, V)
+    except Exception:  # a forward that needs more than token ids: not this probe's business
+        return ""
+    d = float((a - b).abs().max())
+    if d > 1e-6 * max(1.0, float(a.abs().max())):  # same shapes: a causal model gives the same bits
+        return f"changing token {n - 1} changed the outputs at positions 0-{n - 2} by up to {d:.3g}"
+    return ""
+
+
 def get_adapter(model: nn.Module, auto: bool = False) -> Adapter:
     """Bind the matching ``Architecture`` to ``model`` (a HF *ForCausalLM). ``auto``: for a model_type with no entry,
     build one from the module tree (``model.autoadapt``); check it with the self-test before trusting it.
@@ -258,10 +276,10 @@ def get_adapter(model: nn.Module, auto: bool = False) -> Adapter:
     arch = find_architecture(model_type)
     if arch is not None:
         return Adapter(model, arch)
-    if config is not None and getattr(config, "is_decoder", None) is False:
+    why = _not_causal(model)
+    if why:
         raise UnsupportedArchitectureError(
-            f"{model_type!r} is not a causal model (its config says is_decoder=False); actpatch patches decoder-only "
-            "causal LMs.")
+            f"{model_type!r} is not a causal model ({why}); actpatch patches decoder-only causal LMs.")
     if auto:
         from .autoadapt import infer_architecture
 

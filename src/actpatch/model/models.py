@@ -362,7 +362,7 @@ def wrap_model(model: nn.Module, tokenizer: object, info: dict[str, object] | No
     """
     adapter = get_adapter(model, auto=auto_adapter)
     if adapter.auto:
-        log.warning("%s has no adapter entry: using an automatic one built from the module tree (%s); check it with "
+        log.info("%s has no adapter entry: using an automatic one built from the module tree (%s); check it with "
                     "`actpatch check-model` or actpatch.self_test(lm)", model.config.model_type, adapter.arch.name)
     attn = _force_eager(model)
     full = {"model_id": getattr(model.config, "name_or_path", None) or "in-memory", "source": "object"}
