@@ -53,11 +53,18 @@ def test_gpt2_adapter_targets_attention_c_proj_not_mlp():
 
 
 def test_unknown_architecture_lists_supported():
-    from transformers import BertConfig, BertForMaskedLM
+    from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM
 
     model = BertForMaskedLM(BertConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=16))
-    with pytest.raises(UnsupportedArchitectureError, match="supported: gpt2, llama"):
-        get_adapter(model)
+    with pytest.raises(UnsupportedArchitectureError, match="'bert' is not a causal model .changing token 5"):
+        get_adapter(model)  # bidirectional: refused by the causality probe, whatever its config says
+
+    class Renamed(LlamaConfig):
+        model_type = "renamed_llama"
+
+    causal = LlamaForCausalLM(Renamed(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=16))
+    with pytest.raises(UnsupportedArchitectureError, match="no adapter for model_type 'renamed_llama'; supported: gpt2, llama"):
+        get_adapter(causal)
 
 
 def test_hooks_removed_even_on_exception(tiny_lm):

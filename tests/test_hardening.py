@@ -123,7 +123,7 @@ def _bad_inputs(tmp_path: Path, gpt2_dir: Path) -> dict[str, tuple[list[str], st
                            "not valid UTF-8"),
         "missing pairs file": (["--pairs-file", str(tmp_path / "nope.jsonl")], "does not exist"),
         "layer out of range": (["--layers", "3"], "layers (--layers) must be ints in [0, 2]"),
-        "unknown architecture": (["--model", str(_bert_dir(tmp_path))], "no adapter for model_type 'bert'"),
+        "non-causal model": (["--model", str(_bert_dir(tmp_path))], "'bert' is not a causal model"),
         "model not available offline": (["--model", "no-such-org/no-such-model"], "not in the local HuggingFace cache"),
         "model path missing": (["--model", str(tmp_path / "missing-model")], "does not exist"),
         "out is a file": (["--out", str(a_file)], "is not a folder"),
@@ -144,7 +144,7 @@ def _bert_dir(tmp_path: Path) -> Path:
 
 
 CASES = ["multi-token answer", "answer missing", "bad json", "only empty lines", "huge file", "wrong encoding",
-         "missing pairs file", "layer out of range", "unknown architecture", "model not available offline",
+         "missing pairs file", "layer out of range", "non-causal model", "model not available offline",
          "model path missing", "out is a file", "out under a file", "zero pairs"]
 
 

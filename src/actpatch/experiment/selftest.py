@@ -38,7 +38,12 @@ FEATURES = ("logits", "identity", "hidden", "all_heads", "head", "attn", "mlp", 
 
 @dataclass
 class SelfTest:
-    """The self-test's result: one ``FeatureCheck`` per feature, and the model it ran on."""
+    """The self-test's result: one ``FeatureCheck`` per feature, and the model it ran on.
+
+    Example::
+
+        report = self_test(lm); report.passed; report.to_dataframe(); print(report.table())
+    """
 
     model: dict
     checks: list[FeatureCheck] = field(default_factory=list)

@@ -185,8 +185,8 @@ def _from_pretrained(source: str, dtype: torch.dtype, revision: str | None, loca
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"revision": revision, "local_files_only": local_only, "trust_remote_code": trust_remote_code}
-    _refuse_non_causal(AutoConfig.from_pretrained(source, **kwargs), source)
     try:
+        _refuse_non_causal(AutoConfig.from_pretrained(source, **kwargs), source)
         try:
             tok = AutoTokenizer.from_pretrained(source, **kwargs)
         except (OSError, ValueError, TypeError):
