@@ -273,11 +273,27 @@ def _nudged_ld(lm, batch, module, pre: bool, value) -> float:
     return float((picked[rows, batch.answer_ids] - picked[rows, batch.wrong_ids]).mean())
 
 
+def _against_differences(lm, cases, scale: float) -> tuple[float, float, str, float]:
+    """Each case (score, f, name) against the central difference (f(eps) - f(-eps)) / 2 eps: (worst |diff|, its
+    tolerance, where, the step used). Tolerance: 1 % (curvature) plus the metric's rounding divided by the step. A
+    quotient across a kink (an MoE router switching experts inside the step) is wrong, so a failed step is retried
+    10x smaller."""
+    rounding = (1e-7 if lm.dtype == torch.float64 else 1e-5) * max(1.0, scale)
+    for eps in ((1e-3, 1e-4) if lm.dtype == torch.float64 else (1e-2, 1e-3)):
+        worst, tol, where = 0.0, 0.0, ""
+        for got, run, name in cases:
+            fd = (run(eps) - run(-eps)) / (2 * eps)
+            t = 1e-2 * abs(fd) + rounding / eps
+            if not tol or abs(got - fd) / t > worst / tol:
+                worst, tol, where = abs(got - fd), t, f"{name}: {got:.4g} vs {fd:.4g}"
+        if worst <= tol:
+            break
+    return worst, tol, where, eps
+
+
 def check_attribution(lm, batch, layers) -> FeatureCheck:
     """Attribution of a head (all positions) and of a hidden state against a central finite difference of the metric
-    along donor - recipient, written as plain forwards with the activation nudged by a hook. A difference quotient
-    across a kink (an MoE router switching experts inside the step) is wrong, so a failed step is retried 10x
-    smaller; each step's tolerance is 1 % (curvature) plus the metric's rounding divided by the step."""
+    along donor - recipient, written as plain forwards with the activation nudged by a hook."""
     a, L, h = lm.adapter, layers[len(layers) // 2], 0
     sites = [HeadSite(layer) for layer in layers] + [HiddenSite(layer) for layer in layers]
     don, _ = capture(lm, batch.donor_ids, batch, sites)
@@ -296,16 +312,7 @@ def check_attribution(lm, batch, layers) -> FeatureCheck:
 
     scores = [(float(att.head_effect()[layers.index(L), h]), head, f"head {L}.{h}"),
               (float(att.hidden[0].sum()), hidden, f"hidden {layers[0]}")]
-    rounding = (1e-7 if lm.dtype == torch.float64 else 1e-5) * max(1.0, abs(head(0.0)))
-    for eps in ((1e-3, 1e-4) if lm.dtype == torch.float64 else (1e-2, 1e-3)):
-        worst, tol, where = 0.0, 0.0, ""
-        for got, run, name in scores:
-            fd = (run(eps) - run(-eps)) / (2 * eps)
-            t = 1e-2 * abs(fd) + rounding / eps
-            if not tol or abs(got - fd) / t > worst / tol:
-                worst, tol, where = abs(got - fd), t, f"{name}: {got:.4g} vs {fd:.4g}"
-        if worst <= tol:
-            break
+    worst, tol, where, eps = _against_differences(lm, scores, abs(head(0.0)))
     return FeatureCheck("attribution", "PASS" if worst <= tol else "FAIL", worst, tol,
                         f"gradient x (donor - recipient) vs central differences (step {eps:g}) by plain hooks; "
                         f"worst {where}")
@@ -352,8 +359,7 @@ def check_circuits(lm, batch) -> FeatureCheck:
 
 
 def _eap_vs_differences(lm, graph, batch, donor, scale: float) -> tuple[float, float, str]:
-    """(worst |EAP - difference quotient|, its tolerance, where) over the 3 edges EAP scores highest; a failed step
-    is retried 10x smaller (a kink inside it, such as an MoE router switching, makes the quotient wrong)."""
+    """(worst |EAP - difference quotient|, its tolerance, where) over the 3 edges EAP scores highest."""
     def metric(logits, rows):  # (b, V) logits of the batch's rows ``rows``
         r = torch.arange(len(logits))
         return logits[r, batch.answer_ids[rows].to(logits.device)] - logits[r, batch.wrong_ids[rows].to(logits.device)]
@@ -367,15 +373,7 @@ def _eap_vs_differences(lm, graph, batch, donor, scale: float) -> tuple[float, f
         w[r, s] = e
         return float(metric(edge_patched_logits(lm, graph, batch, donor, w), slice(None)).double().mean())
 
-    rounding = (1e-7 if lm.dtype == torch.float64 else 1e-5) * max(1.0, scale)
-    for eps in ((1e-3, 1e-4) if lm.dtype == torch.float64 else (1e-2, 1e-3)):
-        worst, tol, where = 0.0, 0.0, ""
-        for r, s in edges:
-            fd = (mean_metric(r, s, eps) - mean_metric(r, s, -eps)) / (2 * eps)
-            t = 1e-2 * abs(fd) + rounding / eps
-            if not tol or abs(float(scores[r, s]) - fd) / t > worst / tol:
-                worst, tol = abs(float(scores[r, s]) - fd), t
-                where = f"{graph.senders[s]} -> {graph.receivers[r]}: {float(scores[r, s]):.4g} vs {fd:.4g}"
-        if worst <= tol:
-            break
+    cases = [(float(scores[r, s]), lambda e, r=r, s=s: mean_metric(r, s, e),
+              f"{graph.senders[s]} -> {graph.receivers[r]}") for r, s in edges]
+    worst, tol, where, _ = _against_differences(lm, cases, scale)
     return worst, tol, where
