@@ -4,7 +4,9 @@
 its own width, so they may differ in length; a named position is a (B,) index on each side
 (``positions`` on the recipient, ``donor_positions`` on the donor), found from the pairs' substrings
 or by a task's own finder, and END (each prompt's last token) is always there. Answers are token sets,
-(B, K) id tensors padded with -1. Usage::
+(B, K) id tensors padded with -1. An answer of several tokens is a *continuation*: its tokens are those of
+tokenize(prompt + answer) after the prompt's own (``continuation_ids``), and the batch then holds every answer's
+and wrong continuation as ``cont_ids`` (B, n, m) with ``cont_side`` (B, n). Usage::
 
     batch = tokenize_pairs(tokenizer, pairs)               # PairBatch of right-padded id tensors
     batch.position("END"), batch.donor_position("END")     # (B,) each side's last real token
@@ -38,7 +40,9 @@ class PairBatch:
     hold the whole sets, padded with -1 (None: the sets are the single tokens). ``donor_mask`` and
     ``donor_positions`` (None: the recipient's) describe the donor side. ``noise_mask`` (B, dpos) marks donor tokens
     whose embeddings get Gaussian noise of ``noise_scale`` x the embeddings' std, seeded per row by ``noise_seed``
-    (None: no pair is noised; ``engine.noise``).
+    (None: no pair is noised; ``engine.noise``). ``cont_ids`` (B, n, m): every answer's and wrong continuation
+    of each row (answers first), padded with -1, and ``cont_side`` (B, n): +1 answer, -1 wrong, 0 an unused slot;
+    None when every answer is one token (the metrics then read the END logits only).
 
     Example::
 
@@ -59,6 +63,8 @@ class PairBatch:
     noise_mask: Bool[Tensor, "batch dpos"] | None = None
     noise_scale: Float[Tensor, "batch"] | None = None
     noise_seed: Int[Tensor, "batch"] | None = None
+    cont_ids: Int[Tensor, "batch n m"] | None = None
+    cont_side: Int[Tensor, "batch n"] | None = None
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -149,6 +155,40 @@ class PairBatch:
         return replace(self, **self._map(lambda t: t.to(device)))
 
 
+def continuation_ids(tokenizer, prompt: str, text: str) -> list[int] | None:
+    """The tokens ``text`` adds after ``prompt``: tokenize(prompt + text) minus the prompt's own tokens; None when
+    the prompt's tokens change (a merge across the boundary), [] when nothing is added.
+
+    Example::
+
+        continuation_ids(tok, "The Getty Center is in", " Los Angeles")   # [" Los", " Angeles"]
+    """
+    own, full = list(tokenizer(prompt)["input_ids"]), list(tokenizer(prompt + text)["input_ids"])
+    return full[len(own):] if full[:len(own)] == own else None
+
+
+def _continuations(tokenizer, pair: PromptPair, i: int, texts: tuple[str, ...], what: str) -> list[list[int]]:
+    """Each text's continuation of the recipient (the same tokens must continue the donor): DataError naming the pair."""
+    out = []
+    for text in texts:
+        got = {side: continuation_ids(tokenizer, prompt, text) for side, prompt in (("recipient", pair.recipient),
+                                                                                   ("donor", pair.donor))}
+        for side, ids in got.items():
+            if not ids:
+                why = ("adds no token" if ids == [] else "merges with the prompt's last token (tokenize(prompt + "
+                       f"{what}) changes the prompt's own tokens)")
+                raise DataError(f"pair {i} ({pair.recipient!r}): the {what} {text!r} {why} on the {side} side; a "
+                                "continuation's tokens must be those the tokenizer puts after the prompt's. Give a "
+                                "non-empty answer that starts a new token (usually with a leading space).")
+        if got["donor"] != got["recipient"]:
+            pieces = [[tokenizer.decode([t]) for t in ids] for ids in got.values()]
+            raise DataError(f"pair {i} ({pair.recipient!r}): the {what} {text!r} is tokenized as {pieces[0]} after the "
+                            f"recipient but as {pieces[1]} after the donor; it must continue both prompts with the "
+                            "same tokens. End both prompts alike (a space or a word before the answer).")
+        out.append(got["recipient"])
+    return out
+
+
 def _token_set(tokenizer, texts: tuple[str, ...], what: str, i: int, pair: PromptPair) -> list[int]:
     ids = []
     for text in texts:
@@ -237,12 +277,17 @@ def _kept(found: list[dict], names: list[str]) -> dict[str, Tensor]:
 
 def tokenize_pairs(
     tokenizer, pairs: Sequence[PromptPair], *, find: PositionFinder | None = None, require_answers: bool = True,
+    single_token: bool = False, continuations: bool = False,
 ) -> PairBatch:
     """Tokenize pairs (tokenizer defaults, right padding, each side its own width): answer sets and named positions.
 
     ``find`` gives each row's named positions on both sides (default: the pairs' ``positions`` substrings,
-    ``substring_positions``); END is each prompt's last token. Every answer and wrong string must be one token,
-    and the two sets must not overlap. ``require_answers=False`` allows pairs without answers (a KL metric).
+    ``substring_positions``); END is each prompt's last token. An answer or wrong string is a continuation of
+    any length: its tokens are tokenize(prompt + answer) after the prompt's own, the same after recipient and
+    donor (else DataError naming the pair). No continuation may be empty or on both sides. ``single_token=True``
+    requires every answer to be one token by itself (tasks whose metric is the END logit difference).
+    ``continuations=True`` keeps ``cont_ids`` even when every answer is one token. ``require_answers=False``
+    allows pairs without answers (a KL metric).
 
     Example::
 
@@ -252,18 +297,25 @@ def tokenize_pairs(
     if not pairs:
         raise DataError("no prompt pairs to tokenize; pass at least one PromptPair.")
     find = find or substring_positions(tokenizer)
-    rec_rows, don_rows, sets, rec_found, don_found, names = [], [], [], [], [], []
+    rec_rows, don_rows, sets, rec_found, don_found, names, conts = [], [], [], [], [], [], []
     for i, pair in enumerate(pairs):
         a, w = as_set(pair.answer), as_set(pair.wrong)
         if require_answers and (not a or not w):
             raise DataError(f"pair {i} ({pair.recipient!r}): expected an answer and a wrong token (or sets of them), "
                             f"got answer={pair.answer!r}, wrong={pair.wrong!r}; give both, or use a metric that needs "
                             "no answers (kl).")
-        a_ids, w_ids = _token_set(tokenizer, a, "answer", i, pair), _token_set(tokenizer, w, "wrong", i, pair)
-        if set(a_ids) & set(w_ids):
-            both = [tokenizer.decode([t]) for t in sorted(set(a_ids) & set(w_ids))]
-            raise DataError(f"pair {i} ({pair.recipient!r}): the answer and wrong sets share the token(s) {both}; "
-                            "a token can be on one side only. Remove it from one of them.")
+        if single_token:
+            a_c = [[t] for t in _token_set(tokenizer, a, "answer", i, pair)]
+            w_c = [[t] for t in _token_set(tokenizer, w, "wrong", i, pair)]
+        else:
+            a_c, w_c = _continuations(tokenizer, pair, i, a, "answer"), _continuations(tokenizer, pair, i, w, "wrong")
+        both = [c for c in a_c if c in w_c]
+        if both:
+            shown = [tokenizer.decode(c) for c in both]
+            raise DataError(f"pair {i} ({pair.recipient!r}): the answer and wrong sets both hold {shown}; an answer "
+                            "can be on one side only. Remove it from one of them.")
+        conts.append((a_c, w_c))
+        a_ids, w_ids = [c[0] for c in a_c], [c[0] for c in w_c]
         rec = list(tokenizer(pair.recipient)["input_ids"])
         don = list(tokenizer(pair.donor)["input_ids"])
         rp, dp = find(i, pair, rec, don, a_ids, w_ids)
@@ -284,14 +336,31 @@ def tokenize_pairs(
     same_mask = attention_mask.shape == donor_mask.shape and torch.equal(attention_mask, donor_mask)
     same_pos = all(torch.equal(positions[n], donor_positions[n]) for n in positions)
     single = answer_sets.shape[1] == 1 and wrong_sets.shape[1] == 1
+    several = any(len(c) > 1 for a_c, w_c in conts for c in a_c + w_c)
+    cont = _cont_fields(conts) if (several or continuations) and all(a and w for a, w in conts) else {}
+    if cont:
+        single = False  # first tokens may repeat within a set: keep the sets as they are
     return PairBatch(
         pairs=pairs, recipient_ids=recipient_ids, donor_ids=donor_ids, attention_mask=attention_mask,
         answer_ids=answer_sets[:, 0].clone(), wrong_ids=wrong_sets[:, 0].clone(),  # (B,) first of each set
         positions=MappingProxyType(positions),
         donor_mask=None if same_mask else donor_mask,
         donor_positions=None if same_pos else MappingProxyType(donor_positions),
-        answer_sets=None if single else answer_sets, wrong_sets=None if single else wrong_sets, **noise,
+        answer_sets=None if single else answer_sets, wrong_sets=None if single else wrong_sets, **noise, **cont,
     )
+
+
+def _cont_fields(conts: list[tuple[list, list]]) -> dict:
+    """``cont_ids`` (B, n, m), answers then wrong continuations, padded with -1, and ``cont_side`` (B, n)."""
+    n = max(len(a) + len(w) for a, w in conts)
+    m = max(len(c) for a, w in conts for c in a + w)
+    ids = torch.full((len(conts), n, m), -1, dtype=torch.long)  # (B, n, m)
+    side = torch.zeros((len(conts), n), dtype=torch.long)  # (B, n)
+    for b, (a, w) in enumerate(conts):
+        for c, (tokens, sign) in enumerate([(t, 1) for t in a] + [(t, -1) for t in w]):
+            ids[b, c, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            side[b, c] = sign
+    return {"cont_ids": ids, "cont_side": side}
 
 
 def _noise_fields(tokenizer, pairs: Sequence[PromptPair], width: int) -> dict:

@@ -218,3 +218,70 @@ def task_scores(
         out["kl"] = kl_from(recipient.to(logits.device), logits)
     keep = (metric, "logit_diff", "p_answer", "p_wrong")
     return {k: v for k, v in out.items() if k in keep}
+
+
+# --- answers of several tokens (continuations) ----------------------------------------------------------
+# A pair's continuations are (B, n, m) ids padded with -1, answers first, with (B, n) sides: +1 answer, -1 wrong,
+# 0 an unused slot. A continuation's log-prob is the END logits' log-softmax at its first token plus the tail:
+# the summed log-probs of its later tokens at its own positions (teacher forcing; ``engine.continuation``).
+
+ANSWER_REDUCE = ("sum", "mean")
+KL_OVER = ("end", "continuation")
+
+
+def continuation_logprobs(
+    end: Float[Tensor, "*batch vocab"], tail: Float[Tensor, "*batch n"], cont_ids: Int[Tensor, "batch n m"],
+    reduce: str = "sum",
+) -> Float[Tensor, "*batch n"]:
+    """log P(continuation | prompt) of every slot, summed over its tokens (``reduce="mean"``: per token); -inf for
+    unused slots.
+
+    Example::
+
+        continuation_logprobs(readout.end, readout.tail, batch.cont_ids)   # (B, n)
+    """
+    if reduce not in ANSWER_REDUCE:
+        raise DataError(f"answer reduce (--answer-reduce) must be one of {', '.join(ANSWER_REDUCE)}, got {reduce!r}")
+    first = cont_ids[..., 0].to(end.device)  # (B, n)
+    logp = torch.log_softmax(_f32(end), dim=-1)  # (*, B, V)
+    lp = logp.gather(-1, first.clamp(min=0).expand(*end.shape[:-1], first.shape[-1])) + tail.to(logp.device, logp.dtype)
+    if reduce == "mean":
+        lp = lp / (cont_ids >= 0).sum(-1).clamp(min=1).to(lp.device, lp.dtype)
+    return lp.masked_fill(first < 0, float("-inf"))
+
+
+def continuation_scores(
+    metric: str, end: Float[Tensor, "*batch vocab"], tail: Float[Tensor, "*batch n"], cont_ids: Int[Tensor, "batch n m"],
+    cont_side: Int[Tensor, "batch n"], reduce: str = "sum", recipient: Float[Tensor, "batch vocab"] | None = None,
+    tail_kl: Float[Tensor, "*batch"] | None = None, kl_over: str = "end",
+) -> dict[str, Float[Tensor, "*batch"]]:
+    """``task_scores`` for continuations: ``metric`` and the companions ``logit_diff`` (logprob(answer set) -
+    logprob(wrong set), each a logsumexp over its continuations), ``p_answer`` and ``p_wrong``. With one-token
+    answers these equal ``task_scores``'. ``kl`` is the next-token KL at END from ``recipient``; with
+    ``kl_over="continuation"`` it is averaged over the answer's positions (END and its tail, ``tail_kl`` summed).
+
+    Example::
+
+        continuation_scores("logprob", ro.end, ro.tail, batch.cont_ids, batch.cont_side, reduce="mean")["logprob"]
+    """
+    if metric not in TASK_METRICS:
+        raise DataError(f"metric must be one of {', '.join(TASK_METRICS)}, got {metric!r}")
+    if kl_over not in KL_OVER:
+        raise DataError(f"kl over (--kl-over) must be one of {', '.join(KL_OVER)}, got {kl_over!r}")
+    lp = continuation_logprobs(end, tail, cont_ids, reduce)  # (*, B, n)
+    side = cont_side.to(lp.device)
+    la = lp.masked_fill(side != 1, float("-inf")).logsumexp(-1)
+    lw = lp.masked_fill(side != -1, float("-inf")).logsumexp(-1)
+    out = {"logit_diff": la - lw, "p_answer": la.exp(), "p_wrong": lw.exp(), "logprob": la}
+    out["prob_diff"] = out["p_answer"] - out["p_wrong"]
+    if metric == "kl":
+        if recipient is None:
+            raise DataError("the kl metric is measured from the unpatched recipient's logits; pass recipient=...")
+        kl = kl_from(recipient.to(end.device), end)
+        if kl_over == "continuation":
+            if tail_kl is None:
+                raise DataError("kl over the continuation needs the tail's KL (patch_variants(..., tail_kl=True))")
+            kl = (kl + tail_kl.to(kl.device, kl.dtype)) / (cont_ids[:, 0] >= 0).sum(-1).to(kl.device, kl.dtype)
+        out["kl"] = kl
+    keep = (metric, "logit_diff", "p_answer", "p_wrong")
+    return {k: v for k, v in out.items() if k in keep}

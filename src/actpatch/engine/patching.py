@@ -32,6 +32,7 @@ from ..model.placement import execution_device
 from .batch import PairBatch
 from .capture import ActivationCache, last_logits, nonfinite_rows
 from .checkpoint import Checkpoint
+from .continuation import ContinuationState, Readout
 from .hooks import HookSpec, hooks
 from .planning import plan_sweep, shared_prefix, variant_start
 from .prefix import RecipientState
@@ -41,7 +42,15 @@ log = logging.getLogger(__name__)
 Reduce = Callable[[Float[Tensor, "k batch vocab"]], Mapping[str, Float[Tensor, "k batch"]]]
 
 
-def _patch_fn(entries: list, k: int, n_rows: int, start: int, width: int):
+class HookGate:
+    """A switch the patch hooks read: while ``open`` is False they pass activations through unchanged (the
+    continuation rows of a multi-token readout, which are computed under the patch but never written)."""
+
+    def __init__(self) -> None:
+        self.open = True
+
+
+def _patch_fn(entries: list, k: int, n_rows: int, start: int, width: int, gate: HookGate | None = None):
     """The hook body for one module: apply every (variant j, site) patch of this chunk.
 
     ``start``: the first position the forward pass computes (0 for a full pass; p for a prefix-reuse
@@ -51,6 +60,8 @@ def _patch_fn(entries: list, k: int, n_rows: int, start: int, width: int):
     """
 
     def fn(act: Tensor) -> Tensor:
+        if gate is not None and not gate.open:
+            return act
         T = act.shape[1]
         if start + T != width:  # never guess the offset: a wrong one shifts every write silently
             raise RuntimeError(f"patch hook saw {T} positions from position {start}, expected {width - start}")
@@ -115,10 +126,12 @@ def require_equal_lengths(batch: PairBatch, site: Site) -> None:
 
 def patch_hooks(
     lm: LoadedModel, batch: PairBatch, donor: ActivationCache, chunk: Sequence[Sequence[Site]], start: int = 0,
+    gate: HookGate | None = None,
 ) -> list[HookSpec]:
     """Hook specs that patch ``chunk[j]``'s sites into the j-th copy of the recipient batch.
 
     ``start``: the first position the patched forward pass computes (prefix reuse), 0 for a full pass.
+    ``gate``: while closed, the hooks write nothing.
     """
     adapter = lm.adapter
     rec_len, don_len = batch.lengths(), batch.lengths("donor")
@@ -141,13 +154,14 @@ def patch_hooks(
             entry = by_module.setdefault((id(module), site.reads_input), (module, site.reads_input, []))
             entry[2].append((j, src, src_idx, dst, cols))
     width = batch.recipient_ids.shape[1]
-    return [(module, "input" if reads_input else "output", _patch_fn(entries, len(chunk), len(batch), start, width))
+    return [(module, "input" if reads_input else "output", _patch_fn(entries, len(chunk), len(batch), start, width, gate))
             for module, reads_input, entries in by_module.values()]
 
 
 @contextmanager
 def patched(
     lm: LoadedModel, batch: PairBatch, donor: ActivationCache, chunk: Sequence[Sequence[Site]], start: int = 0,
+    gate: HookGate | None = None,
 ) -> Iterator[None]:
     """Context in which forward passes over ``len(chunk)`` stacked recipient copies are patched.
 
@@ -158,22 +172,25 @@ def patched(
         with patched(lm, batch, donor, [[HeadSite(9, 6)]]):
             logits = last_logits(lm, batch.recipient_ids, batch.attention_mask, batch.position("END"))
     """
-    with hooks(patch_hooks(lm, batch, donor, chunk, start)):
+    with hooks(patch_hooks(lm, batch, donor, chunk, start, gate)):
         yield
 
 
 def run_chunk(
     lm: LoadedModel, batch: PairBatch, donor: ActivationCache, chunk: Sequence[Sequence[Site]],
-    state: RecipientState | None = None,
+    state: RecipientState | ContinuationState | None = None,
     columns: Int[Tensor, "batch n"] | None = None,
     shared: int = 0,
-) -> Float[Tensor, "k batch vocab"]:
+    tail_kl: bool = False,
+) -> Float[Tensor, "k batch vocab"] | Readout:
     """END logits of the recipient under each variant of ``chunk``, as (k, B, V).
 
     Without ``state`` this is the reference path: one full forward pass over the stacked copies.
     With the recipient's recorded ``RecipientState`` it runs only the layers and positions that
     the chunk's patches can change (prefix reuse). ``columns`` (B, n) computes only those token
-    ids' logits, (k, B, n): all a logit-difference metric needs.
+    ids' logits, (k, B, n): all a logit-difference metric needs. A batch with continuations (``batch.cont_ids``)
+    gives a ``Readout`` instead: END logits and the continuations' tail log-probs, (k, B, ...), from a
+    ``ContinuationState`` (recorded here when ``state`` is None); ``tail_kl`` adds the KL over the answer's tail.
 
     Example::
 
@@ -183,6 +200,12 @@ def run_chunk(
     k = len(chunk)
     dev = lm.device
     end = batch.position("END").to(dev)
+    if batch.cont_ids is not None:
+        state = state if isinstance(state, ContinuationState) else ContinuationState.record(lm, batch)
+        start, pos = (0, 0) if not chunk else [min(s) for s in zip(*[variant_start(v, batch, shared) for v in chunk])]
+        gate = HookGate()
+        with torch.inference_mode(), patched(lm, batch, donor, chunk, start=pos, gate=gate):
+            return state.run(lm, end, start, pos, k, gate, kl=tail_kl).view(k, len(batch))
     exact = batch.answer_columns()  # (B, 2): IO and S logits in float32 even in half precision
     if state is None:
         start = pos = 0
@@ -215,6 +238,7 @@ def patch_variants(
     checkpoint: Checkpoint | None = None,
     budget: int | None = None,
     bar: tqdm | None = None,
+    tail_kl: bool = False,
 ) -> dict[str, Float[Tensor, "variant batch"]]:
     """Run every variant and ``reduce`` its END logits; results are stacked as (K, B) per key.
 
@@ -229,7 +253,8 @@ def patch_variants(
     ``checkpoint`` (see ``actpatch.engine.checkpoint``): variants already in it are not run again, and each
     finished chunk is added to it, saved even when the sweep is interrupted. ``budget``: the run's memory
     budget in bytes (``planning.memory_budget``) that sizes the forward passes. ``bar``: a progress bar
-    of the whole run to advance, instead of one of this sweep's own.
+    of the whole run to advance, instead of one of this sweep's own. A batch with continuations hands ``reduce``
+    a ``Readout`` (see ``run_chunk``); ``tail_kl`` adds the KL over the answer's continuation to it.
 
     Example::
 
@@ -246,7 +271,8 @@ def patch_variants(
     plan, tokens = plan_sweep(lm, batch, [variants[i] for i in todo], max_rows, shared, budget, columns is None)
     log.info("sweep '%s': %d patches (%d already done) in %d forward passes of <= %s", desc, len(variants),
              len(variants) - len(todo), len(plan.chunks), f"{max_rows} rows" if max_rows else f"{tokens} tokens")
-    state = RecipientState.record(lm, batch) if todo else None
+    record = ContinuationState.record if batch.cont_ids is not None else RecipientState.record
+    state = record(lm, batch) if todo else None
     disable = {True: False, None: None, False: True}[progress]  # None: tqdm shows a bar only on a TTY
     own = bar is None
     if own:
@@ -257,8 +283,8 @@ def patch_variants(
         for local in plan.chunks:
             idx = [todo[j] for j in local]
             chunk = [variants[i] for i in idx]
-            logits = run_chunk(lm, batch, donor, chunk, state, columns, shared)  # (k, B, V or n)
-            bad = nonfinite_rows(logits)
+            logits = run_chunk(lm, batch, donor, chunk, state, columns, shared, tail_kl)  # (k, B, V or n), or a Readout
+            bad = logits.nonfinite_rows() if isinstance(logits, Readout) else nonfinite_rows(logits)
             if bad:
                 raise NumericalError(
                     f"patching {list(chunk[bad[0]])} made the recipient's logits NaN or inf, although the "

@@ -268,6 +268,9 @@ def plan_sweep(
     T = batch.recipient_ids.shape[1]
     starts = [variant_start(v, batch, shared) for v in variants]
     tokens = token_budget(lm, T, budget) if max_rows is None else 0
+    if batch.cont_ids is not None:  # each prompt row brings n continuation rows of M positions
+        n, m = batch.cont_ids.shape[1:]
+        tokens = max(T, tokens * T // (T + n * (m - 1)))
     cap = logit_rows(lm, budget) if full_logits else None  # a readout of a few columns needs no cap
     chunks = plan_chunks(starts, lm.adapter.n_layers, batch.recipient_ids.shape, max_rows, max_tokens=tokens, row_cap=cap)
     return SweepPlan(chunks, starts, lm.adapter.n_layers, T), tokens

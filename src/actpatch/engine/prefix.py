@@ -19,6 +19,8 @@ the tests compare this path with plain full forward passes on every supported ar
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -48,6 +50,16 @@ class RecipientState:
 
     @classmethod
     def record(cls, lm: LoadedModel, batch: PairBatch) -> "RecipientState":
+        """One recipient forward pass of ``batch``, recorded."""
+        return cls.record_rows(lm, batch.recipient_ids, batch.attention_mask)
+
+    @classmethod
+    def record_rows(
+        cls, lm: LoadedModel, ids: Int[Tensor, "rows pos"], mask: Int[Tensor, "rows pos"],
+        position_ids: Int[Tensor, "rows pos"] | None = None,
+    ) -> "RecipientState":
+        """One forward pass of ``ids`` recorded; ``position_ids`` where a row has padding inside (continuations).
+        The final hidden states are kept as ``self.final`` (rows, T, D)."""
         a = lm.adapter
         dev = lm.device
         attn = getattr(lm.model.config, "_attn_implementation", "eager")
@@ -71,13 +83,15 @@ class RecipientState:
             return record_call
 
         cache = DynamicCache()  # full (non-sliding) layers: every position's keys stay available
+        takes = "position_ids" in inspect.signature(lm.model.base_model.forward).parameters  # Bloom: from the mask
+        extra = {"position_ids": position_ids.to(dev)} if position_ids is not None and takes else {}
         with torch.inference_mode(), hooks([(a.block(L), "call", recorder(L)) for L in range(a.n_layers)]):
-            lm.model.base_model(
-                input_ids=batch.recipient_ids.to(dev), attention_mask=batch.attention_mask.to(dev),
-                cache=cache, use_cache=True,
-            )
+            out = lm.model.base_model(input_ids=ids.to(dev), attention_mask=mask.to(dev), cache=cache, use_cache=True,
+                                      **extra)
         kv = [(layer.keys, layer.values) for layer in cache.layers]
-        return cls(hidden, calls, kv, len(batch), batch.recipient_ids.shape[1])
+        state = cls(hidden, calls, kv, ids.shape[0], ids.shape[1])
+        state.final = out.last_hidden_state  # (rows, T, D), final-normed
+        return state
 
     def _prepare(self, x, copies: int, pos: int, cache: Cache):
         """One call argument, for ``copies`` stacked copies of the rows and query positions >= ``pos``."""

@@ -25,6 +25,7 @@ from torch import Tensor
 from ..model.models import LoadedModel
 from ..model.placement import onloaded
 from .batch import PairBatch
+from .continuation import Readout
 from .sites import Site
 
 
@@ -103,15 +104,17 @@ def _register(lm: LoadedModel, site: Site, write):
         lambda m, args, out: (write(out[0]), *out[1:]) if isinstance(out, tuple) else write(out))
 
 
-def _patched_forward(lm: LoadedModel, batch: PairBatch, donor: dict, variant: Sequence[Site], module):
-    """``module`` (the base model or the whole LM) run on the recipients with ``variant`` written by plain hooks."""
+def _patched_forward(lm: LoadedModel, batch: PairBatch, donor: dict, variant: Sequence[Site], module, ids=None, mask=None):
+    """``module`` (the base model or the whole LM) run on the recipients (or ``ids``, ``mask``: the recipients with
+    more tokens after them) with ``variant`` written by plain hooks, at the recipient prompts' positions only."""
     handles = []
+    ids = batch.recipient_ids if ids is None else ids
+    mask = batch.attention_mask if mask is None else mask
     try:
         for site in variant:
             handles.append(_register(lm, site, _writer(lm, batch, site, donor[site.key])))
         with torch.inference_mode():
-            return module(input_ids=batch.recipient_ids.to(lm.device),
-                          attention_mask=batch.attention_mask.to(lm.device), use_cache=False)
+            return module(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
@@ -154,3 +157,43 @@ def reference_logit_diff(
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return (logits[:, 0] - logits[:, 1]).cpu()
+
+
+def reference_readout(
+    lm: LoadedModel, batch: PairBatch, donor: dict, variant: Sequence[Site], tail_kl: bool = False,
+) -> Readout:
+    """Multi-token answers: for each continuation slot, one full forward of the recipients followed by that slot's
+    tokens (all but the last), ``variant`` written at the prompts' positions only; the model's own logits read at
+    explicit indices. END logits (B, V), tail log-probs (B, n) (tokens 2.. of each continuation) and, with
+    ``tail_kl``, KL(unpatched || patched) summed over the first answer's tail positions (B,).
+
+    Example::
+
+        ro = reference_readout(lm, batch, donor_cache, [HiddenSite(3, "subject")])   # ro.end, ro.tail
+    """
+    B, n, _ = batch.cont_ids.shape
+    lengths = [int(x) for x in batch.attention_mask.sum(dim=1)]
+    end, tail, kl = [None] * B, torch.zeros(B, n, dtype=torch.float64), torch.zeros(B, dtype=torch.float64)
+    for c in range(n):
+        conts = [[int(t) for t in batch.cont_ids[b, c] if t >= 0] for b in range(B)]
+        rows = [batch.recipient_ids[b, :lengths[b]].tolist() + conts[b][:-1] for b in range(B)]
+        width = max(len(r) for r in rows)
+        ids = torch.zeros(B, width, dtype=torch.long)
+        mask = torch.zeros(B, width, dtype=torch.long)
+        for b, r in enumerate(rows):
+            ids[b, :len(r)] = torch.tensor(r)
+            mask[b, :len(r)] = 1
+        logits = _patched_forward(lm, batch, donor, variant, lm.model, ids, mask).logits  # (B, W, V)
+        logp = torch.log_softmax(logits.double(), -1)
+        base = None
+        if tail_kl and c == 0:
+            base = torch.log_softmax(_patched_forward(lm, batch, donor, [], lm.model, ids, mask).logits.double(), -1)
+        for b in range(B):
+            last = lengths[b] - 1  # the prompt's last token: it predicts the continuation's first
+            if c == 0:
+                end[b] = logits[b, last].float().cpu()  # causal: the prompt's END logits, whatever follows
+            for i in range(1, len(conts[b])):  # token i is predicted at position last + i
+                tail[b, c] += logp[b, last + i, conts[b][i]]
+                if base is not None:
+                    kl[b] += (base[b, last + i].exp() * (base[b, last + i] - logp[b, last + i])).sum()
+    return Readout(torch.stack(end), tail.float(), kl.float() if tail_kl else None)

@@ -281,7 +281,7 @@ def check_last_logits_parity(lm: LoadedModel, batch: PairBatch, rec_logits: Tens
 
 def check_fast_path(
     lm: LoadedModel, batch: PairBatch, donor_cache: ActivationCache, variants: Sequence[Sequence[Site]], fast_ld: Tensor,
-    score: Callable[[Tensor], Tensor] | None = None, name: str = "LD",
+    score: Callable[[Tensor], Tensor] | None = None, name: str = "LD", reference: Callable | None = None,
 ) -> SanityCheck:
     """The sweep's fast path (stacked variants + prefix reuse) equals the independent reference patcher
     (``actpatch.engine.reference``: plain hooks, explicit indices, one full forward pass per patch).
@@ -290,7 +290,8 @@ def check_fast_path(
     so every named position and each position's prefix arithmetic is exercised, plus cells at a third
     and two thirds of the sweep. ``score``: the sweep's metric as a function of (B, V) END logits, for a sweep
     that recorded another metric than the logit difference (``fast_ld`` then holds that metric, named ``name``);
-    the reference then gives the model's own full logits (``reference.reference_logits``).
+    the reference then gives the model's own full logits (``reference.reference_logits``). ``reference``: what the
+    reference reads per variant instead (``reference_readout`` for answers of several tokens), scored by ``score``.
     """
     first_last: dict[tuple, list[int]] = {}
     for i, v in enumerate(variants):
@@ -300,7 +301,9 @@ def check_fast_path(
     picks = sorted(spread.union(*map(set, first_last.values())))
     d, scale = 0.0, 1.0
     for i in picks:
-        if score is None:
+        if reference is not None:
+            ref = score(reference(variants[i])).float().cpu()
+        elif score is None:
             ref = reference_logit_diff(lm, batch, donor_cache, variants[i])
         else:
             ref = score(reference_logits(lm, batch, donor_cache, variants[i])).float().cpu()

@@ -26,7 +26,10 @@ from tqdm.auto import tqdm
 from ..engine.batch import PairBatch, tokenize_pairs
 from ..engine.capture import capture
 from ..engine.hooks import count_hooks
-from ..engine.metrics import TASK_METRICS, normalised_effect, task_scores
+from ..engine.continuation import plain_readout
+from ..engine.continuation_checks import check_continuation_self_patch
+from ..engine.metrics import ANSWER_REDUCE, KL_OVER, TASK_METRICS, continuation_scores, normalised_effect, task_scores
+from ..engine.reference import reference_readout
 from ..engine.pairs import PromptPair, load_pairs_file, pair_from_dict
 from ..engine.patching import patch_variants
 from ..engine.planning import memory_budget, pair_chunk, release_memory
@@ -77,6 +80,9 @@ class PairsConfig:
     max_rows: int | None = None
     progress: bool | None = None
     command: str | None = None
+    answer_reduce: str = "sum"        # answers of several tokens: log-prob summed over the tokens, or their mean
+    kl_over: str = "end"              # kl: the next-token distribution at END, or averaged over the answer's positions
+    generate: int = 0                 # greedy tokens the recipient says under the headline patches (0: none)
 
     def resolved(self) -> "PairsConfig":
         """The config with the task's defaults filled in (metric, sites, donor design); checked."""
@@ -92,6 +98,16 @@ class PairsConfig:
     def validate(self) -> None:
         if self.metric not in TASK_METRICS:
             raise ConfigError(f"metric (--metric) must be one of {', '.join(TASK_METRICS)}, got {self.metric!r}")
+        if self.answer_reduce not in ANSWER_REDUCE:
+            raise ConfigError(f"answer reduce (--answer-reduce) must be one of {', '.join(ANSWER_REDUCE)}, "
+                              f"got {self.answer_reduce!r}")
+        if self.kl_over not in KL_OVER:
+            raise ConfigError(f"kl over (--kl-over) must be one of {', '.join(KL_OVER)}, got {self.kl_over!r}")
+        if self.kl_over == "continuation" and self.metric != "kl":
+            raise ConfigError(f"--kl-over continuation applies to the kl metric, but the metric is {self.metric!r}; "
+                              "use --metric kl, or leave --kl-over out.")
+        if isinstance(self.generate, bool) or not isinstance(self.generate, int) or not 0 <= self.generate <= 256:
+            raise ConfigError(f"generate (--generate) must be a number of tokens in [0, 256], got {self.generate!r}")
         bad = [s for s in self.sites if s not in FAMILIES]
         if bad or not self.sites:
             raise ConfigError(f"sites must be among {', '.join(FAMILIES)} (or all, heads, layers), got {list(self.sites)!r}")
@@ -146,8 +162,10 @@ def choose_positions(batch: PairBatch, asked: Sequence[str] | None) -> tuple[str
 
 
 def _part(lm: LoadedModel, part: PairBatch, cells: list, metric: str, layers: list[int], budget: int, bar,
-          max_rows: int | None = None) -> dict:
+          max_rows: int | None = None, reduce: str = "sum", kl_over: str = "end") -> dict:
     """One chunk of pairs: recipient and donor runs, the sweep's per-pair scores, and the checks."""
+    if part.cont_ids is not None:
+        return _part_continuations(lm, part, cells, metric, layers, budget, bar, max_rows, reduce, kl_over)
     variants = [sites for _, sites in cells]
     checked = sorted({layers[0], layers[len(layers) // 2], layers[-1]})
     own = [s(L) for L in checked for s in (HeadSite, HiddenSite, AttnOutSite)]  # what the checks read
@@ -164,6 +182,35 @@ def _part(lm: LoadedModel, part: PairBatch, cells: list, metric: str, layers: li
                                   score=lambda lg: score(lg)[metric], name=metric))
     return {"rec": {k: v.cpu() for k, v in score(rec_logits).items()},
             "don": {k: v.cpu() for k, v in score(don_logits).items()}, "sweep": sweep, "checks": checks}
+
+
+def _part_continuations(lm: LoadedModel, part: PairBatch, cells: list, metric: str, layers: list[int], budget: int,
+                        bar, max_rows: int | None, reduce: str, kl_over: str) -> dict:
+    """``_part`` for answers of several tokens: each continuation is read by teacher forcing under the patch."""
+    variants = [sites for _, sites in cells]
+    checked = sorted({layers[0], layers[len(layers) // 2], layers[-1]})
+    own = [s(L) for L in checked for s in (HeadSite, HiddenSite, AttnOutSite)]
+    own.append(HiddenSite(lm.adapter.n_layers - 1))
+    rec_cache, rec_logits = capture(lm, part.recipient_ids, part, own)
+    don_cache, don_logits = capture(lm, part.donor_ids, part, own + [v[0] for v in variants])
+    tail_kl = metric == "kl" and kl_over == "continuation"
+    rec = plain_readout(lm, part, keep=tail_kl)
+    don = plain_readout(lm, part, "donor", against=rec.answer_logp)
+    rec_end = rec.end.float()
+
+    def score(ro):
+        kl = ro.tail_kl if ro.tail_kl is not None or not tail_kl else torch.zeros(ro.end.shape[:-1])
+        return continuation_scores(metric, ro.end, ro.tail, part.cont_ids, part.cont_side, reduce, rec_end, kl, kl_over)
+
+    sweep = patch_variants(lm, part, don_cache, variants, reduce=score, donor_from_batch=True, budget=budget, bar=bar,
+                           max_rows=max_rows, tail_kl=tail_kl)
+    first = replace(part, cont_ids=None, cont_side=None)  # the END checks read the first answer tokens
+    checks = run_sanity_checks(lm, first, rec_cache, don_cache, rec_logits, don_logits, checked)
+    checks.append(check_continuation_self_patch(lm, part, rec_cache, rec, checked))
+    checks.append(check_fast_path(lm, part, don_cache, variants, sweep[metric], score=lambda ro: score(ro)[metric],
+                                  name=metric, reference=lambda v: reference_readout(lm, part, don_cache, v, tail_kl)))
+    return {"rec": {k: v.cpu() for k, v in score(rec).items()}, "don": {k: v.cpu() for k, v in score(don).items()},
+            "sweep": sweep, "checks": checks}
 
 
 def _rows(cells: list, sweep: dict, rec: dict, don: dict, metric: str, n_layers: int) -> list[dict]:
@@ -188,11 +235,22 @@ def _correct(lm: LoadedModel, batch: PairBatch) -> torch.Tensor:
     keep = []
     for part in batch.chunks(32):
         answers, wrong = part.answers()
-        rec = task_scores("logit_diff", capture(lm, part.recipient_ids, part, [])[1], answers, wrong)["logit_diff"]
-        don = task_scores("logit_diff", capture(lm, part.donor_ids, part, [])[1], answers, wrong)["logit_diff"]
+        if part.cont_ids is not None:  # answers of several tokens: their log-prob difference
+            rec, don = (continuation_scores("logit_diff", ro.end, ro.tail, part.cont_ids, part.cont_side)["logit_diff"]
+                        for ro in (plain_readout(lm, part), plain_readout(lm, part, "donor")))
+        else:
+            rec = task_scores("logit_diff", capture(lm, part.recipient_ids, part, [])[1], answers, wrong)["logit_diff"]
+            don = task_scores("logit_diff", capture(lm, part.donor_ids, part, [])[1], answers, wrong)["logit_diff"]
         text = torch.tensor([p.noise is None and p.donor != p.recipient for p in part.pairs])
         keep.append((rec.cpu() > 0) & ~(text & (don.cpu() >= 0)))
     return torch.cat(keep)
+
+
+def multi_token_pairs(batch: PairBatch) -> int:
+    """How many pairs have an answer or wrong continuation of more than one token."""
+    if batch.cont_ids is None:
+        return 0
+    return int(((batch.cont_ids >= 0).sum(-1) > 1).any(-1).sum())
 
 
 def _generated(cfg: PairsConfig, lm: LoadedModel) -> tuple[PairBatch, dict]:
@@ -226,7 +284,12 @@ def _pairs_for(cfg: PairsConfig, lm: LoadedModel, pairs: Sequence[PromptPair] | 
         return batch, cfg.design, filtered
     if cfg.task != "pairs":
         return task.tokenize(lm.tokenizer, pairs), cfg.design, {}
-    return tokenize_pairs(lm.tokenizer, pairs, require_answers=cfg.metric != "kl"), "file", {}
+    batch = tokenize_pairs(lm.tokenizer, pairs, require_answers=cfg.metric != "kl",
+                           continuations=cfg.kl_over == "continuation")
+    if cfg.kl_over == "continuation" and batch.cont_ids is None:
+        raise DataError("--kl-over continuation averages the KL over the answer's positions, but these pairs have no "
+                        "answers; give each pair an `answer` and a `wrong`, or use --kl-over end.")
+    return batch, "file", {}
 
 
 def run_pairs(config: PairsConfig | None = None, *, lm: LoadedModel | None = None,
@@ -260,13 +323,15 @@ def run_pairs(config: PairsConfig | None = None, *, lm: LoadedModel | None = Non
     done = []
     with tqdm(total=len(cells) * len(parts), desc=cfg.task, unit="patch", disable=disable, dynamic_ncols=True) as bar:
         for part in parts:
-            done.append(_part(lm, part, cells, cfg.metric, layers, budget, bar, cfg.max_rows))
+            done.append(_part(lm, part, cells, cfg.metric, layers, budget, bar, cfg.max_rows, cfg.answer_reduce,
+                              cfg.kl_over))
             release_memory()
     rec, don = concat_scores([d["rec"] for d in done]), concat_scores([d["don"] for d in done])
     sweep = concat_scores([d["sweep"] for d in done])  # (K, N) per key
     checks = pool_checks([d["checks"] for d in done]) + [check_no_hooks_left(lm, hooks_before)]
     baseline = {side: {f"mean_{k}": float(v.mean()) for k, v in s.items()} for side, s in (("recipient", rec), ("donor", don))}
     baseline["n_pairs"] = len(batch)
+    baseline["n_multi_token"] = multi_token_pairs(batch)
     record = {**asdict(cfg), "model": lm.info.get("spec", cfg.model), "design": design, "positions": list(positions),
               "memory_budget": budget, **({"filtered": filtered} if filtered else {})}
     return PairsResult(

@@ -193,7 +193,7 @@ def tokenize_greater_than(tokenizer, pairs: Sequence[PromptPair]) -> PairBatch:
                             "(('YY', '1732', '1701'),), the start year in recipient and donor.")
         return by_substring(i, pair, rec, don, answer, wrong)
 
-    return tokenize_pairs(tokenizer, pairs, find=find)
+    return tokenize_pairs(tokenizer, pairs, find=find, single_token=True)
 
 
 register(Task("greater-than", "years after a start year (Hanna, Liu & Variengien 2023)",

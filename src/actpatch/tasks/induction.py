@@ -160,7 +160,7 @@ def tokenize_induction(tokenizer, pairs: Sequence[PromptPair]) -> PairBatch:
         if not isinstance(pair.answer, str) or not isinstance(pair.wrong, str):
             raise DataError(f"pair {i} ({pair.recipient[:60]!r}...): induction needs one answer and one wrong token, "
                             f"got answer={pair.answer!r}, wrong={pair.wrong!r}; use generate_induction's pairs.")
-    return tokenize_pairs(tokenizer, pairs, find=induction_positions())
+    return tokenize_pairs(tokenizer, pairs, find=induction_positions(), single_token=True)
 
 
 register(Task("induction", "copying a repeated random token sequence (induction heads; Olsson et al. 2022)",

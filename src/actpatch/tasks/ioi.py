@@ -184,7 +184,7 @@ def tokenize_ioi(
         if not isinstance(pair.answer, str) or not isinstance(pair.wrong, str):
             raise DataError(f"pair {i} ({pair.recipient!r}): IOI needs one answer (IO) and one wrong name (S), got "
                             f"answer={pair.answer!r}, wrong={pair.wrong!r}; use `actpatch run` for answer sets.")
-    return tokenize_pairs(tokenizer, pairs, find=ioi_positions(positions_from, require_positions))
+    return tokenize_pairs(tokenizer, pairs, find=ioi_positions(positions_from, require_positions), single_token=True)
 
 
 def denoising(pairs: Sequence[PromptPair]) -> list[PromptPair]:

@@ -119,7 +119,7 @@ def tokenize_sva(tokenizer, pairs: Sequence[PromptPair]) -> PairBatch:
         if "subject" not in names or "attractor" not in names:
             raise DataError(f"pair {i} ({pair.recipient!r}): expected the named positions 'subject' and 'attractor', "
                             f"got {names}; generate the pairs with generate_sva, or add both positions.")
-    return tokenize_pairs(tokenizer, pairs)
+    return tokenize_pairs(tokenizer, pairs, single_token=True)
 
 
 register(Task("sva", "subject-verb agreement across an attractor noun (Linzen et al. 2016; Finlayson et al. 2021)",
