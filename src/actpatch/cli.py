@@ -172,6 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--layers", type=int, nargs="+", metavar="L", help="patch only these layers (default: all)")
     run.add_argument("--trust-remote-code", action="store_true", help="as for ioi")
     run.add_argument("--max-batch", type=int, metavar="ROWS", help="max rows per forward pass (default: automatic)")
+    run.add_argument("--answer-reduce", choices=("sum", "mean"), default="sum",
+                     help="answers of several tokens: their log-prob summed over the tokens (default) or the mean")
+    run.add_argument("--kl-over", choices=("end", "continuation"), default="end",
+                     help="kl: the next-token distribution at END (default), or averaged over the answer's positions")
+    run.add_argument("--generate", type=int, default=0, metavar="N",
+                     help="show the greedy N-token continuation of 3 recipients under the 3 headline patches")
     _add_run_options(run, out="runs/pairs", n_pairs=16, designs=None)
 
     cmp = sub.add_parser(
@@ -369,6 +375,7 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
                       sites=site_families(args.sites) if args.sites else None, layers=tuple(args.layers) if args.layers else None,
                       device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
                       max_memory=args.max_memory, max_rows=args.max_batch, progress=False if args.quiet else None,
+                      answer_reduce=args.answer_reduce, kl_over=args.kl_over, generate=args.generate,
                       command=shlex.join(["actpatch", *argv]))
     result, plots = _run_and_write(partial(run_pairs, cfg), out, created)
     if not args.quiet:
@@ -377,6 +384,9 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
               f"{rec[f'mean_{result.metric}']:.4g}, donor {don[f'mean_{result.metric}']:.4g}")
         for line in findings(result):
             print(f"  {line}")
+        for g in result.generations:
+            print(f"  pair {g['pair']} under {g['patch']}: {g['patched_says']!r} (recipient {g['recipient_says']!r}, "
+                  f"donor {g['donor_says']!r})")
     return _finish(result, out, plots, args.quiet)
 
 

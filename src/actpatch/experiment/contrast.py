@@ -28,6 +28,7 @@ from ..engine.capture import capture
 from ..engine.hooks import count_hooks
 from ..engine.continuation import plain_readout
 from ..engine.continuation_checks import check_continuation_self_patch
+from ..engine.generation import generate_patched
 from ..engine.metrics import ANSWER_REDUCE, KL_OVER, TASK_METRICS, continuation_scores, normalised_effect, task_scores
 from ..engine.reference import reference_readout
 from ..engine.pairs import PromptPair, load_pairs_file, pair_from_dict
@@ -334,12 +335,33 @@ def run_pairs(config: PairsConfig | None = None, *, lm: LoadedModel | None = Non
     baseline["n_multi_token"] = multi_token_pairs(batch)
     record = {**asdict(cfg), "model": lm.info.get("spec", cfg.model), "design": design, "positions": list(positions),
               "memory_budget": budget, **({"filtered": filtered} if filtered else {})}
+    rows = [{"task": cfg.task, "metric": cfg.metric, **row} for row in _rows(cells, sweep, rec, don, cfg.metric, a.n_layers)]
     return PairsResult(
-        config=record, model=dict(lm.info), environment=environment(), baseline=baseline,
-        cells=[{"task": cfg.task, "metric": cfg.metric, **row} for row in _rows(cells, sweep, rec, don, cfg.metric, a.n_layers)],
+        config=record, model=dict(lm.info), environment=environment(), baseline=baseline, cells=rows,
         sanity={c.name: c.to_dict() for c in checks}, n_layers=a.n_layers, n_heads=a.n_heads, layers=layers,
         pairs=[asdict(p) for p in batch.pairs],
+        generations=headline_generations(lm, batch, cells, rows, cfg.generate) if cfg.generate else [],
     )
+
+
+def headline_generations(lm: LoadedModel, batch: PairBatch, cells: list, rows: list[dict], n_tokens: int,
+                         n_pairs: int = 3, n_patches: int = 3) -> list[dict]:
+    """What the model says: greedy ``n_tokens`` of the first ``n_pairs`` recipients, unpatched, under each of the
+    ``n_patches`` cells with the largest |normalised effect| (the headline patches), and of their donors."""
+    order = sorted(range(len(rows)), key=lambda k: -abs(rows[k]["normalised_effect"]))[:n_patches]
+    some = batch.select(list(range(min(n_pairs, len(batch))))).trim()
+    plain = generate_patched(lm, some, [], n_tokens)
+    donor = generate_patched(lm, some, [], n_tokens, side="donor")
+    patched = {k: generate_patched(lm, some, cells[k][1], n_tokens) for k in order}
+    out = []
+    for i, pair in enumerate(some.pairs):
+        for k in order:
+            c = cells[k][0]
+            label = f"{c['experiment']} L{c['layer']}" + ("" if c.get("head") is None else f"H{c['head']}") + f" @ {c['position']}"
+            out.append({"pair": i, "recipient": pair.recipient, "donor": pair.donor, "recipient_says": plain[i],
+                        "donor_says": donor[i], "patch": label, "normalised_effect": rows[k]["normalised_effect"],
+                        "patched_says": patched[k][i]})
+    return out
 
 
 def patch(model, pairs: Sequence[PromptPair] | Sequence[dict] | str | Path, *, sites: str | Sequence[str] = "all",

@@ -32,6 +32,7 @@ class PairsResult(RunRecord):
     """
 
     pairs: list[dict] = field(default_factory=list)
+    generations: list[dict] = field(default_factory=list)  # --generate: what the patched recipient says
 
     @property
     def metric(self) -> str:
@@ -62,7 +63,7 @@ class PairsResult(RunRecord):
     def to_json(self) -> dict:
         return {"config": self.config, "model": self.model, "environment": self.environment, "baseline": self.baseline,
                 "sanity": self.sanity, "n_layers": self.n_layers, "n_heads": self.n_heads, "layers": self.layers,
-                "pairs": self.pairs}
+                "pairs": self.pairs, "generations": self.generations}
 
     def save(self, out_dir: str | os.PathLike) -> Path:
         """Write ``results.json`` and ``results.csv`` into ``out_dir`` (created if needed)."""
@@ -71,5 +72,6 @@ class PairsResult(RunRecord):
     @classmethod
     def load(cls, out_dir: str | os.PathLike) -> "PairsResult":
         data, cells = load_tables(out_dir)
-        return cls(cells=cells, **{k: data[k] for k in ("config", "model", "environment", "baseline", "sanity",
-                                                           "n_layers", "n_heads", "layers", "pairs")})
+        return cls(cells=cells, generations=data.get("generations", []),
+                   **{k: data[k] for k in ("config", "model", "environment", "baseline", "sanity", "n_layers", "n_heads",
+                                           "layers", "pairs")})

@@ -88,6 +88,11 @@ def findings(result: PairsResult) -> list[str]:
             parts.append("top single heads " + ", ".join(f"L{int(r['layer'])}H{int(r['head'])} ({r[result.delta]:+.3g})"
                                                          for _, r in top.iterrows()))
         lines.append(f"At {pos}: " + "; ".join(parts) + ".")
+    multi = result.baseline.get("n_multi_token", 0)
+    if multi:
+        how = result.config.get("answer_reduce", "sum")
+        lines.append(f"{multi} of {result.baseline['n_pairs']} pairs have an answer of several tokens, scored by "
+                     f"teacher forcing (log-prob {how} over the answer's tokens).")
     return lines
 
 
@@ -96,7 +101,11 @@ def _tables(result: PairsResult) -> dict[str, pd.DataFrame]:
     baseline = pd.DataFrame([{"prompts": side, **vals} for side, vals in result.baseline.items() if isinstance(vals, dict)])
     layers = result.layer_table()
     layers.columns = [f"{LABELS.get(e, e)}, {p}" for e, p in layers.columns]
-    return {"sanity checks": sanity, "baseline": baseline, f"{result.metric} after patching each layer": layers.reset_index()}
+    tables = {"sanity checks": sanity, "baseline": baseline, f"{result.metric} after patching each layer": layers.reset_index()}
+    if result.generations:
+        cols = ["pair", "recipient", "recipient_says", "donor_says", "patch", "normalised_effect", "patched_says"]
+        tables["what the patched model says (greedy)"] = pd.DataFrame(result.generations)[cols]
+    return tables
 
 
 def markdown_page(title: str, intro: str, plots: list[str], notes: list[str], tables: dict[str, pd.DataFrame],
