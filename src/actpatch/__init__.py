@@ -27,8 +27,10 @@ from .errors import (
 )
 from .analysis.heads import characterise, classify
 from .engine.checkpoint import Checkpoint, sweep_fingerprint
+from .engine.continuation import ContinuationState, Readout
+from .engine.generation import generate_patched
 from .engine.hooks import count_hooks, hooks
-from .engine.metrics import ioi_scores, logit_diff, normalised_effect, prob_ratio, token_prob
+from .engine.metrics import continuation_scores, ioi_scores, logit_diff, normalised_effect, prob_ratio, token_prob
 from .engine.pairs import PromptPair, load_pairs_file
 from .engine.patching import patch_variants, patched, run_chunk
 from .engine.paths import Receiver, path_patch
@@ -67,4 +69,5 @@ __all__ = [
     "tokenize_ioi", "tokenize_pairs", "wrap_model", "PairsConfig", "PairsResult", "patch", "run_pairs", "TASKS",
     "Task", "get_task", "register", "CircuitConfig", "CircuitResult", "Graph", "build_graph", "edge_patched_logits",
     "edge_scores", "run_circuit", "sender_outputs", "SelfTest", "check_model", "load_checked", "self_test",
+    "ContinuationState", "Readout", "continuation_scores", "generate_patched",
 ]

@@ -42,7 +42,12 @@ LOGIT_BYTES = 2**27  # the tail's full-vocabulary logits are made in slices of a
 @dataclass(frozen=True)
 class Readout:
     """What a multi-token metric reads: END logits (*, B, V), tail log-probs (*, B, n) (sum over c_1.. of each
-    continuation) and, for KL over the answer's positions, the summed KL of the first answer's tail (*, B)."""
+    continuation) and, for KL over the answer's positions, the summed KL of the first answer's tail (*, B).
+
+    Example::
+
+        ro = plain_readout(lm, batch); continuation_scores("logprob", ro.end, ro.tail, batch.cont_ids, batch.cont_side)
+    """
 
     end: Float[Tensor, "*rows vocab"]
     tail: Float[Tensor, "*rows n"]
@@ -110,7 +115,12 @@ def tail_readout(
 
 
 class ContinuationState:
-    """The recipient's prompt state and its continuation rows' state (see the module docstring)."""
+    """The recipient's prompt state and its continuation rows' state (see the module docstring).
+
+    Example::
+
+        state = ContinuationState.record(lm, batch); state.run(lm, batch.position("END"), 0, 0, 1, HookGate())
+    """
 
     def __init__(self, lm: LoadedModel, batch: PairBatch) -> None:
         self.prompt = RecipientState.record(lm, batch)
