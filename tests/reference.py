@@ -130,3 +130,36 @@ def naive_patch_module(model, rec_ids, don_ids, module, pre: bool, cols, writes)
         finally:
             handle.remove()
     return logits["recipient"]
+
+
+def naive_patch_cont_logits(model, rec_ids, don_ids, module, pre: bool, cols, writes, cont):
+    """Full logits (T + len(cont) - 1, V) of one recipient followed by ``cont`` minus its last token (a batch of one,
+    no padding), after copying the donor's ``module`` activation (features ``cols``) from donor position q to
+    recipient position p for each (p, q) in ``writes``, all of them prompt positions."""
+    donor = {}
+
+    def hook(fn):
+        if pre:
+            return module.register_forward_pre_hook(lambda m, a, kw: ((fn(a[0]), *a[1:]), kw) if a else
+                                                    (a, {**kw, "hidden_states": fn(kw["hidden_states"])}), with_kwargs=True)
+        return module.register_forward_hook(lambda m, a, out: (fn(out[0]), *out[1:]) if isinstance(out, tuple) else fn(out))
+
+    def keep(x):
+        donor["x"] = x.detach().clone()
+        return x
+
+    def write(x):
+        x = x.clone()
+        for p, q in writes:
+            x[0, p, cols] = donor["x"][0, q, cols]
+        return x
+
+    out = {}
+    for ids, fn, name in ((don_ids, keep, "donor"), (list(rec_ids) + list(cont[:-1]), write, "recipient")):
+        handle = hook(fn)
+        try:
+            with torch.no_grad():
+                out[name] = model(input_ids=torch.tensor([ids])).logits[0]
+        finally:
+            handle.remove()
+    return out["recipient"]

@@ -50,10 +50,10 @@ def test_a_positioned_patch_on_the_neighbouring_head_is_caught(tiny_lm, monkeypa
     d_head = tiny_lm.adapter.d_head
     width = tiny_lm.adapter.n_heads * d_head
 
-    def neighbour(entries, k, n_rows, start, width_):  # head columns shifted by one head, at one position
+    def neighbour(entries, k, n_rows, start, width_, *rest):  # head columns shifted by one head, at one position
         entries = [(j, src, si, di, c if c is None or di is None else (c + d_head) % width)
                    for j, src, si, di, c in entries]
-        return original(entries, k, n_rows, start, width_)
+        return original(entries, k, n_rows, start, width_, *rest)
 
     monkeypatch.setattr(patching, "_patch_fn", neighbour)
     batch, rec, don, rec_logits, don_logits = _setup(tiny_lm)

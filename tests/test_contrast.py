@@ -111,7 +111,7 @@ def test_runtime_checks_pass_on_pairs_of_different_lengths(tiny_lm, gpt2_tokeniz
     (PromptPair("The Louvre is in", "The Colosseum is in", " Paris", " Rome", positions=(("s", "Eiffel", "Colosseum"),)),
      r"pair 0, position 's'.*'Eiffel' to occur"),
     (PromptPair("The Louvre is in", "The Colosseum is in", " Paris", " Paris"), r"share the token.*' Paris'"),
-    (PromptPair("The Louvre is in", "The Colosseum is in", " Parisians of", " Rome"), r"exactly one token, got 3"),
+    (PromptPair("The Louvre is in Par", "The Colosseum is in Par", "is", " Rome"), r"merges with the prompt's last token"),
     (PromptPair("The Louvre is in", "The Colosseum is in", None, " Rome"), r"expected an answer and a wrong token"),
 ])
 def test_bad_pairs_are_refused_with_the_reason(gpt2_tokenizer, bad, message):

@@ -85,7 +85,7 @@ def test_cli_run_matches_hand_computed_metrics(gpt2_dir, gpt2_tokenizer, pairs_f
     ({"positions": {"subject": ["Eiffel Tower", "Colosseum"]}}, r"position 'subject'.*'Colosseum' to occur"),
     ({"answer": []}, r"'answer' is an empty list"),
     ({"wrong": [" Paris", " Rome"]}, r"share the token.*' Paris'"),
-    ({"answer": " Parisians of"}, r"exactly one token, got 3"),
+    ({"answer": " New York", "wrong": [" Rome", " New York"]}, r"share the token sequence.*' New York'"),
 ])
 def test_bad_pairs_exit_2_with_one_line(gpt2_dir, tmp_path, capsys, change, message):
     path = tmp_path / "bad.jsonl"

@@ -6,6 +6,7 @@ import pytest
 
 from actpatch.errors import DataError
 from actpatch.tasks import facts
+from actpatch.engine.batch import continuation_ids
 from actpatch.tasks.facts import RELATIONS, generate_facts, tokenize_facts
 
 
@@ -14,7 +15,7 @@ def tok(request, gpt2_tokenizer):
     return gpt2_tokenizer if request.param == "gpt2" else request.getfixturevalue('lm').tokenizer
 
 
-def test_pairs_are_facts_with_single_token_answers(tok):
+def test_pairs_are_facts_with_answers_of_any_length(tok):
     pairs = generate_facts(tok, 12, ("subject", "noise"), seed=3)
     known = {(RELATIONS[r][0].format(s), " " + a) for r, (_, fs) in RELATIONS.items() for s, a in fs}
     assert len(pairs["subject"]) == len(pairs["noise"]) == 12
@@ -23,10 +24,14 @@ def test_pairs_are_facts_with_single_token_answers(tok):
         assert (sub.donor, sub.wrong) in known and sub.wrong != sub.answer  # the donor is another fact
         assert noi.donor == noi.recipient and noi.noise[0] == sub.positions[0][1] and noi.noise[1] == 3.0
         for text in (sub.answer, sub.wrong):
-            assert len(tok.encode(text, add_special_tokens=False)) == 1
+            assert continuation_ids(tok, sub.recipient, text)  # a continuation by the tokenization rule
     lengths = [len(tok(p.recipient)["input_ids"]) != len(tok(p.donor)["input_ids"]) for p in pairs["subject"]]
     assert sum(lengths) >= 6  # subjects of another length wherever the relation has one
     assert generate_facts(tok, 12, ("subject",), seed=3)["subject"] == pairs["subject"]
+    many = generate_facts(tok, 100, ("subject",), seed=0)["subject"]
+    multi = [p for p in many if len(tok.encode(p.answer, add_special_tokens=False)) > 1]
+    assert len(many) == 100 and len(multi) >= 20, len(multi)  # cities, painters, authors of several tokens
+    assert tokenize_facts(tok, many[:32]).cont_ids is not None
     assert generate_facts(tok, 12, ("subject",), seed=4)["subject"] != pairs["subject"]
 
 

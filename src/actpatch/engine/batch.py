@@ -312,8 +312,9 @@ def tokenize_pairs(
         both = [c for c in a_c if c in w_c]
         if both:
             shown = [tokenizer.decode(c) for c in both]
-            raise DataError(f"pair {i} ({pair.recipient!r}): the answer and wrong sets both hold {shown}; an answer "
-                            "can be on one side only. Remove it from one of them.")
+            what = "token(s)" if all(len(c) == 1 for c in both) else "token sequence(s)"
+            raise DataError(f"pair {i} ({pair.recipient!r}): the answer and wrong sets share the {what} {shown}; an "
+                            "answer can be on one side only. Remove it from one of them.")
         conts.append((a_c, w_c))
         a_ids, w_ids = [c[0] for c in a_c], [c[0] for c in w_c]
         rec = list(tokenizer(pair.recipient)["input_ids"])

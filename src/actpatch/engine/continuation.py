@@ -83,7 +83,7 @@ def tail_layout(batch: PairBatch, pad: int = 0) -> tuple[Tensor, Tensor, Tensor]
 def tail_targets(batch: PairBatch) -> tuple[Int[Tensor, "rows M"], Tensor]:
     """(B*n, M) the token each continuation position predicts (c_{i+1} at position i), and where it is real."""
     conts = batch.cont_ids
-    targets = conts[:, :, 1:].reshape(-1, conts.shape[2] - 1)  # (B*n, M)
+    targets = conts[:, :, 1:].reshape(conts.shape[0] * conts.shape[1], conts.shape[2] - 1)  # (B*n, M)
     return targets.clamp(min=0), targets >= 0
 
 

@@ -40,7 +40,7 @@ def _greedy(lm: LoadedModel, ids: torch.Tensor, first, max_new_tokens: int) -> l
             out_ids.append(int(nxt))
             if int(nxt) == eos or step == max_new_tokens - 1:
                 break
-            out = lm.model(input_ids=nxt[:, None], past_key_values=out.past_key_values, use_cache=True)
+            out = lm.model(input_ids=nxt[:, None], cache=out.past_key_values, use_cache=True)
     return out_ids
 
 

@@ -9,9 +9,10 @@ Two donor designs, on the same recipients:
   embeddings' standard deviation, a fixed seed per pair; ``engine.noise``), as in ROME's corrupted run.
 
 Named positions: ``subject_first`` and ``subject_last`` (the subject's first and last token, found in each prompt
-on its own), and END. Only pairs whose answer and wrong tokens are single tokens are generated, and ``actpatch run
-facts`` keeps the pairs the model gets right (the recipient prefers its answer, and a ``subject`` donor its own),
-as ROME does. Usage::
+on its own), and END. Answers may span several tokens (cities such as " Rio de Janeiro", painters, authors): the
+metric is then the log-prob difference of the two continuations, by teacher forcing. ``actpatch run facts`` keeps
+the pairs the model gets right (the recipient prefers its answer, and a ``subject`` donor its own), as ROME does.
+Usage::
 
     pairs = generate_facts(tokenizer, 16, designs=("subject", "noise"), seed=0)
     batch = tokenize_facts(tokenizer, pairs["noise"])    # PairBatch with subject_first, subject_last, END
@@ -38,6 +39,10 @@ RELATIONS: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
         ("Parthenon", "Athens"), ("Pantheon", "Rome"), ("White House", "Washington"), ("Sistine Chapel", "Rome"),
         ("Wailing Wall", "Jerusalem"), ("Tokyo Tower", "Tokyo"), ("Arc de Triomphe", "Paris"),
         ("Uffizi Gallery", "Florence"), ("Doge's Palace", "Venice"), ("Space Needle", "Seattle"),
+        ("Golden Gate Bridge", "San Francisco"), ("Hollywood Sign", "Los Angeles"), ("Getty Center", "Los Angeles"),
+        ("Empire State Building", "New York"), ("Statue of Liberty", "New York"), ("Times Square", "New York"),
+        ("Christ the Redeemer statue", "Rio de Janeiro"), ("Petronas Towers", "Kuala Lumpur"),
+        ("India Gate", "New Delhi"), ("Victoria Peak", "Hong Kong"), ("Casa Rosada", "Buenos Aires"),
     )),
     "capital": ("The capital of {} is the city of", (
         ("France", "Paris"), ("Italy", "Rome"), ("England", "London"), ("Germany", "Berlin"), ("Russia", "Moscow"),
@@ -54,6 +59,20 @@ RELATIONS: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
         ("Turkey", "Turkish"), ("Egypt", "Arabic"), ("Finland", "Finnish"), ("Hungary", "Hungarian"),
         ("South Korea", "Korean"), ("Vietnam", "Vietnamese"), ("Israel", "Hebrew"), ("Denmark", "Danish"),
     )),
+    "painter": ("{} is a famous painting by", (
+        ("Mona Lisa", "Leonardo da Vinci"), ("The Last Supper", "Leonardo da Vinci"), ("The Starry Night", "Vincent van Gogh"),
+        ("Sunflowers", "Vincent van Gogh"), ("Guernica", "Pablo Picasso"), ("The Night Watch", "Rembrandt"),
+        ("The Persistence of Memory", "Salvador Dali"), ("The Birth of Venus", "Sandro Botticelli"),
+        ("The Scream", "Edvard Munch"), ("Water Lilies", "Claude Monet"), ("The Kiss", "Gustav Klimt"),
+        ("Girl with a Pearl Earring", "Johannes Vermeer"), ("American Gothic", "Grant Wood"),
+    )),
+    "author": ("{} is a famous novel written by", (
+        ("Pride and Prejudice", "Jane Austen"), ("War and Peace", "Leo Tolstoy"), ("Don Quixote", "Miguel de Cervantes"),
+        ("Moby-Dick", "Herman Melville"), ("Les Miserables", "Victor Hugo"), ("Crime and Punishment", "Fyodor Dostoevsky"),
+        ("Oliver Twist", "Charles Dickens"), ("Great Expectations", "Charles Dickens"), ("Ulysses", "James Joyce"),
+        ("The Great Gatsby", "F. Scott Fitzgerald"), ("Nineteen Eighty-Four", "George Orwell"),
+        ("Frankenstein", "Mary Shelley"), ("Anna Karenina", "Leo Tolstoy"), ("The Old Man and the Sea", "Ernest Hemingway"),
+    )),
 }
 DESIGNS: tuple[str, ...] = ("subject", "noise")
 POSITION_NAMES: tuple[str, ...] = ("subject_first", "subject_last", "END")
@@ -65,9 +84,9 @@ def _n_tokens(tokenizer, text: str) -> int:
 
 
 def _facts(tokenizer) -> list[tuple[str, str, str]]:
-    """(relation, subject, attribute) for every fact whose attribute is one token with a leading space, the
-    relations interleaved (so the first pairs already mix them)."""
-    per = [[(r, s, a) for s, a in facts if _n_tokens(tokenizer, " " + a) == 1] for r, (_, facts) in RELATIONS.items()]
+    """(relation, subject, attribute) for every fact, the relations interleaved (so the first pairs already mix
+    them). Attributes of several tokens (" Los Angeles", " Leonardo da Vinci") are scored by teacher forcing."""
+    per = [[(r, s, a) for s, a in facts] for r, (_, facts) in RELATIONS.items()]
     return [f for group in zip(*[g + [None] * (max(map(len, per)) - len(g)) for g in per]) for f in group if f]
 
 
@@ -82,8 +101,8 @@ def _partner(rng: random.Random, fact: tuple[str, str, str], facts: list, tokeni
 def generate_facts(
     tokenizer, n_pairs: int, designs: Sequence[str] = DESIGNS, seed: int = 0,
 ) -> dict[str, list[PromptPair]]:
-    """Up to ``n_pairs`` fact recipients (at most one per built-in fact whose answer is one token), the same for
-    every design, in an order drawn from ``random.Random(seed)``; donors as the module docstring says.
+    """Up to ``n_pairs`` fact recipients (at most one per built-in fact), the same for every design, in an order
+    drawn from ``random.Random(seed)``; donors as the module docstring says.
 
     Example::
 
@@ -97,8 +116,8 @@ def generate_facts(
         raise DataError(f"unknown donor design(s) {unknown or designs}; the facts designs are {', '.join(DESIGNS)}.")
     facts = _facts(tokenizer)
     if len(facts) < 2:
-        raise DataError(f"only {len(facts)} built-in facts have a one-token answer for this tokenizer; expected at "
-                        "least 2. Supply your own pairs with a pairs file (actpatch run --pairs-file).")
+        raise DataError(f"only {len(facts)} built-in facts; expected at least 2. Supply your own pairs with a pairs "
+                        "file (actpatch run --pairs-file).")
     rng = random.Random(seed)
     order = list(range(len(facts)))
     rng.shuffle(order)
