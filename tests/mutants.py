@@ -20,12 +20,18 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TESTS = ["tests/test_families.py", "tests/test_check_model.py", "tests/test_set_metrics.py", "tests/test_trust.py", "tests/test_checks.py", "tests/test_engine.py", "tests/test_contrast.py", "tests/test_noise.py", "tests/test_edges.py", "tests/test_circuits.py", "tests/test_run.py",
+TESTS = ["tests/test_continuations.py", "tests/test_families.py", "tests/test_check_model.py", "tests/test_set_metrics.py", "tests/test_trust.py", "tests/test_checks.py", "tests/test_engine.py", "tests/test_contrast.py", "tests/test_noise.py", "tests/test_edges.py", "tests/test_circuits.py", "tests/test_run.py",
          "tests/test_attribution.py", "tests/test_scale.py", "tests/test_analysis.py",
          "tests/test_experiment.py", "tests/test_ioi.py"]
 
 # name: (file under src/actpatch, the exact text, its replacement, what the bug is)
 MUTANTS = {
+    "cont_target_shift": ("engine/continuation.py", "targets = conts[:, :, 1:].reshape(", "targets = conts[:, :, :-1].reshape(",
+                          "each continuation position scored against its own input token (off by one)"),
+    "cont_gate_open": ("engine/continuation.py", "gate.open = False  # continuation", "gate.open = True  # continuation",
+                       "the patch hooks left on for the continuation rows"),
+    "cont_reduce_swapped": ("engine/metrics.py", '    if reduce == "mean":\n        lp = lp /', '    if reduce == "sum":\n        lp = lp /',
+                            "--answer-reduce sum and mean swapped"),
     "edge_qkv_which": ("engine/edges.py", "self.a.qkv_start(rec.input, rec.index)",
                        'self.a.qkv_start("q", rec.index)', "a receiving head's k and v written into its q slot"),
     "edge_diff_sign": ("engine/edges.py", "self.diff[s] = self.donor[s].to(value.device, value.dtype) - value",
