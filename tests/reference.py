@@ -103,33 +103,7 @@ def naive_patch_end_logits(model, rec_ids, don_ids, kind, layer, heads, writes, 
 def naive_patch_module(model, rec_ids, don_ids, module, pre: bool, cols, writes):
     """END logits (V,) of one recipient after copying the donor's ``module`` activation (its input when ``pre``, else
     its output), features ``cols`` (a slice), from donor position q to recipient position p for each (p, q)."""
-    donor = {}
-
-    def hook(fn):
-        if pre:
-            return module.register_forward_pre_hook(lambda m, a, kw: ((fn(a[0]), *a[1:]), kw) if a else
-                                                    (a, {**kw, "hidden_states": fn(kw["hidden_states"])}), with_kwargs=True)
-        return module.register_forward_hook(lambda m, a, out: (fn(out[0]), *out[1:]) if isinstance(out, tuple) else fn(out))
-
-    def keep(x):
-        donor["x"] = x.detach().clone()
-        return x
-
-    def write(x):
-        x = x.clone()
-        for p, q in writes:
-            x[0, p, cols] = donor["x"][0, q, cols]
-        return x
-
-    logits = {}
-    for ids, fn, name in ((don_ids, keep, "donor"), (rec_ids, write, "recipient")):
-        handle = hook(fn)
-        try:
-            with torch.no_grad():
-                logits[name] = model(input_ids=torch.tensor([ids])).logits[0, -1]
-        finally:
-            handle.remove()
-    return logits["recipient"]
+    return naive_patch_cont_logits(model, rec_ids, don_ids, module, pre, cols, writes, [0])[-1]  # no continuation: END
 
 
 def naive_patch_cont_logits(model, rec_ids, don_ids, module, pre: bool, cols, writes, cont):
