@@ -93,10 +93,14 @@ def tail_readout(
 ) -> tuple[Float[Tensor, "rows"], Float[Tensor, "rows"] | None]:
     """Summed log-probs of each row's targets from finalized ``hidden``; with ``reference`` (the unpatched first
     continuation's log-probs per pair) also the summed KL(reference || patched) of each pair's first continuation.
-    The vocabulary's logits are made in slices of rows, never all at once."""
+    The vocabulary's logits are never made all at once: in cache-sized blocks for log-probs alone
+    (``Adapter.target_logprobs``), in slices of rows with ``reference``."""
     R, M = targets.shape
+    if reference is None:  # log-probs alone: no (rows, vocab) log-softmax is ever made
+        lp = lm.adapter.target_logprobs(hidden.flatten(0, 1), targets.flatten()).view(R, M)
+        return (lp * real.to(lp.device)).sum(1).cpu(), None
     lp = torch.zeros(R, dtype=torch.float32 if hidden.dtype != torch.float64 else torch.float64)
-    kl = None if reference is None else torch.zeros_like(lp)
+    kl = torch.zeros_like(lp)
     vocab = lm.model.get_output_embeddings().weight.shape[0]
     step = max(1, LOGIT_BYTES // (8 * vocab * max(M, 1)))
     for lo in range(0, R, step):
@@ -104,13 +108,12 @@ def tail_readout(
         logp = torch.log_softmax(lm.adapter.unembed(h.flatten(0, 1)).float().view(h.shape[0], M, -1), dim=-1)
         t, ok = targets[lo:lo + step].to(logp.device), real[lo:lo + step].to(logp.device)
         lp[lo:lo + step] = (logp.gather(-1, t[..., None])[..., 0] * ok).sum(1).cpu().to(lp.dtype)
-        if kl is not None:
-            rows = torch.arange(lo, lo + h.shape[0])
-            first = rows % n == 0  # the answer's own continuation: slot 0 of each pair
-            if first.any():
-                ref = reference[(rows[first] // n) % reference.shape[0]].to(logp.device)  # (r0, M, V)
-                d = (ref.exp() * (ref - logp[first])).sum(-1)  # (r0, M)
-                kl[rows[first]] = (d * ok[first]).sum(1).cpu().to(kl.dtype)
+        rows = torch.arange(lo, lo + h.shape[0])
+        first = rows % n == 0  # the answer's own continuation: slot 0 of each pair
+        if first.any():
+            ref = reference[(rows[first] // n) % reference.shape[0]].to(logp.device)  # (r0, M, V)
+            d = (ref.exp() * (ref - logp[first])).sum(-1)  # (r0, M)
+            kl[rows[first]] = (d * ok[first]).sum(1).cpu().to(kl.dtype)
     return lp, kl
 
 
@@ -137,8 +140,11 @@ class ContinuationState:
     def _record(self, lm: LoadedModel, batch: PairBatch) -> None:
         """The continuation rows' state, the unpatched tail log-probs, and the answer's log-probs for KL over it."""
         ids, mask, positions = tail_layout(batch)
-        self.tail = RecipientState.record_rows(lm, ids, mask, positions)
-        hidden = self.tail.final[:, self.T:]  # (B*n, M, D), final-normed
+        past = DynamicCache()  # the prompts' keys and values, once per continuation row: only c[:-1] is computed
+        for L, (k, v) in enumerate(self.prompt.kv):
+            past.update(k.repeat_interleave(self.n, 0), v.repeat_interleave(self.n, 0), L)
+        self.tail = RecipientState.record_rows(lm, ids[:, self.T:], mask, positions[:, self.T:], past)
+        hidden = self.tail.final  # (B*n, M, D), final-normed
         self.reference = tail_readout_logp(lm, hidden[::self.n])  # (B, M, V): the answer's own continuation
         self.base = tail_readout(lm, hidden, self.targets, self.real)[0].view(len(batch), self.n)
         self._check_layout(lm, batch)
@@ -148,8 +154,12 @@ class ContinuationState:
         return cls(lm, batch)
 
     def _check_layout(self, lm: LoadedModel, batch: PairBatch) -> None:
-        """The padded layout must give what plain right-padded rows give (prompt + c[:-1], no padding inside)."""
-        d = float((plain_readout(lm, batch).tail - self.base).abs().max())
+        """The padded layout must give what plain right-padded rows give (prompt + c[:-1], no padding inside), on
+        the pairs where it differs most from them: the shortest prompt (the most padding inside its rows, the
+        farthest back its real keys), the longest prompt and the longest continuation."""
+        lengths, conts = batch.lengths(), (batch.cont_ids >= 0).sum(2).amax(1)  # (B,), (B,)
+        pick = sorted({int(lengths.argmin()), int(lengths.argmax()), int(conts.argmax())})
+        d = float((plain_readout(lm, batch.select(pick)).tail - self.base[pick]).abs().max())
         tol = 1e-3 if lm.dtype in (torch.float32, torch.float64) else 0.25
         if not d <= tol:
             raise NumericalError(
@@ -168,7 +178,7 @@ class ContinuationState:
             raise ValueError(f"pos {pos} is after some row's END token; nothing there to compute")
         cache = DynamicCache(ddp_cache_data=[(None, None)] * a.n_layers)
         h = P.hidden[start][:, pos:].repeat(copies, 1, 1)  # (k*B, T-pos, D)
-        hc = None if C is None else C.hidden[start][:, self.T:].repeat(copies, 1, 1)  # (k*B*n, M, D)
+        hc = None if C is None else C.hidden[start].repeat(copies, 1, 1)  # (k*B*n, M, D)
         for L in range(start, a.n_layers):
             h = self._block(lm, P, L, h, copies, pos, cache, P)
             keys, values = cache.layers[L].keys, cache.layers[L].values  # (k*B, KV, T, Dh): the patched prompt
@@ -179,7 +189,7 @@ class ContinuationState:
             tcache.update(keys.repeat_interleave(self.n, 0), values.repeat_interleave(self.n, 0), L)
             gate.open = False  # continuation positions are computed under the patch, never written
             try:
-                hc = self._block(lm, C, L, hc, copies, self.T, tcache, None)
+                hc = self._block(lm, C, L, hc, copies, 0, tcache, None)  # C's calls hold the M queries only
             finally:
                 gate.open = True
         h = a.finalize(h)

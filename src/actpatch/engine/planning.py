@@ -197,38 +197,57 @@ def shared_prefix(batch: PairBatch) -> int:
 
 def plan_chunks(
     starts: Sequence[tuple[int, int]], n_layers: int, shape: tuple[int, int], max_rows: int | None = None,
-    slack: float = 1.15, max_tokens: int = 1024, row_cap: int | None = None,
+    slack: float = 1.15, max_tokens: int = 1024, row_cap: int | None = None, extra: int = 0,
 ) -> list[list[int]]:
     """Group variants (by their (layer, position) starts) into forward passes.
 
-    A chunk runs from its lowest layer and position for every variant in it, so variants are
-    taken in (layer, position) order and a chunk is closed when adding the next one would cost
-    more than ``slack`` x the sum of their own minimal costs, or exceed the size cap: ``max_rows``
-    rows, or by default ``max_tokens`` tokens (rows x computed positions; see ``token_budget``) and
-    ``row_cap`` rows (full-vocabulary logits; see ``logit_rows``).
+    A chunk runs from its lowest layer and position for every variant in it, so variants are taken in
+    order and a chunk is closed when adding the next one would cost more than ``slack`` x the sum of their
+    own minimal costs, or exceed the size cap: ``max_rows`` rows, or by default ``max_tokens`` tokens (rows x
+    computed positions; see ``token_budget``) and ``row_cap`` rows (full-vocabulary logits; see
+    ``logit_rows``). ``extra``: positions each row computes whatever its start position (a multi-token
+    answer's continuation rows), counted in both the cost and the size. Two orders are tried, by (layer,
+    position) and by (position, layer); the plan with fewer passes wins (then the one with less work): a sweep
+    at two positions per layer groups each position's variants across layers instead of alternating them.
 
     Example::
 
         plan_chunks([(0, 0), (5, 3), (11, 15)], n_layers=12, shape=(32, 16), max_tokens=1024)  # [[0], [1], [2]]
 
     """
+    plans = [_greedy(sorted(range(len(starts)), key=key), starts, n_layers, shape, max_rows, slack, max_tokens,
+                     row_cap, extra) for key in (lambda i: starts[i], lambda i: starts[i][::-1])]
+    return min(plans, key=lambda c: (len(c), _work(c, starts, n_layers, shape[1] + extra)))
+
+
+def _work(chunks: list[list[int]], starts: Sequence[tuple[int, int]], n_layers: int, width: int) -> int:
+    """Layer-positions computed by ``chunks`` per row, each chunk from its lowest start."""
+    return sum(len(c) * (n_layers - min(starts[i][0] for i in c)) * (width - min(starts[i][1] for i in c))
+               for c in chunks)
+
+
+def _greedy(
+    order: list[int], starts: Sequence[tuple[int, int]], n_layers: int, shape: tuple[int, int],
+    max_rows: int | None, slack: float, max_tokens: int, row_cap: int | None, extra: int,
+) -> list[list[int]]:
+    """``plan_chunks`` for one order of the variants."""
     n_rows, T = shape
     chunks: list[list[int]] = []
     cur: list[int] = []
     lo_L = lo_p = ideal = 0
-    for i in sorted(range(len(starts)), key=lambda i: starts[i]):
+    for i in order:
         L, p = starts[i]
         if cur:
-            nL, np_, nideal = min(lo_L, L), min(lo_p, p), ideal + (n_layers - L) * (T - p)
+            nL, np_, nideal = min(lo_L, L), min(lo_p, p), ideal + (n_layers - L) * (T - p + extra)
             rows = (len(cur) + 1) * n_rows
             fits = rows <= max_rows if max_rows is not None else (
-                rows * (T - np_) <= max_tokens and (row_cap is None or rows <= row_cap))
-            if fits and (len(cur) + 1) * (n_layers - nL) * (T - np_) <= slack * nideal:
+                rows * (T - np_ + extra) <= max_tokens and (row_cap is None or rows <= row_cap))
+            if fits and (len(cur) + 1) * (n_layers - nL) * (T - np_ + extra) <= slack * nideal:
                 cur.append(i)
                 lo_L, lo_p, ideal = nL, np_, nideal
                 continue
             chunks.append(cur)
-        cur, lo_L, lo_p, ideal = [i], L, p, (n_layers - L) * (T - p)
+        cur, lo_L, lo_p, ideal = [i], L, p, (n_layers - L) * (T - p + extra)
     if cur:
         chunks.append(cur)
     return chunks
@@ -268,9 +287,12 @@ def plan_sweep(
     T = batch.recipient_ids.shape[1]
     starts = [variant_start(v, batch, shared) for v in variants]
     tokens = token_budget(lm, T, budget) if max_rows is None else 0
+    extra = 0
     if batch.cont_ids is not None:  # each prompt row brings n continuation rows of M positions
         n, m = batch.cont_ids.shape[1:]
-        tokens = max(T, tokens * T // (T + n * (m - 1)))
+        extra = n * (m - 1)
+        tokens = max(T + extra, tokens)
     cap = logit_rows(lm, budget) if full_logits else None  # a readout of a few columns needs no cap
-    chunks = plan_chunks(starts, lm.adapter.n_layers, batch.recipient_ids.shape, max_rows, max_tokens=tokens, row_cap=cap)
+    chunks = plan_chunks(starts, lm.adapter.n_layers, batch.recipient_ids.shape, max_rows, max_tokens=tokens,
+                         row_cap=cap, extra=extra)
     return SweepPlan(chunks, starts, lm.adapter.n_layers, T), tokens

@@ -56,10 +56,11 @@ class RecipientState:
     @classmethod
     def record_rows(
         cls, lm: LoadedModel, ids: Int[Tensor, "rows pos"], mask: Int[Tensor, "rows pos"],
-        position_ids: Int[Tensor, "rows pos"] | None = None,
+        position_ids: Int[Tensor, "rows pos"] | None = None, past: DynamicCache | None = None,
     ) -> "RecipientState":
-        """One forward pass of ``ids`` recorded; ``position_ids`` where a row has padding inside (continuations).
-        The final hidden states are kept as ``self.final`` (rows, T, D)."""
+        """One forward pass of ``ids`` recorded; ``position_ids`` where a row has padding inside (continuations);
+        ``past``: keys and values of earlier positions (then ``mask`` covers them too, and the recorded calls
+        have ``ids``' positions as queries). The final hidden states are kept as ``self.final`` (rows, T, D)."""
         a = lm.adapter
         dev = lm.device
         attn = getattr(lm.model.config, "_attn_implementation", "eager")
@@ -82,7 +83,7 @@ class RecipientState:
 
             return record_call
 
-        cache = DynamicCache()  # full (non-sliding) layers: every position's keys stay available
+        cache = past if past is not None else DynamicCache()  # full (non-sliding) layers: every key stays
         takes = "position_ids" in inspect.signature(lm.model.base_model.forward).parameters  # Bloom: from the mask
         extra = {"position_ids": position_ids.to(dev)} if position_ids is not None and takes else {}
         with torch.inference_mode(), hooks([(a.block(L), "call", recorder(L)) for L in range(a.n_layers)]):
