@@ -28,8 +28,9 @@ def gpt2_tokenizer(tmp_path_factory):
     return tok
 
 
-def tiny_model(arch: str, vocab_size: int = 50257, attn: str = "eager"):
-    """A tiny randomly initialised causal LM of the given family (seeded locally, no downloads)."""
+def tiny_model(arch: str, vocab_size: int = 50257, attn: str = "eager", window: int | None = None):
+    """A tiny randomly initialised causal LM of the given family (seeded locally, no downloads); ``window``
+    replaces a sliding window's length (``sliding_window``, GPT-Neo's ``window_size``) where the family has one."""
     import torch
     from transformers import (
         Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, GPTNeoConfig,
@@ -81,6 +82,9 @@ def tiny_model(arch: str, vocab_size: int = 50257, attn: str = "eager"):
         cfg._experts_implementation = "eager"  # MoE: torch's grouped matmul has no float64 kernel
         cls = AutoModelForCausalLM.from_config
     cfg._attn_implementation = attn
+    for key in ("sliding_window", "window_size"):
+        if window is not None and getattr(cfg, key, None):
+            setattr(cfg, key, window)
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(0)  # tests only: restore the global RNG right after
     try:

@@ -197,6 +197,22 @@ def test_chunk_plan_keeps_costs_close_to_each_variants_own():
         assert len(c) * 32 * (16 - p) <= 2048
 
 
+@pytest.mark.parametrize("extra", [0, 6, 40])
+def test_chunk_plan_counts_a_continuations_positions(extra):
+    """Continuation rows compute ``extra`` positions whatever the start: counted in each chunk's cost and size.
+    Without them, a chunk of late-position variants would hold far more tokens than the budget."""
+    from actpatch.engine.planning import plan_chunks
+
+    starts = [(L, p) for p in range(16) for L in range(12)]  # position-major: the plan must reorder
+    chunks = plan_chunks(starts, 12, (32, 16), max_tokens=4096, extra=extra)
+    assert sorted(i for c in chunks for i in c) == list(range(len(starts)))
+    for c in chunks:
+        L, p = min(starts[i][0] for i in c), min(starts[i][1] for i in c)
+        own = sum((12 - starts[i][0]) * (16 - starts[i][1] + extra) for i in c)
+        assert len(c) * (12 - L) * (16 - p + extra) <= 1.15 * own
+        assert len(c) * 32 * (16 - p + extra) <= 4096 or len(c) == 1
+
+
 def test_token_budget_is_positive_and_sized_to_the_model(tiny_lm):
     from actpatch.engine.planning import token_budget
 

@@ -15,13 +15,14 @@ All models run in float64, so differences are rounding, far below any effect a w
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import tiny_model
 from families import CONFIGS
-from reference import naive_patch_module
+from reference import naive_patch_cont_logits, naive_patch_module
 
 from actpatch import AttnOutSite, HeadSite, HiddenSite, MlpOutSite, capture, wrap_model
 from actpatch.engine.sites import EmbedSite, QKVSite
@@ -29,7 +30,8 @@ from actpatch.engine.batch import tokenize_pairs
 from actpatch.engine.hooks import count_hooks
 from actpatch.engine.pairs import PromptPair
 from actpatch.engine.patching import patch_variants
-from actpatch.errors import SiteError
+from actpatch.engine.metrics import continuation_scores
+from actpatch.errors import NumericalError, SiteError
 from actpatch.experiment.selftest import self_test
 
 FAMILIES = list(CONFIGS)
@@ -176,3 +178,86 @@ def test_readme_family_table_is_current():
     readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
     table = render(RESULTS)
     assert table in readme, "README's family table is stale: run `.venv/bin/python tests/family_table.py`"
+
+
+CONT_PAIRS = [  # different lengths (padded rows), answers of several tokens, an answer set, a named position
+    PromptPair("The Getty Center is a museum in the city of", "The Space Needle is in the city of", " Los Angeles",
+               " Seattle", positions=(("subject", "Getty Center", "Space Needle"),)),
+    PromptPair("The Mona Lisa was painted by", "The Starry Night was painted by the artist", " Leonardo da Vinci",
+               (" Vincent van Gogh", " Picasso"), positions=(("subject", "Mona Lisa", "Starry Night"),)),
+]
+WINDOWED = {"mistral", "starcoder2", "gemma2", "gemma3"}  # a sliding window of 4 tokens in the tiny config
+
+
+def _last_token(tok, text: str, span: str) -> int:
+    """Index of the last token of ``span`` in ``text``, by tokenizing the text up to the span's end."""
+    return len(tok(text[: text.index(span) + len(span)])["input_ids"]) - 1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_continuations_match_a_plain_reference(family, gpt2_tokenizer):
+    """log P(answer) - log P(wrong) over continuations of several tokens, under a hidden-state patch at a named
+    position and a one-head patch at END: equal to log-probs summed by hand over one full forward per patch and
+    continuation (prompt + continuation, a batch of one, module paths written out by hand above). A sliding window
+    is widened past the padded rows (64): with a window of 4, the padded layout is refused (test below)."""
+    model = tiny_model(family, window=64).to(torch.float64)
+    lm, tok = wrap_model(model, gpt2_tokenizer), gpt2_tokenizer
+    batch = tokenize_pairs(tok, CONT_PAIRS)
+    H, p = lm.adapter.n_heads, PATHS[family]
+    blocks = _get(model, BLOCKS.get(model.config.model_type, "model.layers"))
+    variants = [[HiddenSite(0, "subject")], [HeadSite(1, H - 1, "END")]]
+    donor, _ = capture(lm, batch.donor_ids, batch, [v[0] for v in variants])
+    got = patch_variants(lm, batch, donor, variants, donor_from_batch=True, reduce=lambda ro: continuation_scores(
+        "logit_diff", ro.end, ro.tail, batch.cont_ids, batch.cont_side))["logit_diff"]  # (K, B)
+    for b, pair in enumerate(CONT_PAIRS):
+        rec, don = tok(pair.recipient)["input_ids"], tok(pair.donor)["input_ids"]
+        span_r, span_d = pair.positions[0][1:]
+        cases = [(blocks[0], False, slice(None), [(_last_token(tok, pair.recipient, span_r),
+                                                   _last_token(tok, pair.donor, span_d))]),
+                 (_get(blocks[1], p["o"]), True, slice((H - 1) * p["dh"], H * p["dh"]), [(len(rec) - 1, len(don) - 1)])]
+        for k, (module, pre, cols, writes) in enumerate(cases):
+            def logp(texts):
+                out = []
+                for text in [texts] if isinstance(texts, str) else texts:
+                    cont = tok(pair.recipient + text)["input_ids"][len(rec):]
+                    lg = torch.log_softmax(naive_patch_cont_logits(model, rec, don, module, pre, cols, writes, cont), -1)
+                    out.append(sum(float(lg[len(rec) - 1 + i, t]) for i, t in enumerate(cont)))
+                return math.log(sum(math.exp(x) for x in out))
+            want = logp(pair.answer) - logp(pair.wrong)
+            # float64; other batch shapes and padding, and the blockwise log-softmax sum in its own order
+            assert float(got[k, b]) == pytest.approx(want, abs=1e-6), f"{family} {variants[k][0]} pair {b}"
+    assert count_hooks(model) == 0
+
+
+@pytest.mark.parametrize("family", sorted(WINDOWED))
+def test_continuations_refused_where_a_window_cuts_the_padded_rows(family, gpt2_tokenizer):
+    """A window of 4 tokens is shorter than the padded rows: the layout check refuses, no number comes out."""
+    lm = wrap_model(tiny_model(family).to(torch.float64), gpt2_tokenizer)
+    batch = tokenize_pairs(gpt2_tokenizer, CONT_PAIRS)
+    donor, _ = capture(lm, batch.donor_ids, batch, [HiddenSite(0, "subject")])
+    with pytest.raises(NumericalError, match="sliding"):
+        patch_variants(lm, batch, donor, [[HiddenSite(0, "subject")]], donor_from_batch=True, reduce=lambda ro: {
+            "x": continuation_scores("logprob", ro.end, ro.tail, batch.cont_ids, batch.cont_side)["logprob"]})
+    assert count_hooks(lm.model) == 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_target_logprobs_equal_the_models_log_softmax(family, gpt2_tokenizer):
+    """``Adapter.target_logprobs`` (blockwise logsumexp, never the full logits) equals log_softmax of the model's
+    own logits at the target ids, with the family's logit scale, soft-cap and LM-head bias. Blocks of 3 rows x 1000
+    ids leave a remainder on both axes (50257 ids, 8 rows). The LM head's input is caught by a hook on the module,
+    not by the adapter. Tolerance 1e-9: float64, only the summation order differs."""
+    model = tiny_model(family).to(torch.float64)
+    lm = wrap_model(model, gpt2_tokenizer)
+    ids = torch.tensor([gpt2_tokenizer("The Mona Lisa was painted by Leonardo")["input_ids"]])[:, :8]  # (1, 8)
+    seen = {}
+    handle = model.get_output_embeddings().register_forward_pre_hook(lambda m, a: seen.update(h=a[0][0].clone()))
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0]  # (8, V)
+    finally:
+        handle.remove()
+    targets = torch.tensor([0, 50256, 11, 3, 999, 1000, 25000, 7][: ids.shape[1]])
+    want = torch.log_softmax(logits, -1)[torch.arange(len(targets)), targets]
+    got = lm.adapter.target_logprobs(seen["h"], targets, rows=3, vocab=1000)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-9)

@@ -5,12 +5,12 @@ log-probability is log P(c_0 | prompt) + sum_i log P(c_i | prompt, c_<i): the fi
 the rest (the *tail*) the logits at the continuation's own positions. A patch writes prompt positions only; the
 continuation tokens are recomputed under it, as causal tracing does, with no generation loop.
 
-``ContinuationState`` records the unpatched recipient twice: the prompts (``RecipientState``) and, on B*n rows,
-[prompt padded to T | c[:-1] padded to M] for each of a pair's n continuations (the padding inside a row is
-masked, and the position ids count real tokens). ``run`` replays a chunk of variants layer by layer: the k*B
-prompt rows first, with the patch hooks on; then their keys and values at all T prompt positions stand in for
-the prompt of each continuation row (k*B*n, M), which runs with the hooks shut. The patched prompt is computed
-once per variant, whatever the number of continuations::
+``ContinuationState`` records the unpatched recipient twice: the prompts (``RecipientState``) and the B*n
+continuation rows c[:-1] (padded to M, the longest one's length less one; padding masked, position ids counting the prompt's real tokens), each
+computed against its prompt's cached keys and values, so that no prompt position is recomputed. ``run`` replays
+a chunk of variants layer by layer: the k*B prompt rows first, with the patch hooks on; then their keys and
+values at all T prompt positions stand in for the prompt of each continuation row (k*B*n, M), which runs
+with the hooks shut. The patched prompt is computed once per variant, whatever the number of continuations::
 
     state = ContinuationState.record(lm, batch)
     readout = state.run(lm, batch.position("END"), start=3, pos=5, copies=4, gate=gate)
