@@ -26,6 +26,7 @@ from .errors import (
     SanityCheckError, SiteError, UnsupportedArchitectureError,
 )
 from .analysis.heads import characterise, classify
+from .analysis.patterns import AttentionPatterns, patterns
 from .engine.checkpoint import Checkpoint, sweep_fingerprint
 from .engine.continuation import ContinuationState, Readout
 from .engine.generation import generate_patched
@@ -54,6 +55,7 @@ from .model.models import DEFAULT_MODEL, LoadedModel, load_model, wrap_model
 from .tasks.ioi import generate_pairs, tokenize_ioi
 from .tasks.registry import TASKS, Task, get_task, register
 from .report import plots as _plots  # noqa: F401,E402  registers the kinds of IOIResult.plot()
+from .report import patternplots as _patternplots  # noqa: F401,E402  registers AttentionPatterns.plot_pattern
 
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())  # the CLI's --log-level attaches a real one
 
@@ -69,5 +71,5 @@ __all__ = [
     "tokenize_ioi", "tokenize_pairs", "wrap_model", "PairsConfig", "PairsResult", "patch", "run_pairs", "TASKS",
     "Task", "get_task", "register", "CircuitConfig", "CircuitResult", "Graph", "build_graph", "edge_patched_logits",
     "edge_scores", "run_circuit", "sender_outputs", "SelfTest", "check_model", "load_checked", "self_test",
-    "ContinuationState", "Readout", "continuation_scores", "generate_patched",
+    "ContinuationState", "Readout", "continuation_scores", "generate_patched", "AttentionPatterns", "patterns",
 ]

@@ -1,0 +1,161 @@
+"""Attention patterns: where chosen heads look on a batch's prompts, as a result with named axes.
+
+    pats = patterns(lm, batch, [(9, 9), (10, 7)])      # the recipients' patterns of two heads
+    pats.pattern(9, 9, pair=0)                          # (n, n) over pair 0's real tokens, rows = queries
+    pats.between("END", "IO")                           # (heads, pairs): attention from END to IO
+    pats.to_dataframe()                                 # one row per (layer, head, pair, query, key), keys <= query
+    fig = pats.plot_pattern(9, 9, pair=0)               # a heatmap with the tokens as labels
+
+A pattern is the attention module's own softmax output (eager attention returns (output, weights)), read by a
+forward hook on one forward pass of the prompts: after the causal mask, any sliding window and soft-cap, so a
+weight is exactly what multiplies the values. Rows and columns past a prompt's length are padding and are cut
+from ``pattern`` and ``to_dataframe``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from ..engine.batch import PairBatch
+from ..engine.hooks import hooks
+from ..errors import ConfigError, SiteError, UnsupportedArchitectureError
+from ..model.models import LoadedModel
+
+# kind -> function(result, layer, head, pair, **kw) -> matplotlib Figure; filled in by actpatch.report.patternplots
+PATTERN_PLOTTERS: dict[str, Callable] = {}
+
+
+@dataclass(frozen=True)
+class AttentionPatterns:
+    """Attention weights ``weights`` (head, pair, query, key) of ``heads`` [(layer, head), ...] on one side's
+    prompts; ``tokens`` are each pair's token strings, ``positions`` the named positions' indices per pair."""
+
+    weights: Float[Tensor, "head pair query key"]
+    heads: list[tuple[int, int]]
+    tokens: list[list[str]]
+    positions: dict[str, list[int]]
+    side: str = "recipient"
+
+    def _index(self, layer: int, head: int) -> int:
+        try:
+            return self.heads.index((layer, head))
+        except ValueError:
+            raise SiteError(f"head ({layer}, {head}) is not in these patterns; they hold {self.heads}. "
+                            "Pass it to patterns(lm, batch, heads).") from None
+
+    def _pair(self, pair: int) -> int:
+        if not 0 <= pair < len(self.tokens):
+            raise ConfigError(f"pair must be in 0..{len(self.tokens) - 1}, got {pair}")
+        return pair
+
+    def pattern(self, layer: int, head: int, pair: int) -> Float[Tensor, "query key"]:
+        """One head's (n, n) pattern on one pair's n real tokens: row q, column k = attention from q to k."""
+        n = len(self.tokens[self._pair(pair)])
+        return self.weights[self._index(layer, head), pair, :n, :n]
+
+    def between(self, query: str, key: str) -> Float[Tensor, "head pair"]:
+        """Attention from named position ``query`` to named position ``key``, per head and pair."""
+        for name in (query, key):
+            if name not in self.positions:
+                raise SiteError(f"position {name!r} is not named on these prompts; named: {', '.join(self.positions)}")
+        rows = torch.arange(len(self.tokens))
+        q, k = torch.tensor(self.positions[query]), torch.tensor(self.positions[key])
+        return self.weights[:, rows, q, k]  # (N, B)
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """Long format: layer, head, pair, query, key, query_token, key_token, weight (real tokens, key <= query)."""
+        frames = []
+        for i, (layer, head) in enumerate(self.heads):
+            for b, toks in enumerate(self.tokens):
+                n = len(toks)
+                q, k = np.tril_indices(n)
+                frames.append(pd.DataFrame({
+                    "layer": layer, "head": head, "pair": b, "query": q, "key": k,
+                    "query_token": np.asarray(toks, dtype=object)[q], "key_token": np.asarray(toks, dtype=object)[k],
+                    "weight": self.weights[i, b, :n, :n].numpy()[q, k]}))
+        return pd.concat(frames, ignore_index=True)
+
+    def plot_pattern(self, layer: int, head: int, pair: int = 0, **kwargs):
+        """A matplotlib heatmap of one head's pattern on one pair, tokens as labels (nothing is written)."""
+        self._index(layer, head), self._pair(pair)
+        return PATTERN_PLOTTERS["pattern"](self, layer, head, pair, **kwargs)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """``path``.npz with the weights and ``path``.json with the heads, tokens and positions."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(path.with_suffix(".npz"), weights=self.weights.numpy())
+        meta = {"heads": self.heads, "tokens": self.tokens, "positions": self.positions, "side": self.side,
+                "axes": ["head", "pair", "query", "key"]}
+        path.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
+        return path.with_suffix(".json")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "AttentionPatterns":
+        path = Path(path)
+        meta = json.loads(path.with_suffix(".json").read_text())
+        with np.load(path.with_suffix(".npz")) as data:
+            weights = torch.from_numpy(data["weights"])
+        return cls(weights, [tuple(h) for h in meta["heads"]], meta["tokens"], meta["positions"], meta["side"])
+
+
+def _heads(lm: LoadedModel, heads: Sequence | None) -> list[tuple[int, int]]:
+    """(layer, head) tuples from tuples or HeadSite-like objects; every head by default; checked against the model."""
+    a = lm.adapter
+    if heads is None:
+        return [(L, h) for L in range(a.n_layers) for h in range(a.n_heads)]
+    out = []
+    for item in heads:
+        L, h = (item.layer, item.head) if hasattr(item, "layer") else tuple(item)
+        if h is None or not (0 <= L < a.n_layers and 0 <= h < a.n_heads):
+            raise SiteError(f"a head is (layer, head) with layer in 0..{a.n_layers - 1} and head in "
+                            f"0..{a.n_heads - 1}; got {item!r}")
+        out.append((int(L), int(h)))
+    return out
+
+
+def patterns(
+    lm: LoadedModel, batch: PairBatch, heads: Sequence | None = None, side: str = "recipient",
+) -> AttentionPatterns:
+    """The attention patterns of ``heads`` ((layer, head) tuples or ``HeadSite``s; all heads by default) on
+    ``batch``'s recipient prompts (``side="donor"``: the donors'), from one forward pass. float32 on the CPU.
+
+    Example::
+
+        pats = actpatch.patterns(lm, batch, [(9, 9)]); pats.pattern(9, 9, 0).sum(-1)  # ones: each row sums to 1
+    """
+    if side not in ("recipient", "donor"):
+        raise ConfigError(f"side must be 'recipient' or 'donor', got {side!r}")
+    a, chosen = lm.adapter, _heads(lm, heads)
+    ids = batch.recipient_ids if side == "recipient" else batch.donor_ids  # (B, T)
+    mask = batch.attention_mask if side == "recipient" else batch.donor_attention_mask
+    layers = sorted({L for L, _ in chosen})
+    got: dict[int, Tensor] = {}
+
+    def keep(L: int):
+        def fn(out) -> None:
+            if not isinstance(out, tuple) or len(out) < 2 or out[1] is None:
+                raise UnsupportedArchitectureError(
+                    f"layer {L}'s attention returned no weights (attention {lm.model.config._attn_implementation!r}); "
+                    "expected eager attention, which returns (output, weights). Load the model with "
+                    "attn_implementation='eager' (actpatch.load_model does).")
+            got[L] = out[1].detach().float().cpu()  # (B, H, T, T)
+        return fn
+
+    with torch.inference_mode(), hooks([(a.attention(L), "result", keep(L)) for L in layers]):
+        lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
+    weights = torch.stack([got[L][:, h] for L, h in chosen])  # (N, B, T, T)
+    lengths = mask.sum(1).tolist()
+    tokens = [[lm.tokenizer.decode([t]) for t in row[:n].tolist()] for row, n in zip(ids, lengths)]
+    positions = {name: idx.tolist() for name, idx in batch.side_positions(side).items()}
+    return AttentionPatterns(weights, chosen, tokens, positions, side)
