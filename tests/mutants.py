@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TESTS = ["tests/test_continuations.py", "tests/test_families.py", "tests/test_check_model.py", "tests/test_set_metrics.py", "tests/test_trust.py", "tests/test_checks.py", "tests/test_engine.py", "tests/test_contrast.py", "tests/test_noise.py", "tests/test_edges.py", "tests/test_circuits.py", "tests/test_run.py",
+TESTS = ["tests/test_patternsite.py", "tests/test_patterns.py", "tests/test_continuations.py", "tests/test_families.py", "tests/test_check_model.py", "tests/test_set_metrics.py", "tests/test_trust.py", "tests/test_checks.py", "tests/test_engine.py", "tests/test_contrast.py", "tests/test_noise.py", "tests/test_edges.py", "tests/test_circuits.py", "tests/test_run.py",
          "tests/test_attribution.py", "tests/test_scale.py", "tests/test_analysis.py",
          "tests/test_experiment.py", "tests/test_ioi.py"]
 
@@ -38,6 +38,16 @@ MUTANTS = {
     "logsumexp_last_block": ("model/adapters.py", "for v in range(0, w.shape[0], vocab):",
                              "for v in range(0, w.shape[0] - vocab, vocab):",
                              "the normalizer of a target's log-prob misses the last block of the vocabulary"),
+    "pattern_transposed": ("engine/patternsite.py", 'z = torch.einsum("bhqk,bkhd->bqhd", Ad[L].cpu(), Vm)',
+                           'z = torch.einsum("bhkq,bkhd->bqhd", Ad[L].cpu(), Vm)', "the donor's pattern written transposed"),
+    "pattern_causal_dropped": ("engine/patternsite.py", 'lost = lost + torch.einsum("bhqk,bqk->bqh", Ad[L].cpu(), future)',
+                               'lost = lost + 0 * torch.einsum("bhqk,bqk->bqh", Ad[L].cpu(), future)',
+                               "a patched row may put weight on keys after its query (causal mask dropped)"),
+    "pattern_row_shift": ("engine/patternsite.py", "out[b, nd - suf:nd] = torch.arange(nr - suf, nr)",
+                          "out[b, nd - suf:nd] = torch.arange(nr - suf - 1, nr - 1)",
+                          "rows and keys of pairs of different lengths mapped off by one"),
+    "pattern_values_own": ("engine/patternsite.py", 'Vm = torch.einsum("bdr,bdhe->brhe", onto, Vd[L].cpu())',
+                           'Vm = torch.einsum("bdr,brhe->brhe", onto, Vr[L].cpu())', "values patch reads the recipient's own values"),
     "edge_qkv_which": ("engine/edges.py", "self.a.qkv_start(rec.input, rec.index)",
                        'self.a.qkv_start("q", rec.index)', "a receiving head's k and v written into its q slot"),
     "edge_diff_sign": ("engine/edges.py", "self.diff[s] = self.donor[s].to(value.device, value.dtype) - value",
@@ -195,6 +205,7 @@ MUTANTS = {
 
 
 FIRST = {"model/adapters.py": ["tests/test_families.py", "tests/test_check_model.py"],
+         "engine/patternsite.py": ["tests/test_patternsite.py"],
          "model/architectures.py": ["tests/test_families.py", "tests/test_check_model.py"],
          "engine/edges.py": ["tests/test_edges.py", "tests/test_circuits.py"], "engine/eap.py": ["tests/test_edges.py"],
          "engine/edgegrads.py": ["tests/test_edges.py"],

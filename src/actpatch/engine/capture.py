@@ -22,6 +22,7 @@ from ..model.models import LoadedModel
 from .batch import PairBatch
 from .hooks import hooks
 from .noise import noise_hook
+from .patternsite import PatternSite, pattern_entries
 from .sites import Site
 
 
@@ -164,7 +165,8 @@ def capture(
     noised donor (``batch.noise_mask``) runs with its embedding noise (``engine.noise``).
 
     Whole activations are kept per (kind, layer), whatever the sites' heads and positions, so one
-    donor run serves every later patch of that layer.
+    donor run serves every later patch of that layer. Pattern and values sites (``PatternSite``) add a donor and
+    a recipient forward that build every head's swapped output (``patternsite.pattern_entries``).
 
     Example::
 
@@ -179,6 +181,16 @@ def capture(
         raise DataError(f"capture got ids of shape {tuple(input_ids.shape)}, but the batch's {side} prompts are "
                         f"{tuple(mask.shape)}; pass batch.recipient_ids or batch.donor_ids of the same batch.")
     cache = ActivationCache()
+    sites = list(sites)
+    swaps = {s.key for s in sites if isinstance(s, PatternSite)}
+    if swaps:
+        for s in sites:
+            s.validate(adapter)
+        if side != "donor":
+            raise SiteError("pattern and values sites are built from the donor and the recipient together; capture "
+                            "them with the donor's ids: capture(lm, batch.donor_ids, batch, sites)")
+        cache.update(pattern_entries(lm, batch, swaps))
+        sites = [s for s in sites if not isinstance(s, PatternSite)]
     noise = noise_hook(lm, batch) if side == "donor" else None
     specs = [] if noise is None else [noise]  # a noised donor: the noise is added before anything reads
     seen = set()

@@ -34,6 +34,7 @@ from .capture import ActivationCache, last_logits, nonfinite_rows
 from .checkpoint import Checkpoint
 from .continuation import ContinuationState, Readout
 from .hooks import HookSpec, hooks
+from .patternsite import PatternSite, check_rows, check_variant
 from .planning import plan_sweep, shared_prefix, variant_start
 from .prefix import RecipientState
 from .sites import Site, resolve_pos
@@ -137,6 +138,7 @@ def patch_hooks(
     rec_len, don_len = batch.lengths(), batch.lengths("donor")
     by_module: dict[tuple[int, bool], tuple] = {}
     for j, variant in enumerate(chunk):
+        check_variant(variant)
         for site in variant:
             site.validate(adapter)
             src = donor[site]  # SiteError naming what the cache holds, before any hook is registered
@@ -149,6 +151,8 @@ def patch_hooks(
                 require_equal_lengths(batch, site)
             else:
                 dst, src_idx = dst.to(dev), src_idx.to(dev)
+            if isinstance(site, PatternSite):
+                check_rows(site, src, src_idx, batch)
             cols = site.columns(adapter)
             cols = None if cols is None else torch.as_tensor(cols, device=dev)
             entry = by_module.setdefault((id(module), site.reads_input), (module, site.reads_input, []))
