@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "logprob (log P(answer set)), kl (KL from the unpatched recipient's next-token distribution; needs "
                      "no answers)")
     run.add_argument("--sites", nargs="+", default=None, metavar="FAMILY",
-                     help="hidden, all_heads, head, attn, mlp, embed, q, k, v, or all (= hidden all_heads head), heads "
+                     help="hidden, all_heads, head, attn, mlp, embed, q, k, v, pattern (a head's attention weights from the "
+                     "donor, the recipient's values), values (the reverse), or all (= hidden all_heads head), heads "
                      "(= all_heads head), layers (= hidden all_heads); default: the task's (all for a pairs file; facts "
                      "adds attn and mlp)")
     run.add_argument("--layers", type=int, nargs="+", metavar="L", help="patch only these layers (default: all)")

@@ -57,6 +57,8 @@ def site_columns(lm: LoadedModel, site: Site) -> list[slice]:
     if site.kind == "head":
         heads = range(a.n_heads) if site.head is None else (site.head,) if isinstance(site.head, int) else site.head
         return [slice(h * dh, (h + 1) * dh) for h in heads]
+    if site.kind in ("pattern", "values"):  # one head's output, built from the donor's weights or values
+        return [slice(site.head * dh, (site.head + 1) * dh)]
     if site.kind in ("q", "k", "v"):
         layout, i, h = a.arch.qkv_layout, "qkv".index(site.kind), site.head
         if layout == "grouped":

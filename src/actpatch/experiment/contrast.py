@@ -8,7 +8,8 @@ For every chunk of pairs it captures the recipient and donor runs, patches every
 layer, head and named position) with the batched fast path, scores each pair with the metric, and runs the
 mandatory checks, with the fast path compared cell by cell to the independent reference patcher on this
 metric. Cells: ``hidden`` (block output), ``all_heads`` (every head of a layer), ``head`` (one head),
-``attn`` and ``mlp`` outputs, ``embed`` (the residual stream before layer 0) and per-head ``q``, ``k``, ``v``;
+``attn`` and ``mlp`` outputs, ``embed`` (the residual stream before layer 0), per-head ``q``, ``k``, ``v``, and
+per-head ``pattern`` and ``values`` (the donor's attention weights or values, ``engine.patternsite``);
 positions are named positions, ``END``, or ``all`` (equal lengths only).
 """
 
@@ -34,6 +35,7 @@ from ..engine.reference import reference_readout
 from ..engine.pairs import PromptPair, load_pairs_file, pair_from_dict
 from ..engine.patching import patch_variants
 from ..engine.planning import memory_budget, pair_chunk, release_memory
+from ..engine.patternsite import PatternSite
 from ..engine.sanity import check_fast_path, check_no_hooks_left, run_sanity_checks
 from ..engine.sites import AttnOutSite, EmbedSite, HeadSite, HiddenSite, MlpOutSite, QKVSite
 from ..errors import ConfigError, DataError, SanityCheckError
@@ -45,14 +47,15 @@ from .pooling import concat_scores, pool_checks
 from .selftest import load_checked
 
 log = logging.getLogger(__name__)
-FAMILIES = ("embed", "hidden", "all_heads", "head", "attn", "mlp", "q", "k", "v")
+FAMILIES = ("embed", "hidden", "all_heads", "head", "attn", "mlp", "q", "k", "v", "pattern", "values")
 SITE_ALIASES = {"all": ("hidden", "all_heads", "head"), "heads": ("all_heads", "head"), "layers": ("hidden", "all_heads"),
                 "qkv": ("q", "k", "v")}
 MAKE = {"hidden": lambda L, h, p: HiddenSite(L, p), "all_heads": lambda L, h, p: HeadSite(L, None, p),
         "head": lambda L, h, p: HeadSite(L, h, p), "attn": lambda L, h, p: AttnOutSite(L, p),
         "mlp": lambda L, h, p: MlpOutSite(L, p), "embed": lambda L, h, p: EmbedSite(p),
         "q": lambda L, h, p: QKVSite(L, "q", h, p), "k": lambda L, h, p: QKVSite(L, "k", h, p),
-        "v": lambda L, h, p: QKVSite(L, "v", h, p)}
+        "v": lambda L, h, p: QKVSite(L, "v", h, p), "pattern": lambda L, h, p: PatternSite(L, h, p),
+        "values": lambda L, h, p: PatternSite(L, h, p, "values")}
 
 
 @dataclass(frozen=True)
@@ -134,7 +137,8 @@ def make_cells(families: Sequence[str], layers: Sequence[int], adapter, position
     cells = []
     for family in families:
         heads = {"head": range(adapter.n_heads), "q": range(adapter.n_heads), "k": range(adapter.n_kv_heads),
-                 "v": range(adapter.n_kv_heads)}.get(family, [None])
+                 "v": range(adapter.n_kv_heads), "pattern": range(adapter.n_heads),
+                 "values": range(adapter.n_heads)}.get(family, [None])
         for L in ([-1] if family == "embed" else layers):
             for h in heads:
                 for name in positions:
