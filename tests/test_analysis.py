@@ -8,7 +8,8 @@ from conftest import tiny_model
 
 from actpatch import AttnOutSite, HeadSite, HiddenSite, SiteError, capture, count_hooks, generate_pairs, tokenize_ioi, wrap_model
 from actpatch.analysis.gap import gap_account
-from actpatch.analysis.heads import characterise, classify, frozen_norm
+from actpatch.analysis.headclasses import class_rules, classify, near_misses
+from actpatch.analysis.heads import characterise, frozen_norm
 from actpatch.engine.paths import Receiver, path_patch
 
 # END-only unembedding vs the model's full logits, and per-head vs fused matmuls: float32 summation
@@ -237,6 +238,29 @@ def test_classify_rules_on_a_synthetic_profile():
                    (0, 2): ["previous token"]}
 
 
+def test_near_misses_name_the_one_criterion_missed():
+    """A head meeting two of the name mover's three criteria is a near miss with the third named and its value;
+    a head meeting all three, or only one, is not; one-criterion classes count from half the threshold."""
+    from actpatch.analysis.heads import HeadProfile
+
+    L, H = 4, 3
+    z = torch.zeros(L, H)
+    att = {k: z.clone() for k in ("END->IO", "END->S1", "END->S2", "S2->S1", "S2->S1+1", "S1+1->S1")}
+    dla, copy, neg = z.clone(), z.clone(), z.clone()
+    att["END->IO"][3, 0], copy[3, 0], dla[3, 0] = 0.6, 0.9, 1.0    # a name mover
+    att["END->IO"][3, 1], copy[3, 1], dla[3, 1] = 0.6, 0.45, 1.0   # copy 0.45 < 0.5: missed by one
+    att["END->IO"][2, 1], copy[2, 1], dla[2, 1] = 0.25, 0.9, 1.0   # END->IO 0.25 < 0.3: missed by one, farther
+    att["END->IO"][2, 2] = 0.6                                      # one criterion of three: not near
+    att["S2->S1+1"][1, 0], att["S2->S1+1"][1, 1], att["S2->S1+1"][1, 2] = 0.2, 0.1, 0.35  # induction: near, far, in
+    prof = HeadProfile(att, dla, copy, neg, recipient_logit_diff=4.0, n_names=10)
+    near = near_misses(prof)
+    assert [(r["layer"], r["head"], r["missed"]) for r in near["name mover"]] == [
+        (3, 1, "copy >= 0.5 (0.45)"), (2, 1, "END->IO >= 0.3 (0.25)")]  # closest first: gaps 0.1 and 0.167
+    assert [(r["layer"], r["head"]) for r in near["induction"]] == [(1, 0)]
+    assert class_rules()["name mover"] == "END->IO >= 0.3, copy >= 0.5, DLA >= 0.05 x |recipient LD|"
+    assert class_rules(attn=0.4)["backup name mover"].startswith("END->IO >= 0.2,")
+
+
 def test_cli_report_has_analysis_and_position_plots(gpt2_dir, tmp_path):
     import json
 
@@ -246,6 +270,7 @@ def test_cli_report_has_analysis_and_position_plots(gpt2_dir, tmp_path):
     assert main(["ioi", "--model", str(gpt2_dir), "--n-pairs", "3", "--donor", "abc", "--by-position", "--out", str(out),
                  "--quiet"]) == 0
     report = (out / "report.md").read_text()
+    assert "heads that nearly qualified" in report and "S2->S1+1 >= 0.3" in report
     assert "## Which heads do IOI" in report and "## Why heads move LD less than hidden states, donor design `abc`" in report
     for name in ("positions_abc.png", "heads_by_position_abc.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"

@@ -25,7 +25,8 @@ from .errors import (
     ActpatchError, ConfigError, DataError, ModelLoadError, NumericalError, PairsFileError, ResumeError,
     SanityCheckError, SiteError, UnsupportedArchitectureError,
 )
-from .analysis.heads import characterise, classify
+from .analysis.headclasses import class_rules, classify, near_misses
+from .analysis.heads import characterise
 from .analysis.patterns import AttentionPatterns, patterns
 from .engine.checkpoint import Checkpoint, sweep_fingerprint
 from .engine.continuation import ContinuationState, Readout
@@ -71,5 +72,5 @@ __all__ = [
     "tokenize_ioi", "tokenize_pairs", "wrap_model", "PairsConfig", "PairsResult", "patch", "run_pairs", "TASKS",
     "Task", "get_task", "register", "CircuitConfig", "CircuitResult", "Graph", "build_graph", "edge_patched_logits",
     "edge_scores", "run_circuit", "sender_outputs", "SelfTest", "check_model", "load_checked", "self_test",
-    "ContinuationState", "Readout", "continuation_scores", "generate_patched", "AttentionPatterns", "patterns",
+    "ContinuationState", "Readout", "continuation_scores", "generate_patched", "AttentionPatterns", "patterns", "class_rules", "near_misses",
 ]

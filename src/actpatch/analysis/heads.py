@@ -4,7 +4,7 @@
     prof.attention["END->IO"]                # (L, H) mean attention probability
     prof.dla                                 # (L, H) direct logit attribution to logit(IO) - logit(S)
     prof.copy                                # (L, H) copy score; prof.neg_copy the negative one
-    classify(prof)                           # [{"layer", "head", "class", "evidence"}, ...]
+    classify(prof)                           # analysis.headclasses: [{"layer", "head", "classes", "evidence"}, ...]
 
 Definitions (Wang et al. 2022, "Interpretability in the wild"):
 - attention: the softmax probability from one named position to another, averaged over pairs:
@@ -289,52 +289,3 @@ def characterise(
     ld = float(logit_diff(logits.cpu(), batch.answer_ids, batch.wrong_ids).mean())
     pos, neg = copy_scores(lm, name_ids) if copy else (None, None)
     return HeadProfile(attention, dla, pos, neg, ld, len(name_ids), bias_dla)
-
-
-def classify(prof: HeadProfile, attn: float = 0.3, copy: float = 0.5, dla_share: float = 0.05) -> list[dict]:
-    """IOI-paper classes by thresholds, with the evidence; a head may get several classes.
-
-    With ``bar = dla_share x |recipient LD|``:
-    name mover: END->IO >= attn, copy >= copy, DLA >= bar;
-    negative name mover: END->IO >= attn, negative copy >= copy, DLA <= -bar;
-    backup name mover: END->IO >= attn / 2, copy >= copy, |DLA| < bar;
-    S suppressor: END->S2 >= attn, negative copy >= copy, DLA >= bar (it writes against S itself,
-    a copy-suppression head; the IOI paper's S-inhibition heads act through the name movers instead);
-    S-inhibition: END->S2 >= attn, END->S2 > END->IO, |DLA| < bar, and a layer before the last
-    name mover (it must be able to reach their queries);
-    induction: S2->S1+1 >= attn; duplicate token: S2->S1 >= attn; previous token: S1+1->S1 >= attn.
-
-    Example::
-
-        for head in classify(characterise(lm, batch)):
-            print(head["layer"], head["head"], head["classes"])
-
-    """
-    A = prof.attention
-    bar = dla_share * abs(prof.recipient_logit_diff)
-    zero = torch.zeros_like(prof.dla)
-    end_io, end_s2 = A.get("END->IO", zero), A.get("END->S2", zero)
-    movers = (end_io >= attn) & (prof.copy >= copy) & (prof.dla >= bar)
-    layers = torch.arange(prof.dla.shape[0])[:, None].expand_as(prof.dla)
-    last_mover = int(layers[movers].max()) if bool(movers.any()) else prof.dla.shape[0]
-    rules = {
-        "name mover": movers,
-        "negative name mover": (end_io >= attn) & (prof.neg_copy >= copy) & (prof.dla <= -bar),
-        "backup name mover": (end_io >= attn / 2) & (prof.copy >= copy) & (prof.dla.abs() < bar),
-        "S suppressor": (end_s2 >= attn) & (prof.neg_copy >= copy) & (prof.dla >= bar),
-        "S-inhibition": (end_s2 >= attn) & (end_s2 > end_io) & (prof.dla.abs() < bar) & (layers < last_mover),
-        "induction": A.get("S2->S1+1", zero) >= attn,
-        "duplicate token": A.get("S2->S1", zero) >= attn,
-        "previous token": A.get("S1+1->S1", zero) >= attn,
-    }
-    found = []
-    L, H = prof.dla.shape
-    for layer in range(L):
-        for head in range(H):
-            classes = [c for c, m in rules.items() if bool(m[layer, head])]
-            if classes:
-                evidence = {k: round(float(v[layer, head]), 3) for k, v in A.items()}
-                evidence.update(dla=round(float(prof.dla[layer, head]), 3), copy=round(float(prof.copy[layer, head]), 3),
-                                neg_copy=round(float(prof.neg_copy[layer, head]), 3))
-                found.append({"layer": layer, "head": head, "classes": classes, "evidence": evidence})
-    return found

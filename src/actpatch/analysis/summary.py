@@ -28,7 +28,8 @@ from ..engine.paths import Receiver, path_patch
 from ..engine.sites import HeadSite
 from ..model.models import LoadedModel
 from .gap import gap_account, with_totals
-from .heads import PAPER_GPT2_HEADS, HeadProfile, characterise, classify
+from .headclasses import class_rules, classify, near_misses
+from .heads import PAPER_GPT2_HEADS, HeadProfile, characterise
 
 log = logging.getLogger(__name__)
 NUDGE = 0.1   # |normalised effect| below this: the patch only nudges the answer
@@ -49,6 +50,7 @@ def head_analysis(lm: LoadedModel, batch: PairBatch, prof: HeadProfile | None = 
         "attention": {k: _grid(v) for k, v in prof.attention.items()}, "dla": _grid(prof.dla),
         "copy": _grid(prof.copy), "neg_copy": _grid(prof.neg_copy), "n_names": prof.n_names,
         "recipient_logit_diff": prof.recipient_logit_diff, "classes": classes,
+        "class_rules": class_rules(), "near_misses": near_misses(prof),
     }
     model_id = str(lm.info.get("model_id", ""))
     if model_id in ("gpt2", "openai-community/gpt2") and (lm.adapter.n_layers, lm.adapter.n_heads) == (12, 12):

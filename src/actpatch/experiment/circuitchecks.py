@@ -16,7 +16,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..analysis.circuits import jaccard
-from ..analysis.heads import characterise, classify
+from ..analysis.headclasses import classify
+from ..analysis.heads import characterise
 from ..engine.capture import capture
 from ..engine.eap import edge_scores
 from ..engine.edges import edge_patched_logits

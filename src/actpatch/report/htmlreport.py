@@ -150,11 +150,18 @@ def render_html(result: IOIResult, plots: dict[str, bytes] | None = None) -> str
         "<h2>Sanity checks</h2>", _sanity_table(result),
         "<h2>Baseline</h2>", _table(baseline, "baseline"),
     ]
-    classes = (result.analysis or {}).get("heads", {}).get("classes", [])
+    heads = (result.analysis or {}).get("heads", {})
+    classes = heads.get("classes", [])
     if classes:
         body.append("<h2>Heads classified by role</h2>")
         body.append(_table([{"head": f"L{c['layer']}H{c['head']}", "classes": ", ".join(c["classes"]), **c["evidence"]}
                             for c in classes if set(c["classes"]) - {"previous token", "duplicate token"}], "head-classes"))
+    if heads.get("class_rules"):
+        near = heads.get("near_misses", {})
+        body.append("<h3>Thresholds, and the heads that nearly qualified</h3>")
+        body.append(_table([{"class": cls, "criteria": rule, "nearly qualified": "; ".join(
+            f"L{r['layer']}H{r['head']} missed {r['missed']}" for r in near.get(cls, [])[:3]) or "–"}
+            for cls, rule in heads["class_rules"].items()], "class-rules"))
     df = result.to_dataframe()
     for design in result.designs:
         body.append(f"<h2>Donor design <code>{html.escape(design)}</code></h2>")

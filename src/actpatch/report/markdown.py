@@ -151,6 +151,14 @@ def _head_section(heads: dict) -> list[str]:
     for cls in ("duplicate token", "previous token"):
         found = [f"L{c['layer']}H{c['head']}" for c in classes if cls in c["classes"]]
         out.append(f"\n{cls.capitalize()} heads: {', '.join(found) or 'none'}.")
+    if heads.get("class_rules"):
+        out += ["", "Thresholds, and the heads that nearly qualified (every criterion of the class but one; for a class "
+                "of one criterion, half its threshold or more), closest first:", ""]
+        near = heads.get("near_misses", {})
+        out.append(tabulate([[cls, rule, "; ".join(f"L{r['layer']}H{r['head']} missed {r['missed']}"
+                                                   for r in near.get(cls, [])[:3]) or "–"]
+                             for cls, rule in heads["class_rules"].items()],
+                            ["class", "criteria", "nearly qualified"], tablefmt="github"))
     if "paper_comparison" in heads:
         out += ["", "Compared with Wang et al. 2022 (GPT-2 small):", "", tabulate(
             [[r["class"], f"{r['layer']}.{r['head']}", ", ".join(r["found_as"]) or "–", "yes" if r["agrees"] else "no"]
