@@ -35,6 +35,7 @@ from .engine.hooks import count_hooks, hooks
 from .engine.metrics import continuation_scores, ioi_scores, logit_diff, normalised_effect, prob_ratio, token_prob
 from .engine.pairs import PromptPair, load_pairs_file
 from .engine.patching import patch_variants, patched, run_chunk
+from .engine.patternsite import PatternSite
 from .engine.paths import Receiver, path_patch
 from .engine.planning import plan_chunks, token_budget
 from .engine.prefix import RecipientState
@@ -72,5 +73,5 @@ __all__ = [
     "tokenize_ioi", "tokenize_pairs", "wrap_model", "PairsConfig", "PairsResult", "patch", "run_pairs", "TASKS",
     "Task", "get_task", "register", "CircuitConfig", "CircuitResult", "Graph", "build_graph", "edge_patched_logits",
     "edge_scores", "run_circuit", "sender_outputs", "SelfTest", "check_model", "load_checked", "self_test",
-    "ContinuationState", "Readout", "continuation_scores", "generate_patched", "AttentionPatterns", "patterns", "class_rules", "near_misses",
+    "ContinuationState", "Readout", "continuation_scores", "generate_patched", "AttentionPatterns", "patterns", "class_rules", "near_misses", "PatternSite",
 ]

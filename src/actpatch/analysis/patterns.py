@@ -38,7 +38,12 @@ PATTERN_PLOTTERS: dict[str, Callable] = {}
 @dataclass(frozen=True)
 class AttentionPatterns:
     """Attention weights ``weights`` (head, pair, query, key) of ``heads`` [(layer, head), ...] on one side's
-    prompts; ``tokens`` are each pair's token strings, ``positions`` the named positions' indices per pair."""
+    prompts; ``tokens`` are each pair's token strings, ``positions`` the named positions' indices per pair.
+
+    Example::
+
+        pats = patterns(lm, batch, [(9, 9)]); pats.save("runs/pats"); AttentionPatterns.load("runs/pats")
+    """
 
     weights: Float[Tensor, "head pair query key"]
     heads: list[tuple[int, int]]
