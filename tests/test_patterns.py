@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from actpatch import AttentionPatterns, HeadSite, PromptPair, count_hooks, patterns, tokenize_pairs, wrap_model
+from actpatch import AttentionPatterns, HeadSite, PromptPair, capture, count_hooks, patterns, tokenize_pairs, wrap_model
 from actpatch.errors import SiteError, UnsupportedArchitectureError
 
 PAIRS = [  # different lengths: the second row is padded
@@ -118,3 +118,62 @@ def test_patterns_refuse_bad_heads_and_non_eager_attention(gpt2, gpt2_tokenizer)
     with pytest.raises(UnsupportedArchitectureError, match="eager"):
         patterns(sdpa, batch, [(0, 1)])
     assert count_hooks(sdpa.model) == 0
+
+
+def test_path_patching_moves_a_receivers_pattern_as_a_by_hand_run_says(gpt2_tokenizer):
+    """Senders (all heads of layer 0, from the donor) patched into head 2.1's query only. Reference by hand: run 2
+    with plain hooks (every head's output frozen to the recipient's own, layer 0's set to the donor's), its query
+    of head 2.1 cut from c_attn; the pattern is softmax(q k^T / sqrt(dh)) with the recipient's own keys."""
+    from actpatch import HeadSite
+    from actpatch.analysis.patterns import pattern_shift
+    from actpatch.engine.paths import Receiver, path_patch_attention
+
+    model = tiny_model("gpt2")
+    with torch.no_grad():  # peaked attention (queries x 100): a random tiny GPT-2 attends almost uniformly
+        for block in model.transformer.h:
+            block.attn.c_attn.weight[:, :32] *= 100
+            block.attn.c_attn.bias[:32] *= 100
+    gpt2 = wrap_model(model, gpt2_tokenizer)
+    batch = tokenize_pairs(gpt2_tokenizer, PAIRS[:1])  # one pair: no padding in the by-hand runs
+    rec = gpt2_tokenizer(PAIRS[0].recipient)["input_ids"]
+    don = gpt2_tokenizer(PAIRS[0].donor)["input_ids"]
+    donor, _ = capture(gpt2, batch.donor_ids, batch, [HeadSite(L) for L in range(3)])
+    _, att = path_patch_attention(gpt2, batch, donor, [HeadSite(0)], [Receiver("q", 2, 1)], [(2, 1), (1, 0)])
+
+    def heads_and_qkv(ids, replace=None):
+        z, qkv, handles = {}, {}, []
+        for L, block in enumerate(model.transformer.h):
+            def pre(m, args, L=L):
+                if replace is None:
+                    z[L] = args[0].detach().clone()
+                    return None
+                return (replace[L].clone(),)
+            handles.append(block.attn.c_proj.register_forward_pre_hook(pre))
+            handles.append(block.attn.c_attn.register_forward_hook(lambda m, a, out, L=L: qkv.update({L: out[0].detach()})))
+        try:
+            with torch.no_grad():
+                model(input_ids=torch.tensor([ids]))
+        finally:
+            for hd in handles:
+                hd.remove()
+        return z, qkv
+
+    z_rec, qkv_rec = heads_and_qkv(rec)
+    z_don, _ = heads_and_qkv(don)
+    frozen = {L: z_rec[L] for L in range(3)}
+    frozen[0] = z_don[0]  # every head of layer 0 from the donor, all positions (equal lengths)
+    _, qkv2 = heads_and_qkv(rec, frozen)
+    D, dh, n = 32, 8, len(rec)
+    q = qkv2[2][:, 1 * dh:2 * dh]  # head 2.1's query in run 2
+    k = qkv_rec[2][:, D + 1 * dh:D + 2 * dh]  # its own keys, unpatched
+    scores = (q @ k.T / dh ** 0.5).masked_fill(~torch.tril(torch.ones(n, n, dtype=torch.bool)), float("-inf"))
+    want = torch.softmax(scores, -1)
+    torch.testing.assert_close(att[(2, 1)][0, :n, :n], want, rtol=0, atol=1e-5)  # float32, other matmul order
+    clean = patterns(gpt2, batch, [(2, 1), (1, 0)])
+    assert float((att[(2, 1)][0, :n, :n] - clean.pattern(2, 1, 0)).abs().max()) > 1e-3  # it moved
+    torch.testing.assert_close(att[(1, 0)][0, :n, :n], clean.pattern(1, 0, 0), rtol=0, atol=1e-6)  # not a receiver
+    shift = pattern_shift(gpt2, batch, donor, [HeadSite(0)], (2, 1), keys=("S2",))
+    end, s2 = n - 1, int(batch.position("S2")[0])
+    assert shift["S2"]["patched"] == pytest.approx(float(want[end, s2]), abs=1e-5)
+    assert shift["S2"]["change"] == pytest.approx(float(want[end, s2] - clean.pattern(2, 1, 0)[end, s2]), abs=1e-5)
+    assert count_hooks(model) == 0

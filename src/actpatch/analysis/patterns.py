@@ -164,3 +164,27 @@ def patterns(
     tokens = [[lm.tokenizer.decode([t]) for t in row[:n].tolist()] for row, n in zip(ids, lengths)]
     positions = {name: idx.tolist() for name, idx in batch.side_positions(side).items()}
     return AttentionPatterns(weights, chosen, tokens, positions, side)
+
+
+def pattern_shift(
+    lm: LoadedModel, batch: PairBatch, donor, senders: Sequence, head: tuple[int, int], query: str = "END",
+    keys: Sequence[str] = ("IO", "S2"), receivers: Sequence[str] = ("q",),
+) -> dict[str, dict[str, float]]:
+    """How path patching ``senders`` into ``head``'s ``receivers`` (its query by default) moves its attention from
+    ``query`` to each named position in ``keys``: the mean over pairs, unpatched, patched and their difference.
+
+    Example::
+
+        pattern_shift(lm, batch, donor, [HeadSite(8, 6, "END")], (9, 9))["IO"]["change"]   # e.g. -0.21
+    """
+    from ..engine.paths import Receiver, path_patch_attention
+
+    L, h = _heads(lm, [head])[0]
+    _, att = path_patch_attention(lm, batch, donor, senders, [Receiver(r, L, h) for r in receivers], [(L, h)])
+    clean = patterns(lm, batch, [(L, h)])
+    patched = AttentionPatterns(att[(L, h)][None], [(L, h)], clean.tokens, clean.positions)
+    out = {}
+    for key in keys:
+        before, after = float(clean.between(query, key).mean()), float(patched.between(query, key).mean())
+        out[key] = {"unpatched": before, "patched": after, "change": after - before}
+    return out

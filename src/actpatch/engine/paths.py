@@ -2,6 +2,7 @@
 
     logits = path_patch(lm, batch, donor, senders=[HeadSite(7, 3, "END")], receivers=[Receiver("q", 9, 9)])
     logit_diff(logits, batch.answer_ids, batch.wrong_ids)       # (B,)
+    logits, att = path_patch_attention(..., watch=[(9, 9)])    # and head 9.9's attention weights under it
 
 Three runs:
 1. the donor run, captured beforehand: ``donor`` holds ``HeadSite(L)`` for every sender layer;
@@ -109,11 +110,37 @@ def path_patch(
     return paths_run(lm, batch, donor, senders, receivers, freeze_mlps=freeze_mlps, recipient=recipient)
 
 
+def path_patch_attention(
+    lm: LoadedModel, batch: PairBatch, donor: ActivationCache, senders: Sequence[HeadSite],
+    receivers: Sequence[Receiver], watch: Sequence[tuple[int, int]], *, freeze_mlps: bool = False,
+    recipient: ActivationCache | None = None,
+) -> tuple[Float[Tensor, "batch vocab"], dict[tuple[int, int], Float[Tensor, "batch query key"]]]:
+    """``path_patch``, and the attention weights (B, T, T) of the ``watch`` heads [(layer, head)] in the run whose
+    receivers read the senders' paths: how patching S-inhibition heads into a name mover's query moves where it
+    looks. Needs q or k receivers (a "logits" receiver changes no attention).
+
+    Example::
+
+        logits, att = path_patch_attention(lm, batch, donor, [HeadSite(8, 6, "END")], [Receiver("q", 9, 9)], [(9, 9)])
+        att[(9, 9)][rows, end, io]   # (B,): END -> IO of head 9.9 under the path patch
+    """
+    if not senders or not receivers:
+        raise SiteError("path patching needs at least one sender head and one receiver")
+    if any(r.kind == "logits" for r in receivers):
+        raise SiteError("a 'logits' receiver changes no attention weights; watch heads through q or k receivers")
+    seen: dict[tuple[int, int], Tensor] = {}
+    logits = paths_run(lm, batch, donor, senders, receivers, freeze_mlps=freeze_mlps, recipient=recipient,
+                       watch=watch, seen=seen)
+    return logits, seen
+
+
 def paths_run(
     lm: LoadedModel, batch: PairBatch, donor: ActivationCache, senders: Sequence[HeadSite], receivers: Sequence[Receiver],
     *, freeze_mlps: bool = False, recipient: ActivationCache | None = None,
+    watch: Sequence[tuple[int, int]] = (), seen: dict | None = None,
 ) -> Float[Tensor, "batch vocab"]:
-    """``path_patch`` without its argument check: with no senders it must reproduce the recipient (a sanity check)."""
+    """``path_patch`` without its argument check: with no senders it must reproduce the recipient (a sanity check).
+    ``watch``: heads whose attention weights (B, T, T) in the last run go into ``seen``."""
     for r in receivers:
         r.validate(lm)
     if any(r.kind == "logits" for r in receivers) and any(r.kind != "logits" for r in receivers):
@@ -151,5 +178,16 @@ def paths_run(
             return new
         return fn
 
-    with torch.inference_mode(), hooks([(module, "output", write(r, view)) for r, (module, view) in slots.items()]):
+    def keep(L: int):
+        def fn(out) -> None:
+            if not isinstance(out, tuple) or len(out) < 2 or out[1] is None:
+                raise SiteError(f"layer {L}'s attention returned no weights: watching heads needs eager attention")
+            for layer, h in watch:
+                if layer == L:
+                    seen[(layer, h)] = out[1][:, h].detach().float().cpu()  # (B, T, T)
+        return fn
+
+    specs = [(module, "output", write(r, view)) for r, (module, view) in slots.items()]
+    specs += [(a.attention(L), "result", keep(L)) for L in sorted({L for L, _ in watch})]
+    with torch.inference_mode(), hooks(specs):
         return recipient_logits(lm, batch)
