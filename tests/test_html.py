@@ -58,10 +58,110 @@ def test_report_html_renders_in_chromium(chromium, page, tmp_path):
     assert "hidden state, END only" in dom and "<figcaption>Mean logit difference after patching each layer" in dom
 
 
-def test_report_html_needs_no_javascript(chromium, page, tmp_path):
+def test_report_html_needs_no_network_and_scripts_only_the_drilldown(chromium, page, tmp_path):
     text = page.read_text(encoding="utf-8")
-    assert "<script" not in text.lower() and "http://" not in text.replace("http://www.w3.org/2000/svg", "")
-    # The page has no script at all, so it renders the same with JavaScript off. (Chromium's headless
-    # --screenshot and --dump-dom themselves stop working under --blink-settings=scriptEnabled=false,
-    # so the browser cannot be asked directly.) The hover tooltips are SVG <title> elements, not script.
+    # The only scripts are Vega's embedded bundle and the drill-down's embedding call; no URL is fetched (the
+    # Vega-Lite "$schema" is an identifier, never loaded). Everything else renders with JavaScript off: the
+    # heatmaps' tooltips are SVG <title> elements.
+    assert text.lower().count("<script") == 2 and 'id="drilldown-swap"' in text
+    assert "src=\"http" not in text and "<link" not in text.lower()
     assert text.count("<title>") > 10
+    assert page.stat().st_size < 5 * 2**20
+
+
+class _Page:
+    """One chromium tab over the DevTools protocol (websocket-client): console errors are kept as they come."""
+
+    def __init__(self, chromium, tmp_path):
+        import json
+        import time
+        import urllib.request
+
+        import websocket
+
+        profile = tmp_path / "cdp-profile"
+        self.proc = subprocess.Popen([chromium, *FLAGS, "--remote-debugging-port=0", f"--user-data-dir={profile}",
+                                      "--window-size=1400,1000", "about:blank"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        port_file = profile / "DevToolsActivePort"
+        for _ in range(300):
+            if port_file.exists() and port_file.read_text().strip():
+                break
+            time.sleep(0.05)
+        port = int(port_file.read_text().split()[0])
+        for _ in range(100):
+            try:
+                targets = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json").read())
+                break
+            except OSError:
+                time.sleep(0.1)
+        url = next(t for t in targets if t["type"] == "page")["webSocketDebuggerUrl"]
+        self.ws, self.n, self.events, self.json = websocket.create_connection(url, timeout=60), 0, [], json
+
+    def send(self, method, **params):
+        self.n += 1
+        self.ws.send(self.json.dumps({"id": self.n, "method": method, "params": params}))
+        while True:
+            msg = self.json.loads(self.ws.recv())
+            if msg.get("id") == self.n:
+                return msg.get("result", {})
+            self.events.append(msg)
+
+    def eval(self, expr):
+        return self.send("Runtime.evaluate", expression=expr, returnByValue=True, awaitPromise=True)["result"].get("value")
+
+    def errors(self):
+        return [e for e in self.events if e.get("method") == "Runtime.exceptionThrown"
+                or (e.get("method") == "Runtime.consoleAPICalled" and e["params"]["type"] in ("error", "assert"))
+                or (e.get("method") == "Log.entryAdded" and e["params"]["entry"]["level"] == "error")]
+
+    def close(self):
+        self.ws.close()
+        self.proc.kill()
+        self.proc.wait()
+
+
+def test_hovering_a_head_shows_its_pattern(chromium, page, tmp_path):
+    """The real page in chromium: no console error, and moving the mouse over a grid cell selects that head and
+    draws its pattern on both example prompts (one rect per query-key pair of real tokens), with its tokens."""
+    import json
+    import time
+
+    result = json.loads((page.parent / "results.json").read_text())
+    pats = result["analysis"]["heads"]["patterns"]
+    tab = _Page(chromium, tmp_path)
+    try:
+        for domain in ("Runtime", "Log", "Page"):
+            tab.send(f"{domain}.enable")
+        tab.send("Page.navigate", url=page.as_uri())
+        for _ in range(200):
+            if tab.eval("!!(window.drilldownViews && window.drilldownViews.swap)"):
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError(f"the drill-down never rendered: {tab.errors()[:3]}")
+        box = tab.eval("""(() => { const e = Array.from(document.querySelectorAll('#drilldown-swap path[aria-label]'))
+            .find(e => /^head: 1; layer: 2;/.test(e.getAttribute('aria-label')));
+            if (!e) return null; e.scrollIntoView(); const r = e.getBoundingClientRect();
+            return [r.x + r.width / 2, r.y + r.height / 2]; })()""")
+        assert box is not None, "no grid cell for head 2.1"
+        tab.send("Input.dispatchMouseEvent", type="mouseMoved", x=box[0], y=box[1])
+        time.sleep(0.5)
+        pick = json.loads(tab.eval("JSON.stringify(window.drilldownViews.swap.signal('pick'))"))
+        assert pick["layer"] == [2] and pick["head"] == [1]
+        labels = tab.eval("""Array.from(document.querySelectorAll('#drilldown-swap path[aria-label]'))
+            .map(e => e.getAttribute('aria-label')).filter(t => t.includes('weight'))""")
+        n = [len(t) for t in pats["tokens"]]
+        assert len(labels) == sum(k * (k + 1) // 2 for k in n)
+        want = next(r["w"] for r in pats["rows"] if (r["layer"], r["head"], r["pair"]) == (2, 1, 0))
+        toks, q = pats["tokens"][0], n[0] - 1
+        weight = want[q * (q + 1) // 2]  # the compact lower triangle: row q starts at q(q+1)/2; key 0
+        cell = [t for t in labels if t.startswith(f"key (attended to): 0 {toks[0]}; query: {q} {toks[q]};")]
+        assert any(f"weight: {weight:.3f}" in t for t in cell), (cell, weight)  # END's attention to the first token
+        line = tab.eval("Array.from(document.querySelectorAll('#drilldown-swap text')).map(t => t.textContent)"
+                        ".find(t => t.startsWith('head L'))")
+        assert line.startswith("head L2H1: patching effect")
+        assert len(want) == n[0] * (n[0] + 1) // 2
+        assert not tab.errors(), tab.errors()[:3]
+    finally:
+        tab.close()

@@ -90,6 +90,18 @@ class AttentionPatterns:
                     "weight": self.weights[i, b, :n, :n].numpy()[q, k]}))
         return pd.concat(frames, ignore_index=True)
 
+    def to_compact(self, decimals: int = 3) -> dict:
+        """JSON-ready and small: per head and pair, the real tokens' lower triangle row by row (query q holds keys
+        0..q), rounded; what the HTML report's drill-down reads."""
+        rows = []
+        for i, (layer, head) in enumerate(self.heads):
+            for b, toks in enumerate(self.tokens):
+                n = len(toks)
+                q, k = np.tril_indices(n)
+                w = np.round(self.weights[i, b, :n, :n].numpy()[q, k].astype(float), decimals)
+                rows.append({"layer": layer, "head": head, "pair": b, "w": w.tolist()})
+        return {"tokens": self.tokens, "positions": self.positions, "side": self.side, "rows": rows}
+
     def plot_pattern(self, layer: int, head: int, pair: int = 0, **kwargs):
         """A matplotlib heatmap of one head's pattern on one pair, tokens as labels (nothing is written)."""
         self._index(layer, head), self._pair(pair)

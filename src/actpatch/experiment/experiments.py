@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ..analysis.audit import check_dla
 from ..analysis.heads import characterise, copy_scores
+from ..analysis.patterns import patterns
 from ..analysis.summary import head_analysis
 from ..engine.batch import PairBatch
 from ..engine.hooks import count_hooks
@@ -130,7 +131,9 @@ def _head_profile(lm: LoadedModel, clean: PairBatch, chunk: int) -> tuple[dict, 
         checks.append([check_dla(lm, part, profiles[-1])])
         release_memory()
     profile = pool_profiles(profiles, [len(p) for p in parts], *copy_scores(lm, names))
-    return head_analysis(lm, clean, profile), pool_checks(checks)[0]
+    analysis = head_analysis(lm, clean, profile)
+    analysis["patterns"] = patterns(lm, clean.select(list(range(min(2, len(clean)))))).to_compact()  # drill-down
+    return analysis, pool_checks(checks)[0]
 
 
 def run_ioi(

@@ -1,4 +1,4 @@
-"""A self-contained ``report.html``: one file to open, share or attach, readable with JavaScript off.
+"""A self-contained ``report.html``: one file to open, share or attach; all but the drill-down reads with JavaScript off.
 
     page = render_html(result, {"layers.png": png_bytes, ...})   # a str; the CLI writes report.html
 
@@ -6,7 +6,8 @@ What is in it: the headline figure (hidden states vs heads per layer) first, the
 classes, and per design the findings, the per-layer table, the account of the gap and one heatmap of
 the single-head sweep as inline SVG (hovering
 a cell shows its layer, head and value through the cell's SVG <title>, so the interactivity needs
-no script), every PNG plot embedded as base64, and the exact command and config. It reads only the
+no script), the drill-down (``drilldown``: hover a head for its attention pattern; Vega-Lite, embedded), every PNG
+plot embedded as base64, and the exact command and config. It reads only the
 ``IOIResult`` (and the plots' bytes). Tables come from pandas (``DataFrame.to_html``, escaped).
 """
 
@@ -22,6 +23,7 @@ import pandas as pd
 
 from ..engine.sanity import CHECK_DESCRIPTIONS
 from ..experiment.results import IOIResult
+from .drilldown import drilldown_html, vega_bundle
 from .markdown import GAP_HEADERS, findings, gap_rows, gap_text
 
 STYLE = """
@@ -163,6 +165,7 @@ def render_html(result: IOIResult, plots: dict[str, bytes] | None = None) -> str
             f"L{r['layer']}H{r['head']} missed {r['missed']}" for r in near.get(cls, [])[:3]) or "–"}
             for cls, rule in heads["class_rules"].items()], "class-rules"))
     df = result.to_dataframe()
+    bundled = False
     for design in result.designs:
         body.append(f"<h2>Donor design <code>{html.escape(design)}</code></h2>")
         body.append(f'<ul class="findings" id="findings-{html.escape(design)}">'
@@ -183,6 +186,13 @@ def render_html(result: IOIResult, plots: dict[str, bytes] | None = None) -> str
             body.append(f"<p>Single-head patching, all positions: rows are layers, columns heads. Hover a cell for "
                         f"layer, head and Δ LD; blue raises LD, red lowers it, full colour at ±{lim:.2f}.</p>")
             body.append(heatmap_svg(result, design))
+            drill = drilldown_html(result, design)
+            if drill:
+                if not bundled:
+                    body.append(vega_bundle())
+                    bundled = True
+                body.append(f"<p>Drill down (needs JavaScript, embedded: no network): hover a head to see its attention "
+                            f"pattern on two example prompts, its patching effect and its DLA.</p>{drill}")
         info = (result.analysis or {}).get("designs", {}).get(design)
         if info:
             para, lines = gap_text(result, design, info)
