@@ -8,8 +8,8 @@ donor and recipient forwards that build every head's swapped output, and their A
 
 The floor is the head sweep's: per cell, layers >= L at positions >= 3 (before it donor and recipient share their
 tokens), in forward-equivalents (FE: one HF forward with full logits on the same 16 x 16 recipients, timed just
-before each run), from the FLOP share of the layer stack in a forward pass, plus the END unembedding of two
-columns. Each row runs ``--repeat`` times; the median run by FE counts.
+before each run), from the FLOP shares of the layer stack and of the unembedding in a forward pass, plus the
+full-vocabulary unembedding at END. Each row runs ``--repeat`` times; the median run by FE counts.
 
     .venv/bin/python bench/bench_patterns.py --out bench/results-patterns.json
 """
@@ -60,8 +60,7 @@ def main() -> None:
     batch = workload(vocab)
     a_, w_ = batch.answers()
     score = lambda lg: task_scores("logit_diff", lg, a_, w_)  # noqa: E731
-    columns = batch.answer_columns()
-    floor = sum((L_ - L) * per_layer * (N_TOKENS - CHANGED) + 2 * d * 2 for L in range(L_) for _ in range(H))
+    floor = sum((L_ - L) * per_layer * (N_TOKENS - CHANGED) + 2 * d * vocab for L in range(L_) for _ in range(H))
     floor /= N_TOKENS * per_token
     with torch.inference_mode():
         for _ in range(2):
@@ -72,7 +71,7 @@ def main() -> None:
 
         def run():
             donor, _ = capture(lm, batch.donor_ids, batch, [v[0] for v in variants])
-            return patch_variants(lm, batch, donor, variants, score, donor_from_batch=True, columns=columns)
+            return patch_variants(lm, batch, donor, variants, score, donor_from_batch=True)
 
         reps = []
         for _ in range(args.repeat):
