@@ -123,6 +123,43 @@ def test_path_to_logits_with_frozen_mlps_is_the_direct_effect(setup):
     torch.testing.assert_close(got, want, **TOL)
 
 
+def test_s_inhibition_path_reports_how_the_name_movers_attention_moves(setup):
+    """design_measurements' S-inhibition -> name-mover path: its LD equals plain path_patch, and each mover's
+    END -> IO / S2 attention is stated unpatched (checked against HF's own output_attentions) and patched (checked
+    against path_patch_attention, itself checked by hand in test_patterns); the report sentence carries them."""
+    from actpatch.analysis.summary import design_measurements
+    from actpatch.engine.metrics import logit_diff
+    from actpatch.engine.paths import path_patch_attention
+    from actpatch.engine.sites import AttnOutSite as Attn
+    from actpatch.report.markdown import shift_line
+
+    arch, lm, batch, _ = setup
+    n = lm.adapter.n_layers
+    sites = [s for L in range(n) for s in (HiddenSite(L), Attn(L), HeadSite(L))]
+    rec, _ = capture(lm, batch.recipient_ids, batch, sites)
+    don, _ = capture(lm, batch.donor_ids, batch, sites)
+    classes = [{"layer": 0, "head": 1, "classes": ["S-inhibition"]}, {"layer": 2, "head": 3, "classes": ["name mover"]}]
+    path = next(p for p in design_measurements(lm, batch, rec, don, classes)["paths"] if "queries" in p["what"])
+    senders = [HeadSite(0, 1, "END")]
+    logits, att = path_patch_attention(lm, batch, don, senders, [Receiver("q", 2, 3)], [(2, 3)], recipient=rec)
+    plain = path_patch(lm, batch, don, senders, [Receiver("q", 2, 3)], recipient=rec)
+    torch.testing.assert_close(logits, plain, rtol=0, atol=0)  # the same run, watched: bit for bit
+    assert path["logit_diff"] == pytest.approx(float(logit_diff(plain, batch.answer_ids, batch.wrong_ids).mean()), abs=1e-6)
+    (entry,) = path["attention"]
+    assert entry["head"] == [2, 3]
+    out = lm.model(input_ids=batch.recipient_ids, attention_mask=batch.attention_mask, output_attentions=True)
+    rows, end = torch.arange(len(batch)), batch.position("END")
+    for key in ("IO", "S2"):
+        col = batch.position(key)
+        # float32 softmax of the same scores by two routes: 1e-6
+        assert entry["keys"][key]["unpatched"] == pytest.approx(float(out.attentions[2][rows, 3, end, col].mean()), abs=1e-6)
+        assert entry["keys"][key]["patched"] == pytest.approx(float(att[(2, 3)][rows, end, col].mean()), abs=1e-6)
+        k = entry["keys"][key]
+        assert k["change"] == pytest.approx(k["patched"] - k["unpatched"], abs=1e-9)
+    line = shift_line("L0H1", entry)
+    assert line.startswith("Patching L0H1 into name mover L2H3's query") and f"{entry['keys']['IO']['patched']:.2f}" in line
+
+
 def test_identity_path_changes_nothing_and_bad_receivers_fail(setup):
     arch, lm, batch, _ = setup
     own, logits = capture(lm, batch.recipient_ids, batch, [HeadSite(L) for L in range(lm.adapter.n_layers)])

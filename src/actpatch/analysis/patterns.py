@@ -193,10 +193,26 @@ def pattern_shift(
 
     L, h = _heads(lm, [head])[0]
     _, att = path_patch_attention(lm, batch, donor, senders, [Receiver(r, L, h) for r in receivers], [(L, h)])
-    clean = patterns(lm, batch, [(L, h)])
-    patched = AttentionPatterns(att[(L, h)][None], [(L, h)], clean.tokens, clean.positions)
-    out = {}
-    for key in keys:
-        before, after = float(clean.between(query, key).mean()), float(patched.between(query, key).mean())
-        out[key] = {"unpatched": before, "patched": after, "change": after - before}
+    return attention_shift(lm, batch, att, query, keys)[0]["keys"]
+
+
+def attention_shift(
+    lm: LoadedModel, batch: PairBatch, patched: dict[tuple[int, int], Tensor], query: str = "END",
+    keys: Sequence[str] = ("IO", "S2"),
+) -> list[dict]:
+    """For each head of ``patched`` ({(layer, head): (B, T, T) weights of a patched run, as
+    ``path_patch_attention`` returns them}), its mean attention from ``query`` to each of ``keys`` in the
+    unpatched recipients and in the patched run: [{"head": [L, h], "keys": {key: {"unpatched", "patched",
+    "change"}}}]. The unpatched weights come from one plain forward (``patterns``)."""
+    heads = list(patched)
+    clean = patterns(lm, batch, heads)
+    after = AttentionPatterns(torch.stack([patched[x].float().cpu() for x in heads]), heads, clean.tokens,
+                              clean.positions)  # (N, B, T, T)
+    out = []
+    for i, (L, h) in enumerate(heads):
+        entry = {}
+        for key in keys:
+            b, p = float(clean.between(query, key)[i].mean()), float(after.between(query, key)[i].mean())
+            entry[key] = {"unpatched": b, "patched": p, "change": p - b}
+        out.append({"head": [L, h], "keys": entry})
     return out

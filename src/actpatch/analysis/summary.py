@@ -8,7 +8,8 @@ patching heads moves the metric less than patching hidden states.
 attribution, copy scores; ``actpatch.analysis.heads``) and assigns the IOI paper's classes. When the model is
 GPT-2 small it lines them up with the paper's list. ``design_analysis`` gives the per-layer account of
 the gap (``actpatch.analysis.gap``), Wang-style path patching from the S-inhibition-like heads into the
-name-mover-like heads' queries and from the name movers straight to the logits (``actpatch.engine.paths``),
+name-mover-like heads' queries (with how that moves each name mover's attention from END to IO and S2) and
+from the name movers straight to the logits (``actpatch.engine.paths``),
 an ordinary patch of the S-inhibition-like heads at END (the paper's 3.55 -> -3.16 experiment), and
 where "heads only nudge" holds.
 """
@@ -24,12 +25,13 @@ from ..engine.batch import PairBatch
 from ..engine.capture import ActivationCache
 from ..engine.metrics import logit_diff
 from ..engine.patching import run_chunk
-from ..engine.paths import Receiver, path_patch
+from ..engine.paths import Receiver, path_patch, path_patch_attention
 from ..engine.sites import HeadSite
 from ..model.models import LoadedModel
 from .gap import gap_account, with_totals
 from .headclasses import class_rules, classify, near_misses
 from .heads import PAPER_GPT2_HEADS, HeadProfile, characterise
+from .patterns import attention_shift
 
 log = logging.getLogger(__name__)
 NUDGE = 0.1   # |normalised effect| below this: the patch only nudges the answer
@@ -113,9 +115,11 @@ def design_measurements(
     if s_inhib and movers:
         later = [(L, h) for L, h in movers if L > min(s[0] for s in s_inhib)]
         if later:
-            logits = path_patch(lm, batch, donor, senders, [Receiver("q", L, h) for L, h in later], recipient=recipient)
+            logits, att = path_patch_attention(lm, batch, donor, senders, [Receiver("q", L, h) for L, h in later],
+                                               later, recipient=recipient)
             result["paths"].append({"what": "path: S-inhibition-like heads (END) -> name-mover-like heads' queries",
-                                    "senders": s_inhib, "receivers": later, "logit_diff": ld(logits)})
+                                    "senders": s_inhib, "receivers": later, "logit_diff": ld(logits),
+                                    "attention": attention_shift(lm, batch, att)})  # END -> IO, S2 of each mover
     if movers:
         logits = path_patch(lm, batch, donor, [HeadSite(L, h, "END") for L, h in movers], [Receiver("logits")],
                             recipient=recipient)

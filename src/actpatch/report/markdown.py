@@ -201,7 +201,19 @@ def gap_text(result: IOIResult, design: str, info: dict) -> tuple[str, list[str]
         senders = ", ".join(f"L{L}H{h}" for L, h in p["senders"])
         receivers = p["receivers"] if isinstance(p["receivers"], str) else ", ".join(f"L{L}H{h}" for L, h in p["receivers"])
         lines.append(f"{p['what']}: senders {senders}; receivers {receivers}: LD {rec:.2f} → {p['logit_diff']:.2f}.")
+        lines += [shift_line(senders, a) for a in p.get("attention", [])]
     return para, lines
+
+
+def shift_line(senders: str, entry: dict) -> str:
+    """"Patching these heads moves name mover X's attention from IO to S by Y", with the numbers."""
+    L, h = entry["head"]
+    io, s2 = entry["keys"]["IO"], entry["keys"]["S2"]
+    towards = {(False, True): "from IO to S2", (True, False): "from S2 to IO", (True, True): "towards both names",
+               (False, False): "away from both names"}[(io["change"] > 0, s2["change"] > 0)]
+    return (f"Patching {senders} into name mover L{L}H{h}'s query (path patching) moves its attention {towards}: "
+            f"END → IO {io['unpatched']:.2f} → {io['patched']:.2f} ({io['change']:+.2f}), END → S2 "
+            f"{s2['unpatched']:.2f} → {s2['patched']:.2f} ({s2['change']:+.2f}), means over pairs.")
 
 
 def _gap_section(result: IOIResult, design: str, info: dict) -> list[str]:
