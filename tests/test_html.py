@@ -165,3 +165,58 @@ def test_hovering_a_head_shows_its_pattern(chromium, page, tmp_path):
         assert not tab.errors(), tab.errors()[:3]
     finally:
         tab.close()
+
+
+@pytest.fixture(scope="module")
+def circuit_page(gpt2_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("html") / "circuit"
+    assert main(["circuit", "ioi", "--model", str(gpt2_dir), "--n-pairs", "3", "--method", "eap", "--edges", "10",
+                 "40", "--resamples", "0", "--out", str(out), "--quiet"]) == 0
+    return out / "report.html"
+
+
+def test_hovering_a_circuit_node_shows_its_pattern(chromium, circuit_page, tmp_path):
+    """The circuit report's drawing in chromium: no console error; moving the mouse over a head's node selects it,
+    names it with its single patch effect, and draws its pattern on both example prompts from circuit.json."""
+    import json
+    import time
+
+    saved = json.loads((circuit_page.parent / "results.json").read_text())
+    pats = saved["baseline"]["patterns"]
+    text = circuit_page.read_text(encoding="utf-8")
+    assert text.lower().count("<script") == 2 and 'id="drilldown-circuit"' in text and "src=\"http" not in text
+    assert circuit_page.stat().st_size < 5 * 2**20
+    node = pats["rows"][-1]["node"]  # the last node with a pattern: not the one the page opens on
+    tab = _Page(chromium, tmp_path)
+    try:
+        for domain in ("Runtime", "Log", "Page"):
+            tab.send(f"{domain}.enable")
+        tab.send("Page.navigate", url=circuit_page.as_uri())
+        for _ in range(200):
+            if tab.eval("!!(window.drilldownViews && window.drilldownViews.circuit)"):
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError(f"the circuit drill-down never rendered: {tab.errors()[:3]}")
+        box = tab.eval(f"""(() => {{ const e = Array.from(document.querySelectorAll('#drilldown-circuit path[aria-label]'))
+            .find(e => e.getAttribute('aria-label').includes('; node: {node}; single patch:'));
+            if (!e) return null; e.scrollIntoView(); const r = e.getBoundingClientRect();
+            return [r.x + r.width / 2, r.y + r.height / 2]; }})()""")
+        assert box is not None, f"no node {node} in the drawing"
+        tab.send("Input.dispatchMouseEvent", type="mouseMoved", x=box[0], y=box[1])
+        time.sleep(0.5)
+        assert json.loads(tab.eval("JSON.stringify(window.drilldownViews.circuit.signal('pick'))"))["node"] == [node]
+        labels = tab.eval("""Array.from(document.querySelectorAll('#drilldown-circuit path[aria-label]'))
+            .map(e => e.getAttribute('aria-label')).filter(t => t.includes('weight'))""")
+        n = [len(t) for t in pats["tokens"]]
+        assert len(labels) == sum(k * (k + 1) // 2 for k in n)
+        want = next(r["w"] for r in pats["rows"] if (r["node"], r["pair"]) == (node, 1))
+        toks, q = pats["tokens"][1], n[1] - 1
+        assert any(f"weight: {want[q * (q + 1) // 2]:.3f}" in t for t in labels
+                   if t.startswith(f"key (attended to): 0 {toks[0]}; query: {q} {toks[q]};"))
+        line = tab.eval("Array.from(document.querySelectorAll('#drilldown-circuit text')).map(t => t.textContent)"
+                        ".find(t => t.startsWith('node '))")
+        assert line.startswith(f"node {node}: single patch effect")
+        assert not tab.errors(), tab.errors()[:3]
+    finally:
+        tab.close()

@@ -177,3 +177,24 @@ def test_path_patching_moves_a_receivers_pattern_as_a_by_hand_run_says(gpt2_toke
     assert shift["S2"]["patched"] == pytest.approx(float(want[end, s2]), abs=1e-5)
     assert shift["S2"]["change"] == pytest.approx(float(want[end, s2] - clean.pattern(2, 1, 0)[end, s2]), abs=1e-5)
     assert count_hooks(model) == 0
+
+
+def test_node_patterns_are_a_heads_or_its_layers_mean(gpt2):
+    """node_patterns for a circuit drawing: a5.h3 -> that head's pattern (by hand), a5 -> the mean over layer 5's
+    heads (by hand), other nodes skipped, ``limit`` nodes at most; rows hold the lower triangle row by row."""
+    from actpatch.analysis.patterns import node_patterns
+
+    batch = tokenize_pairs(gpt2.tokenizer, PAIRS)
+    got = node_patterns(gpt2, batch, ["input", "a1.h2", "m0", "a0", "a1.kv0", "logits", "a2.h0"], limit=2)
+    assert [(r["node"], r["pair"]) for r in got["rows"]] == [("a1.h2", 0), ("a1.h2", 1), ("a0", 0), ("a0", 1)]
+    n_heads = gpt2.model.config.n_head
+    for row in got["rows"]:
+        ids = batch.recipient_ids[row["pair"], : int(batch.attention_mask[row["pair"]].sum())].tolist()
+        if row["node"] == "a1.h2":
+            want = _gpt2_by_hand(gpt2.model, ids, 1, 2)
+        else:
+            want = torch.stack([_gpt2_by_hand(gpt2.model, ids, 0, h) for h in range(n_heads)]).mean(0)
+        q, k = torch.tril_indices(len(ids), len(ids))
+        # the stored weights are rounded to 3 decimals: 5e-4, plus float32 softmax
+        torch.testing.assert_close(torch.tensor(row["w"]), want[q, k].float(), rtol=0, atol=6e-4)
+    assert node_patterns(gpt2, batch, ["input", "m1", "logits"]) is None

@@ -216,3 +216,33 @@ def attention_shift(
             entry[key] = {"unpatched": b, "patched": p, "change": p - b}
         out.append({"head": [L, h], "keys": entry})
     return out
+
+
+def node_patterns(lm: LoadedModel, batch: PairBatch, nodes: Sequence[str], limit: int = 32) -> dict | None:
+    """Patterns for a circuit drawing's nodes, in ``to_compact``'s format with a ``node`` per row: ``a5.h3`` is
+    that head's pattern, ``a5`` (a layer's attention, where heads are not separable) the mean over layer 5's
+    heads; other nodes (MLPs, KV heads, input, logits) have none. At most ``limit`` nodes, in the order given;
+    None when no node has a pattern."""
+    import re
+
+    picked: list[tuple[str, list[tuple[int, int]]]] = []
+    a = lm.adapter
+    for name in nodes:
+        head, layer = re.fullmatch(r"a(\d+)\.h(\d+)", name), re.fullmatch(r"a(\d+)", name)
+        if head:
+            picked.append((name, [(int(head[1]), int(head[2]))]))
+        elif layer:
+            picked.append((name, [(int(layer[1]), h) for h in range(a.n_heads)]))
+        if len(picked) == limit:
+            break
+    if not picked:
+        return None
+    heads = sorted({x for _, hs in picked for x in hs})
+    pats = patterns(lm, batch, heads)
+    rows = []
+    for name, hs in picked:
+        w = pats.weights[[heads.index(x) for x in hs]].mean(0)  # (B, T, T): one head, or the layer's mean
+        for b, toks in enumerate(pats.tokens):
+            q, k = np.tril_indices(len(toks))
+            rows.append({"node": name, "pair": b, "w": np.round(w[b].numpy()[q, k].astype(float), 3).tolist()})
+    return {"tokens": pats.tokens, "positions": pats.positions, "side": pats.side, "rows": rows}

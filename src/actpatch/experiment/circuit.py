@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..analysis.circuits import (circuit_heads, circuit_nodes, exact_prune, greedy_edges, node_circuit, top_edges,
                                  top_edges_with)
+from ..analysis.patterns import node_patterns
 from ..engine.capture import last_logits
 from ..engine.eap import edge_scores, group_rows
 from ..engine.edges import edge_patched_logits, sender_outputs
@@ -29,7 +30,7 @@ from ..engine.hooks import count_hooks
 from ..engine.metrics import TASK_METRICS, task_scores
 from ..engine.sanity import check_no_hooks_left
 from ..engine.pairs import PromptPair
-from ..errors import ConfigError
+from ..errors import ConfigError, UnsupportedArchitectureError
 from ..model.models import DEFAULT_MODEL, LoadedModel
 from .circuitchecks import attribution_check, head_classes, head_effects, run_circuit_checks, stability
 from .circuitresult import CircuitResult
@@ -227,6 +228,16 @@ def run_circuit(config: CircuitConfig | None = None, *, lm: LoadedModel | None =
                    stab, full, empty, effects, head_classes(lm, batch))
 
 
+def _drawn_patterns(lm, batch, edges: list) -> dict | None:
+    """The report's drill-down: attention patterns, on two example prompts, of the attention nodes met first along
+    the circuit's edges, strongest first (``analysis.patterns.node_patterns``); None where the model gives none."""
+    order = list(dict.fromkeys(n for e in edges for n in e[:2]))
+    try:
+        return node_patterns(lm, batch.select(list(range(min(2, len(batch))))), order)
+    except UnsupportedArchitectureError:
+        return None
+
+
 def _choose(cfg, graph, scores, evaluate, curve, kept, full, empty, disable) -> dict:
     """The circuit to report: the smallest reaching the target (or exact pruning's), else the largest evaluated."""
     reached = [r for r in curve if r["faithfulness"] >= cfg.target]
@@ -257,7 +268,8 @@ def _result(cfg, metric, lm, batch, graph, design, filtered, scores, chosen, cur
     record = {**asdict(cfg), "metric": metric, "model": lm.info.get("spec", cfg.model), "design": design,
               **({"filtered": filtered} if filtered else {})}
     baseline = {"n_pairs": len(batch), "metric": metric, "model_metric": float(full.mean()),
-                "empty_circuit_metric": float(empty.mean()), "head_effects": effects, "head_classes": classes}
+                "empty_circuit_metric": float(empty.mean()), "head_effects": effects, "head_classes": classes,
+                "patterns": _drawn_patterns(lm, batch, circuit["edges"])}
     info = {"n_edges": graph.n_edges, "n_senders": len(graph.senders), "n_receivers": len(graph.receivers),
             "head_senders": graph.head_senders, "n_layers": graph.n_layers, "n_heads": graph.n_heads}
     return CircuitResult(config=record, model=dict(lm.info), environment=environment(), baseline=baseline,

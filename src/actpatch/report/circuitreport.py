@@ -20,6 +20,7 @@ import networkx as nx  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from ..experiment.circuitresult import CircuitResult  # noqa: E402
+from .drilldown import circuit_drilldown_html, vega_bundle  # noqa: E402
 from .pairsreport import figure_html, html_page, markdown_page  # noqa: E402
 
 DRAWN_EDGES = 150  # a drawing of more edges is unreadable: the strongest ones are drawn, the title says so
@@ -79,18 +80,27 @@ def _layer_of(node: str, n_layers: int) -> int:
     return int(re.match(r"[am](\d+)", node).group(1))
 
 
+def circuit_layout(result: CircuitResult) -> tuple[list, dict[str, tuple[float, int]], int]:
+    """The drawn edges (the strongest ``DRAWN_EDGES``), each node's (x, layer) with input at -1 and the logits on
+    top, and the widest row's node count; shared by the PNG and the HTML drill-down."""
+    edges = sorted(result.circuit["edges"], key=lambda e: -abs(e[3]))[:DRAWN_EDGES]
+    n_layers = result.graph.get("n_layers", 1)
+    nodes = dict.fromkeys(n for e in edges for n in e[:2])
+    rows: dict[int, list[str]] = {}
+    for node in sorted(nodes, key=lambda n: (_layer_of(n, n_layers), n.startswith("m"), n)):
+        rows.setdefault(_layer_of(node, n_layers), []).append(node)
+    pos = {n: (i - (len(ns) - 1) / 2, layer) for layer, ns in rows.items() for i, n in enumerate(ns)}
+    return edges, pos, max((len(ns) for ns in rows.values()), default=1)
+
+
 def plot_circuit(result: CircuitResult) -> plt.Figure:
     """The chosen circuit's strongest edges: a layered drawing (input at the bottom, logits on top)."""
-    edges = sorted(result.circuit["edges"], key=lambda e: -abs(e[3]))[:DRAWN_EDGES]
+    edges, pos, widest = circuit_layout(result)
     n_layers = result.graph.get("n_layers", 1)
     g = nx.DiGraph()
     for sender, receiver, inp, score in edges:
         g.add_edge(sender, receiver, score=score, input=inp)
-    rows: dict[int, list[str]] = {}
-    for node in sorted(g.nodes, key=lambda n: (_layer_of(n, n_layers), n.startswith("m"), n)):
-        rows.setdefault(_layer_of(node, n_layers), []).append(node)
-    pos = {n: (i - (len(ns) - 1) / 2, layer) for layer, ns in rows.items() for i, n in enumerate(ns)}
-    width = max(6.0, 0.9 * max((len(ns) for ns in rows.values()), default=1))
+    width = max(6.0, 0.9 * widest)
     fig, ax = plt.subplots(figsize=(min(width, 24), max(5.0, 0.45 * (n_layers + 2))))
     top = max((abs(e[3]) for e in edges), default=1.0) or 1.0
     colors = ["tab:blue" if g.edges[e]["score"] > 0 else "tab:red" for e in g.edges]
@@ -240,6 +250,9 @@ def render_circuit_html(result: CircuitResult, images: dict[str, bytes]) -> str:
     """report.html of a circuit run, self-contained."""
     head = [f'<p>Sanity checks: <strong id="status">{"passed" if result.passed else "FAILED"}</strong></p>']
     head += [figure_html(name, data) for name, data in images.items()]
+    drill = circuit_drilldown_html(result, *circuit_layout(result)[:2])
+    if drill:  # hover a node of the drawing: its attention pattern on two example prompts
+        head += ["<h2>Drill down: hover a node</h2>", vega_bundle(), drill]
     return html_page(_title(result), head, findings(result), _tables(result), [],
                      {"config": result.config, "model": result.model, "environment": result.environment},
                      str(result.config.get("command")))

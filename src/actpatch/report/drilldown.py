@@ -1,12 +1,16 @@
-"""The report's drill-down: hover a head of the grid to see its attention pattern on two example prompts.
+"""The reports' drill-down: hover a head of the grid, or a node of a circuit, to see its attention pattern on two
+example prompts.
 
     page = vega_bundle() + drilldown_html(result, "swap")   # one bundle per page; "" when there are no patterns
+    page = vega_bundle() + circuit_drilldown_html(circuit_result, edges, positions)   # the circuit drawing's nodes
 
 A Vega-Lite chart (declarative JSON, rendered by Vega-Embed): the single-head patching grid (layer x head, colour =
 delta LD) with a hover selection, the selected head's pattern on each example prompt (query x key, tokens as
 labels, from ``analysis.heads.patterns``: ``AttentionPatterns.to_compact``), and a line with its patching effect
 and direct logit attribution. Vega, Vega-Lite and Vega-Embed are embedded from ``vl-convert-python``'s bundle
-(about 0.9 MB), so the page loads with no network. It reads only the ``IOIResult``.
+(about 0.9 MB), so the page loads with no network. It reads only the results (``IOIResult``; a
+``CircuitResult``'s ``baseline["patterns"]``, ``analysis.patterns.node_patterns``: ``a5.h3`` a head's pattern,
+``a5`` the mean over a layer's heads where the graph does not separate them).
 """
 
 from __future__ import annotations
@@ -105,11 +109,75 @@ def vega_bundle() -> str:
 
 def drilldown_html(result: IOIResult, design: str) -> str:
     """The drill-down's <div> and its embedding call (``vega_bundle`` must come first); "" when there is none."""
-    spec = drilldown_spec(result, design)
+    return _embed(drilldown_spec(result, design), design)
+
+
+def circuit_spec(result, edges: list, pos: dict[str, tuple[float, int]]) -> dict | None:
+    """The circuit drawing (``circuitreport.circuit_layout``'s edges and node positions) with a hover selection
+    on its nodes, the node's single patch effect and classes, and its pattern on each example prompt."""
+    pats = result.baseline.get("patterns")
+    if not pats or not edges:
+        return None
+    effects, classes = result.baseline.get("head_effects") or {}, result.baseline.get("head_classes") or {}
+    has = {r["node"] for r in pats["rows"]}
+    nodes = [{"node": n, "x": x, "y": y, "has_pattern": n in has, "effect": effects.get(n),
+              "classes": ", ".join(classes.get(n, []))} for n, (x, y) in pos.items()]
+    top = max(abs(e[3]) for e in edges) or 1.0
+    lines = [{"x": pos[a][0], "y": pos[a][1], "x2": pos[b][0], "y2": pos[b][1], "score": sc,
+              "width": 0.4 + 3.5 * abs(sc) / top} for a, b, _, sc in edges]
+    first = next(n["node"] for n in nodes if n["has_pattern"])
+    widest = max(sum(1 for n in nodes if n["y"] == y) for y in {n["y"] for n in nodes})
+    xy = {"x": {"field": "x", "type": "quantitative", "axis": None},
+          "y": {"field": "y", "type": "quantitative", "title": "layer (input -1, logits on top)"}}
+    graph = {
+        "title": {"text": f"the circuit's {len(edges)} strongest edges: hover a node", "fontSize": 11},
+        "width": min(1000, max(400, 45 * widest)), "height": 360,
+        "layer": [
+            {"data": {"name": "edges"}, "mark": {"type": "rule", "opacity": 0.6},
+             "encoding": {**xy, "x2": {"field": "x2"}, "y2": {"field": "y2"},
+                          "color": {"condition": {"test": "datum.score > 0", "value": "#1f77b4"}, "value": "#d62728"},
+                          "strokeWidth": {"field": "width", "type": "quantitative", "scale": None}}},
+            {"data": {"name": "nodes"}, "mark": {"type": "circle", "size": 260, "opacity": 1},
+             "params": [{"name": "pick", "value": [{"node": first}],
+                         "select": {"type": "point", "on": "pointerover", "fields": ["node"], "clear": False}}],
+             "encoding": {**xy, "color": {"condition": {"test": "datum.has_pattern", "value": "#9ecae1"},
+                                          "value": "#dddddd"},
+                          "stroke": {"condition": {"param": "pick", "empty": False, "value": "black"}, "value": None},
+                          "tooltip": [{"field": "node"}, {"field": "effect", "format": ".3f", "title": "single patch"},
+                                      {"field": "classes"}]}},
+            {"data": {"name": "nodes"}, "mark": {"type": "text", "fontSize": 8, "dy": -12},
+             "encoding": {**xy, "text": {"field": "node"}}},
+        ],
+    }
+    summary = {
+        "data": {"name": "nodes"}, "width": 600, "height": 16,
+        "transform": [{"filter": {"param": "pick", "empty": False}},
+                      {"calculate": "'node ' + datum.node + ': single patch effect ' + (datum.effect === null ? 'n/a' : "
+                                    "format(datum.effect, '.3f')) + (datum.classes ? '; ' + datum.classes : '') + "
+                                    "(datum.has_pattern ? '' : '; no attention pattern stored for this node')",
+                       "as": "line"}],
+        "mark": {"type": "text", "align": "left", "x": 0, "fontSize": 12, "fontWeight": "bold"},
+        "encoding": {"text": {"field": "line"}},
+    }
+    tokens = [{"pair": b, "tokens": t} for b, t in enumerate(pats["tokens"])]
+    return {
+        "$schema": SCHEMA, "datasets": {"nodes": nodes, "edges": lines, "patterns": pats["rows"], "tokens": tokens},
+        "config": {"view": {"stroke": None}},
+        "vconcat": [graph, summary, {"hconcat": [_pattern_view(b, t) for b, t in enumerate(pats["tokens"])]}],
+        "resolve": {"scale": {"color": "independent"}},
+    }
+
+
+def circuit_drilldown_html(result, edges: list, pos: dict) -> str:
+    """The circuit drill-down's <div> and embedding call (``vega_bundle`` first); "" without stored patterns."""
+    return _embed(circuit_spec(result, edges, pos), "circuit")
+
+
+def _embed(spec: dict | None, name: str) -> str:
     if spec is None:
         return ""
     data = json.dumps(spec, separators=(",", ":")).replace("</", "<\\/")
-    div = f"drilldown-{design}"
+    div, design = f"drilldown-{name}", name
     return (f'<div id="{div}" class="drilldown"></div>\n'
             f'<script>vegaEmbed("#{div}", {data}, {{"actions": false, "renderer": "svg"}})'
             f'.then(function (r) {{ window.drilldownViews = window.drilldownViews || {{}}; '
