@@ -147,7 +147,11 @@ def test_s_inhibition_path_reports_how_the_name_movers_attention_moves(setup):
     assert path["logit_diff"] == pytest.approx(float(logit_diff(plain, batch.answer_ids, batch.wrong_ids).mean()), abs=1e-6)
     (entry,) = path["attention"]
     assert entry["head"] == [2, 3]
-    out = lm.model(input_ids=batch.recipient_ids, attention_mask=batch.attention_mask, output_attentions=True)
+    import copy
+
+    # a copy: HF records output_attentions through forward hooks it leaves on the model
+    fresh = copy.deepcopy(lm.model)
+    out = fresh(input_ids=batch.recipient_ids, attention_mask=batch.attention_mask, output_attentions=True)
     rows, end = torch.arange(len(batch)), batch.position("END")
     for key in ("IO", "S2"):
         col = batch.position(key)

@@ -115,6 +115,19 @@ class _Page:
                 or (e.get("method") == "Runtime.consoleAPICalled" and e["params"]["type"] in ("error", "assert"))
                 or (e.get("method") == "Log.entryAdded" and e["params"]["entry"]["level"] == "error")]
 
+    def open(self, url, view):
+        """Load ``url`` and wait until the drill-down ``view`` has rendered (``window.drilldownViews[view]``)."""
+        import time
+
+        for domain in ("Runtime", "Log", "Page"):
+            self.send(f"{domain}.enable")
+        self.send("Page.navigate", url=url)
+        for _ in range(200):
+            if self.eval(f"!!(window.drilldownViews && window.drilldownViews.{view})"):
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"the drill-down {view!r} never rendered: {self.errors()[:3]}")
+
     def close(self):
         self.ws.close()
         self.proc.kill()
@@ -131,15 +144,7 @@ def test_hovering_a_head_shows_its_pattern(chromium, page, tmp_path):
     pats = result["analysis"]["heads"]["patterns"]
     tab = _Page(chromium, tmp_path)
     try:
-        for domain in ("Runtime", "Log", "Page"):
-            tab.send(f"{domain}.enable")
-        tab.send("Page.navigate", url=page.as_uri())
-        for _ in range(200):
-            if tab.eval("!!(window.drilldownViews && window.drilldownViews.swap)"):
-                break
-            time.sleep(0.05)
-        else:
-            raise AssertionError(f"the drill-down never rendered: {tab.errors()[:3]}")
+        tab.open(page.as_uri(), "swap")
         box = tab.eval("""(() => { const e = Array.from(document.querySelectorAll('#drilldown-swap path[aria-label]'))
             .find(e => /^head: 1; layer: 2;/.test(e.getAttribute('aria-label')));
             if (!e) return null; e.scrollIntoView(); const r = e.getBoundingClientRect();
@@ -189,15 +194,7 @@ def test_hovering_a_circuit_node_shows_its_pattern(chromium, circuit_page, tmp_p
     node = pats["rows"][-1]["node"]  # the last node with a pattern: not the one the page opens on
     tab = _Page(chromium, tmp_path)
     try:
-        for domain in ("Runtime", "Log", "Page"):
-            tab.send(f"{domain}.enable")
-        tab.send("Page.navigate", url=circuit_page.as_uri())
-        for _ in range(200):
-            if tab.eval("!!(window.drilldownViews && window.drilldownViews.circuit)"):
-                break
-            time.sleep(0.05)
-        else:
-            raise AssertionError(f"the circuit drill-down never rendered: {tab.errors()[:3]}")
+        tab.open(circuit_page.as_uri(), "circuit")
         box = tab.eval(f"""(() => {{ const e = Array.from(document.querySelectorAll('#drilldown-circuit path[aria-label]'))
             .find(e => e.getAttribute('aria-label').includes('; node: {node}; single patch:'));
             if (!e) return null; e.scrollIntoView(); const r = e.getBoundingClientRect();
