@@ -129,3 +129,37 @@ def test_pairs_file_noise_field(tmp_path):
     path.write_text(json.dumps({**good, "noise": {"span": "Eiffel Tower", "scale": -1}}) + "\n")
     with pytest.raises(PairsFileError, match="noise"):
         load_pairs_file(path)
+
+
+def _noised_logprob(model, tok, pair: PromptPair, answer: str) -> float:
+    """log P(answer | noised donor prompt) by teacher forcing, the noise added by hand (as in ``_naive``)."""
+    emb = model.get_input_embeddings()
+    std = emb.weight[:: max(1, emb.weight.shape[0] // 4096)].std()
+    span, scale, seed = pair.noise
+    cols = _span(tok, pair.donor, span)
+    z = torch.randn(len(cols), emb.weight.shape[1], generator=torch.Generator().manual_seed(seed)) * scale * std
+    prompt = tok(pair.donor)["input_ids"]
+    cont = tok(pair.donor + answer)["input_ids"][len(prompt):]
+    with torch.no_grad():
+        x = emb(torch.tensor([prompt + cont[:-1]]))
+        x[0, cols] += z
+        logp = model(inputs_embeds=x).logits[0].log_softmax(-1)  # (T, V)
+    return float(sum(logp[len(prompt) - 1 + i, t] for i, t in enumerate(cont)))
+
+
+def test_a_noised_donors_baseline_with_multi_token_answers_is_the_noised_run(tiny_lm, gpt2_tokenizer):
+    """The donor baseline of noised pairs whose answers have several tokens is read from the noised run, not the
+    clean prompt (a bug that made donor == recipient and every normalised effect infinite): against teacher
+    forcing by hand with the noise added by hand, 1e-4 (float32, padded batch vs one row)."""
+    pairs = [PromptPair(PROMPT, PROMPT, " Rio de Janeiro", " Buenos Aires",
+                        positions=(("subject", "Eiffel Tower", "Eiffel Tower"),), noise=("Eiffel Tower", 3.0, 11)),
+             PromptPair(OTHER, OTHER, " Paris", " Los Angeles", positions=(("subject", "Louvre", "Louvre"),),
+                        noise=("Louvre", 2.0, 12))]
+    result = run_pairs(lm=tiny_lm, pairs=pairs, sites=("hidden",), positions=("subject", "END"), metric="logit_diff",
+                       progress=False)
+    assert result.passed, {n: c["detail"] for n, c in result.sanity.items() if not c["passed"]}
+    want = [_noised_logprob(tiny_lm.model, gpt2_tokenizer, p, p.answer) - _noised_logprob(tiny_lm.model, gpt2_tokenizer, p, p.wrong)
+            for p in pairs]
+    donor, recipient = result.baseline["donor"]["mean_logit_diff"], result.baseline["recipient"]["mean_logit_diff"]
+    assert donor == pytest.approx(sum(want) / 2, abs=1e-4)
+    assert abs(donor - recipient) > 1e-3  # the noise moves the metric: a clean read could not pass

@@ -34,6 +34,8 @@ from transformers.cache_utils import DynamicCache
 from ..errors import NumericalError
 from ..model.models import LoadedModel
 from .batch import PairBatch
+from .hooks import hooks
+from .noise import noise_hook
 from .prefix import RecipientState
 
 LOGIT_BYTES = 2**27  # the tail's full-vocabulary logits are made in slices of at most this many bytes
@@ -244,7 +246,8 @@ def plain_readout(lm: LoadedModel, batch: PairBatch, side: str = "recipient", ag
     plain_mask = torch.zeros_like(plain)
     for r, row in enumerate(rows):
         plain[r, :len(row)], plain_mask[r, :len(row)] = torch.tensor(row), 1
-    with torch.inference_mode():
+    noise = noise_hook(lm, batch, torch.arange(len(batch)).repeat_interleave(n)) if side == "donor" else None
+    with torch.inference_mode(), hooks([] if noise is None else [noise]):  # a noised donor is read noised
         hidden = lm.model.base_model(input_ids=plain.to(lm.device), attention_mask=plain_mask.to(lm.device),
                                      use_cache=False).last_hidden_state  # (B*n, W, D)
         s = torch.tensor(starts, device=hidden.device)

@@ -37,19 +37,24 @@ def row_noise(n_tokens: int, dim: int, seed: int) -> Float[Tensor, "n dim"]:
     return torch.randn(n_tokens, dim, generator=torch.Generator().manual_seed(int(seed)))
 
 
-def noise_hook(lm: LoadedModel, batch: PairBatch) -> HookSpec | None:
-    """An output hook on the input embeddings that adds each noised row's noise at its marked donor tokens."""
+def noise_hook(lm: LoadedModel, batch: PairBatch, rows: Tensor | None = None) -> HookSpec | None:
+    """An output hook on the input embeddings that adds each noised row's noise at its marked donor tokens.
+    ``rows`` (R,): the pair of each row of the forward pass, for passes that repeat a pair's donor prompt (its
+    continuations as rows of their own, prompt first); by default row i is pair i."""
     if batch.noise_mask is None or not bool(batch.noise_mask.any()):
         return None
     std = embedding_std(lm)
     mask = batch.noise_mask  # (B, Td)
+    pair_of = torch.arange(len(mask)) if rows is None else rows.cpu()
 
-    def add(emb: Tensor) -> Tensor:  # (B, Td, D)
+    def add(emb: Tensor) -> Tensor:  # (R, T, D), T >= Td: a donor prompt starts every row
         out = emb.clone()
-        for i in mask.any(dim=1).nonzero().flatten().tolist():
+        for r, i in enumerate(pair_of.tolist()):
             cols = mask[i].nonzero().flatten()
+            if len(cols) == 0:
+                continue
             z = row_noise(len(cols), emb.shape[-1], int(batch.noise_seed[i])) * float(batch.noise_scale[i]) * std
-            out[i, cols.to(emb.device)] += z.to(emb.device, emb.dtype)
+            out[r, cols.to(emb.device)] += z.to(emb.device, emb.dtype)
         return out
 
     return lm.model.get_input_embeddings(), "output", add
