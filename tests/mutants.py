@@ -26,6 +26,11 @@ TESTS = ["tests/test_patternsite.py", "tests/test_patterns.py", "tests/test_cont
 
 # name: (file under src/actpatch, the exact text, its replacement, what the bug is)
 MUTANTS = {
+    "noise_readout_clean": ("engine/continuation.py",
+                            'noise = noise_hook(lm, batch, torch.arange(len(batch)).repeat_interleave(n)) if side == "donor" else None',
+                            "noise = None", "a noised donor's multi-token baseline read from the clean prompt"),
+    "noise_rows_mixed": ("engine/continuation.py", "torch.arange(len(batch)).repeat_interleave(n)",
+                         "torch.arange(len(batch)).repeat(n)", "a continuation row noised with another pair's noise"),
     "cont_target_shift": ("engine/continuation.py", "targets = conts[:, :, 1:].reshape(", "targets = conts[:, :, :-1].reshape(",
                           "each continuation position scored against its own input token (off by one)"),
     "cont_gate_open": ("engine/continuation.py", "gate.open = False  # continuation", "gate.open = True  # continuation",

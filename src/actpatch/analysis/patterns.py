@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -223,8 +224,6 @@ def node_patterns(lm: LoadedModel, batch: PairBatch, nodes: Sequence[str], limit
     that head's pattern, ``a5`` (a layer's attention, where heads are not separable) the mean over layer 5's
     heads; other nodes (MLPs, KV heads, input, logits) have none. At most ``limit`` nodes, in the order given;
     None when no node has a pattern."""
-    import re
-
     picked: list[tuple[str, list[tuple[int, int]]]] = []
     a = lm.adapter
     for name in nodes:

@@ -250,7 +250,7 @@ def render_circuit_html(result: CircuitResult, images: dict[str, bytes]) -> str:
     """report.html of a circuit run, self-contained."""
     head = [f'<p>Sanity checks: <strong id="status">{"passed" if result.passed else "FAILED"}</strong></p>']
     head += [figure_html(name, data) for name, data in images.items()]
-    drill = circuit_drilldown_html(result, *circuit_layout(result)[:2])
+    drill = circuit_drilldown_html(result, *circuit_layout(result))
     if drill:  # hover a node of the drawing: its attention pattern on two example prompts
         head += ["<h2>Drill down: hover a node</h2>", vega_bundle(), drill]
     return html_page(_title(result), head, findings(result), _tables(result), [],

@@ -2,7 +2,7 @@
 example prompts.
 
     page = vega_bundle() + drilldown_html(result, "swap")   # one bundle per page; "" when there are no patterns
-    page = vega_bundle() + circuit_drilldown_html(circuit_result, edges, positions)   # the circuit drawing's nodes
+    page = vega_bundle() + circuit_drilldown_html(circuit_result, *circuit_layout(circuit_result))   # its nodes
 
 A Vega-Lite chart (declarative JSON, rendered by Vega-Embed): the single-head patching grid (layer x head, colour =
 delta LD) with a hover selection, the selected head's pattern on each example prompt (query x key, tokens as
@@ -112,8 +112,8 @@ def drilldown_html(result: IOIResult, design: str) -> str:
     return _embed(drilldown_spec(result, design), design)
 
 
-def circuit_spec(result, edges: list, pos: dict[str, tuple[float, int]]) -> dict | None:
-    """The circuit drawing (``circuitreport.circuit_layout``'s edges and node positions) with a hover selection
+def circuit_spec(result, edges: list, pos: dict[str, tuple[float, int]], widest: int) -> dict | None:
+    """The circuit drawing (``circuitreport.circuit_layout``: edges, node positions, widest row) with a hover selection
     on its nodes, the node's single patch effect and classes, and its pattern on each example prompt."""
     pats = result.baseline.get("patterns")
     if not pats or not edges:
@@ -126,7 +126,6 @@ def circuit_spec(result, edges: list, pos: dict[str, tuple[float, int]]) -> dict
     lines = [{"x": pos[a][0], "y": pos[a][1], "x2": pos[b][0], "y2": pos[b][1], "score": sc,
               "width": 0.4 + 3.5 * abs(sc) / top} for a, b, _, sc in edges]
     first = next(n["node"] for n in nodes if n["has_pattern"])
-    widest = max(sum(1 for n in nodes if n["y"] == y) for y in {n["y"] for n in nodes})
     xy = {"x": {"field": "x", "type": "quantitative", "axis": None},
           "y": {"field": "y", "type": "quantitative", "title": "layer (input -1, logits on top)"}}
     graph = {
@@ -168,17 +167,17 @@ def circuit_spec(result, edges: list, pos: dict[str, tuple[float, int]]) -> dict
     }
 
 
-def circuit_drilldown_html(result, edges: list, pos: dict) -> str:
+def circuit_drilldown_html(result, edges: list, pos: dict, widest: int) -> str:
     """The circuit drill-down's <div> and embedding call (``vega_bundle`` first); "" without stored patterns."""
-    return _embed(circuit_spec(result, edges, pos), "circuit")
+    return _embed(circuit_spec(result, edges, pos, widest), "circuit")
 
 
 def _embed(spec: dict | None, name: str) -> str:
     if spec is None:
         return ""
     data = json.dumps(spec, separators=(",", ":")).replace("</", "<\\/")
-    div, design = f"drilldown-{name}", name
+    div = f"drilldown-{name}"
     return (f'<div id="{div}" class="drilldown"></div>\n'
             f'<script>vegaEmbed("#{div}", {data}, {{"actions": false, "renderer": "svg"}})'
             f'.then(function (r) {{ window.drilldownViews = window.drilldownViews || {{}}; '
-            f'window.drilldownViews["{design}"] = r.view; }});</script>')
+            f'window.drilldownViews["{name}"] = r.view; }});</script>')

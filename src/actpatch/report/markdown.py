@@ -209,9 +209,10 @@ def shift_line(senders: str, entry: dict) -> str:
     """"Patching these heads moves name mover X's attention from IO to S by Y", with the numbers."""
     L, h = entry["head"]
     io, s2 = entry["keys"]["IO"], entry["keys"]["S2"]
-    towards = "barely (under 0.01 on both names)" if max(abs(io["change"]), abs(s2["change"])) < 0.01 else {
-        (False, True): "from IO to S2", (True, False): "from S2 to IO", (True, True): "towards both names",
-               (False, False): "away from both names"}[(io["change"] > 0, s2["change"] > 0)]
+    ways = {(False, True): "from IO to S2", (True, False): "from S2 to IO", (True, True): "towards both names",
+            (False, False): "away from both names"}
+    towards = "barely (under 0.01 on both names)" if max(abs(io["change"]), abs(s2["change"])) < 0.01 \
+        else ways[(io["change"] > 0, s2["change"] > 0)]
     return (f"Patching {senders} into name mover L{L}H{h}'s query (path patching) moves its attention {towards}: "
             f"END → IO {io['unpatched']:.2f} → {io['patched']:.2f} ({io['change']:+.2f}), END → S2 "
             f"{s2['unpatched']:.2f} → {s2['patched']:.2f} ({s2['change']:+.2f}), means over pairs.")
