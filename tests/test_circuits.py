@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from actpatch import wrap_model
-from actpatch.analysis.circuits import (circuit_heads, circuit_nodes, curve_area, exact_prune, fed_senders, greedy_edges, jaccard, node_circuit,
+from actpatch.analysis.circuits import (circuit_heads, circuit_nodes, exact_prune, fed_senders, greedy_edges, jaccard, node_circuit,
                                         prune, top_edges, top_edges_with)
+from actpatch.analysis.faithfulness import MIB_FRACTIONS, cpr_cmd, mib_sizes
 from actpatch.cli import main
 from actpatch.engine import edges as edges_module
 from actpatch.engine.graph import build_graph
@@ -114,12 +115,28 @@ def test_circuit_heads_read_and_write(gpt2_lm, gpt2_tokenizer):
     assert circuit_heads(gemma, _keep(gemma, [("input", "a1.h2<q>"), ("a1", "logits")])) == ["a1.h2"]
 
 
-def test_curve_area_runs_from_the_empty_circuit_to_the_whole_graph():
-    assert curve_area([], [], 100) == pytest.approx(0.5, abs=1e-12)  # the endpoints alone: a straight line
-    x1 = math.log(2) / math.log(101)  # one edge keeps everything: a triangle, then a rectangle of height 1
-    assert curve_area([1], [1.0], 100) == pytest.approx(x1 / 2 + (1 - x1), abs=1e-12)
-    # points at 0 edges or at the whole graph do not move the endpoints, which hold by definition
-    assert curve_area([0, 1, 100], [0.3, 1.0, 0.7], 100) == pytest.approx(x1 / 2 + (1 - x1), abs=1e-12)
+def _plain_trapezoid(xs, ys):
+    """Area under straight lines through (xs, ys), written out: sum of (x1 - x0) (y0 + y1) / 2."""
+    return sum((xs[i + 1] - xs[i]) * (ys[i] + ys[i + 1]) / 2 for i in range(len(xs) - 1))
+
+
+def test_cpr_and_cmd_of_hand_made_curves_with_known_areas():
+    # MIB's grid of edge fractions (Mueller et al. 2025, their evaluation code): log-spaced from 0.1% to 100%
+    assert MIB_FRACTIONS == (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+    assert mib_sizes(70651) == [70, 141, 353, 706, 1413, 3532, 7065, 14130, 35325, 70651]  # int(f x n), as MIB
+    xs = list(MIB_FRACTIONS)
+    # f(x) = x: trapezoids are exact on a straight line, so CPR = (1 - 0.001^2) / 2 and CMD = 0.999 - CPR
+    cpr, cmd = cpr_cmd(xs, xs)
+    assert cpr == pytest.approx((1 - 0.001 ** 2) / 2, abs=1e-12) and cmd == pytest.approx(0.999 - cpr, abs=1e-12)
+    # a curve above 1 counts against CMD too: |1 - 1.2| over the width 0.999
+    cpr, cmd = cpr_cmd(xs, [1.2] * len(xs))
+    assert cpr == pytest.approx(1.2 * 0.999, abs=1e-12) and cmd == pytest.approx(0.2 * 0.999, abs=1e-12)
+    # a curve that crosses 1, given out of order: the points are sorted by fraction first
+    ys = [0.0, 0.1, 0.4, 0.9, 1.3, 1.1, 1.0, 0.95, 1.0, 1.0]
+    cpr, cmd = cpr_cmd(xs[::-1], ys[::-1])
+    assert cpr == pytest.approx(_plain_trapezoid(xs, ys), abs=1e-12)
+    assert cmd == pytest.approx(_plain_trapezoid(xs, [abs(1 - y) for y in ys]), abs=1e-12)
+    assert all(math.isnan(v) for v in cpr_cmd([0.5], [1.0]))  # one point has no area
 
 
 def test_exact_prune_drops_edges_that_change_nothing(gpt2_lm):
@@ -150,10 +167,16 @@ def test_circuit_run_checks_faithfulness_and_round_trip(gpt2_lm, tmp_path):
     assert 0 <= result.stability["template_split_jaccard"] <= 1 and 0 <= result.stability["random_split_jaccard"] <= 1
     md = render_circuit_md(result, [])
     assert "template half B" in md and "Jaccard with the other half" in md
-    areas = result.areas().set_index("method").area
-    assert set(areas.index) == {"eap", "nodes"}
-    nodes = df[df.method == "nodes"]
-    assert areas["nodes"] == pytest.approx(curve_area(nodes.edges, nodes.faithfulness, result.graph["n_edges"]))
+    bench = result.benchmark_scores().set_index("method")
+    assert set(bench.index) == {"eap", "nodes"}
+    grid = df[(df.method == "eap") & (df.grid == True)].sort_values("fraction")  # noqa: E712
+    assert tuple(grid.fraction) == MIB_FRACTIONS  # every MIB point measured, plus the asked sizes 5 and 20
+    assert set(df[df.method == "eap"]["size"]) >= {5, 20} | set(mib_sizes(result.graph["n_edges"]))
+    assert grid.faithfulness.iloc[-1] == pytest.approx(1.0, abs=1e-5)  # 100% of the edges: the model itself
+    xs, ys = grid.fraction.tolist(), grid.faithfulness.tolist()
+    assert bench.loc["eap", "cpr"] == pytest.approx(_plain_trapezoid(xs, ys), abs=1e-12)
+    assert bench.loc["eap", "cmd"] == pytest.approx(_plain_trapezoid(xs, [abs(1 - y) for y in ys]), abs=1e-12)
+    assert "CPR" in md and "CMD" in md
     assert result.baseline["head_classes"] is None  # these pairs have no IOI positions
     graph = build_graph(gpt2_lm.adapter)
     assert result.circuit["heads"] == circuit_heads(graph, _keep_of(graph, result))
@@ -267,14 +290,14 @@ class _Pairs:
 
 def test_stability_compares_the_two_halves_with_each_other(monkeypatch):
     # a stand-in for edge scores: the circuit of a subset is its pairs' own edges plus edge 10, shared by all
-    def scores(lm, graph, idx, metric, don, steps=None):
+    def scores(lm, graph, idx, metric, don, steps=None, interpolate="inputs"):
         sc = torch.zeros(1, 11)
         sc[0, idx], sc[0, 10] = 1.0, 1.0
         return sc
     monkeypatch.setattr(circuitchecks, "edge_scores", scores)
     keep = torch.zeros(1, 11, dtype=torch.bool)
     keep[0, [0, 1, 2, 3, 10]] = True
-    out = circuitchecks.stability(None, None, _Pairs([0, 0, 1, 1]), torch.zeros(2, 4), None, None,
+    out = circuitchecks.stability(None, None, _Pairs([0, 0, 1, 1]), torch.zeros(2, 4), None, (None, "inputs"),
                                   lambda sc: sc > 0, keep, resamples=2, seed=0, disable=True)
     # halves {0, 1} + 10 and {2, 3} + 10 share one edge of five; either half against the chosen circuit would be 3/5
     assert out["template_split_jaccard"] == pytest.approx(1 / 5, abs=1e-12)

@@ -6,7 +6,6 @@
     keep = exact_prune(graph, scores, evaluate)   # ACDC-style: drop each edge whose exact removal changes little
     circuit_nodes(graph, keep)                    # the nodes it contains
     circuit_heads(graph, keep)                    # the heads that read and write inside it
-    curve_area(edges, faithfulness, n_edges)      # area under a faithfulness curve (log size, 0 to 1)
     node_circuit(graph, ["a9.h6", "a10.h0"])      # every edge among these heads, all MLPs, input and logits
 
 A circuit keeps its edges at the recipient's values; everything outside it is patched to the donor. Pruning
@@ -16,7 +15,6 @@ such edges cannot carry anything from the input to the output inside the circuit
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Sequence
 
 import torch
@@ -172,17 +170,6 @@ def circuit_heads(graph: Graph, keep: Bool[Tensor, "receiver sender"]) -> list[s
             if writes and bool(reads[mine].any()):
                 out.append(f"a{L}.h{h}")
     return out
-
-
-def curve_area(edges: Sequence[int], faithfulness: Sequence[float], n_edges: int) -> float:
-    """Area under a faithfulness curve against x = log(1 + edges) / log(1 + n_edges), from the empty circuit (x 0,
-    faithfulness 0 by definition) to the whole graph (x 1, faithfulness 1), by trapezoids through the evaluated
-    points in between. 1: the first edge already keeps everything; 0.5: a straight line in log size."""
-    pts = {0: 0.0, n_edges: 1.0}
-    pts.update({int(e): float(f) for e, f in zip(edges, faithfulness) if 0 < int(e) < n_edges})
-    xs = [math.log1p(e) / math.log1p(n_edges) for e in sorted(pts)]
-    ys = [pts[e] for e in sorted(pts)]
-    return sum((x1 - x0) * (y0 + y1) / 2 for x0, x1, y0, y1 in zip(xs, xs[1:], ys, ys[1:]))
 
 
 def jaccard(a: Bool[Tensor, "..."], b: Bool[Tensor, "..."]) -> float:

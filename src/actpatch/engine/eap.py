@@ -29,50 +29,85 @@ from .batch import PairBatch
 from .capture import last_logits
 from .edgegrads import receiver_inputs
 from .graph import Graph
+from ..errors import ConfigError
 
 EAP_TOKENS = 256  # tokens per gradient pass, at most; it keeps every sender's donor - recipient: S x 256 x D floats
 _CHUNK = 96  # receivers per score product: about six layers of a small model's
+INTERPOLATIONS = ("inputs", "activations")  # EAP-IG's two variants (MIB: EAP-IG-inputs, EAP-IG-activations)
 MetricFn = Callable[[Tensor, slice], Tensor]  # (END logits (b, V), which rows of the batch) -> per-pair metric (b,)
 
 
 def edge_scores(
     lm: LoadedModel, graph: Graph, batch: PairBatch, metric: MetricFn,
     donor: Float[Tensor, "sender batch pos d_model"], steps: int | None = None, max_rows: int | None = None, bar=None,
+    interpolate: str = "inputs",
 ) -> Float[Tensor, "receiver sender"]:
     """Estimated change of the mean metric when each edge alone is patched to the donor (0 where no edge).
 
     ``donor``: the donor run's recording (``sender_outputs``). ``steps`` None: EAP; an int >= 1:
-    EAP-IG with that many interpolation steps. Pairs are processed in groups of ``max_rows`` (default about
-    ``EAP_TOKENS`` tokens). Leaves the model as it was (no weight gets a gradient).
+    EAP-IG with that many interpolation steps, on ``interpolate`` = "inputs" (the input embeddings move from the
+    donor's to the recipient's) or "activations" (every sender's write does; see ``engine.edgegrads``). Pairs are
+    processed in groups of ``max_rows`` (default about ``EAP_TOKENS`` tokens). Leaves the model as it was (no
+    weight gets a gradient).
 
     Example::
 
         scores = edge_scores(lm, graph, batch, lambda logits, rows: logit_diff(logits, a[rows], w[rows]), don, steps=5)
     """
-    if steps is not None and (not isinstance(steps, int) or steps < 1):
-        raise ValueError(f"steps (--ig-steps) must be an int >= 1, got {steps!r}")
+    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+        raise ConfigError(f"steps (--ig-steps) must be an int >= 1, got {steps!r}")
+    if interpolate not in INTERPOLATIONS:
+        raise ConfigError(f"interpolate must be one of {', '.join(INTERPOLATIONS)}, got {interpolate!r}")
     alphas = [None] if steps is None else [k / steps for k in range(steps, 0, -1)]  # alpha = 1 (the recipient) first
     rows = max_rows or group_rows(batch)
     reach = [int(r.nonzero().max()) + 1 if bool(r.any()) else 0 for r in graph.allowed]  # senders before each receiver
     scores = torch.zeros(graph.allowed.shape, dtype=torch.float64)
-    dev = lm.device
+    dev, cache = lm.device, {}  # cache: the receivers' rows of the q/k/v projections and the norms' forms, read once
     with _activation_gradients_only(lm):
         for lo in range(0, len(batch), rows):
             part = batch.select(slice(lo, lo + rows))
             sl, keep = slice(lo, lo + len(part)), part.attention_mask.to(dev).bool()  # (b, T): the positions scored
-            diff = None  # (S, N, D) float32: donor - recipient of every sender, written by the alpha = 1 pass
+            diff, total = None, None  # diff (S, N, D): donor - recipient per sender; total (R, N, D): summed gradients
             for alpha in alphas:
-                with torch.enable_grad(), receiver_inputs(lm, graph, alpha, donor[:, sl], keep, diff is None) as flow:
+                with torch.enable_grad(), receiver_inputs(lm, graph, alpha, donor[:, sl], keep, diff is None, cache,
+                                                          mix=interpolate == "activations") as flow:
                     logits = last_logits(lm, part.recipient_ids.to(dev), part.attention_mask.to(dev), part.position("END"))
                     # the sum, divided by the batch size afterwards (a mean's per-pair gradients underflow in float16)
                     metric(logits, sl).float().sum().backward()
                 diff = flow.written if diff is None else diff
                 with torch.no_grad():
-                    _score(flow.receiver_grads(), diff, reach, scores)
+                    if len(alphas) == 1:  # EAP: each chunk of receivers is multiplied as it comes, nothing kept
+                        _score(flow.receiver_grads(), diff, reach, scores)
+                    else:  # EAP-IG: the steps' gradients are summed first, and multiplied once (see EAP_TOKENS)
+                        total = _accumulate(flow.receiver_grads(), total, len(graph.receivers))
                 if bar is not None:
                     bar.update(1)
+            if total is not None:
+                with torch.no_grad():
+                    _score(_layers(graph, total), diff, reach, scores)
     scores = scores / (len(batch) * len(alphas))
     return (scores * graph.allowed).float()
+
+
+def _accumulate(grads, total: Tensor | None, n_receivers: int) -> Tensor:
+    """Add each receiver's input gradient (R', N, D) into ``total`` (R, N, D) float32, made on the first step."""
+    for receivers, grad in grads:
+        if total is None:
+            total = grad.new_zeros(n_receivers, *grad.shape[1:], dtype=torch.float32)
+        total.index_add_(0, torch.tensor(receivers, device=total.device), grad.to(torch.float32))
+    return total
+
+
+def _layers(graph: Graph, total: Tensor):
+    """``total``'s rows as (receivers, gradients) one layer (or the logits) at a time, like ``receiver_grads``."""
+    layer_of = [r.layer for r in graph.receivers]
+    lo = 0
+    while lo < len(layer_of):
+        hi = lo
+        while hi < len(layer_of) and layer_of[hi] == layer_of[lo]:
+            hi += 1
+        yield list(range(lo, hi)), total[lo:hi]
+        lo = hi
 
 
 def group_rows(batch: PairBatch) -> int:

@@ -10,9 +10,13 @@ norm(x), so after the backward pass its input's gradient is the norm's vector-Ja
 (d metric / d its slice of the projection) @ W: one small batched pass through the norm per layer. MLP and logits
 receivers read the stream itself (one clone each, to keep its gradient). Only the ``keep`` positions (B, T) are
 returned (N of them: padding has no gradient); the norm acts on each position alone, so they are taken before it.
-With ``alpha`` the run's embeddings are donor + alpha (recipient - donor) (integrated gradients; alpha = 1 is the
-recipient's run, exactly); with ``record`` the same run writes every sender's donor - current, so the recipient
-needs no recording pass of its own.
+With ``alpha`` the run's embeddings are donor + alpha (recipient - donor) (integrated gradients on the inputs;
+alpha = 1 is the recipient's run, exactly). With ``mix`` as well, every sender's write is donor + alpha (its
+output in this run - donor) (integrated gradients on the activations: alpha -> 0 is the donor's writes, alpha = 1
+the recipient's run); the shift is a constant of the backward pass, so the gradient is the model's own at the mixed
+activations. A layer's heads share one alpha, so their mixed writes sum to the mixed attention output, which is
+where it is applied. With ``record`` the same run writes every sender's donor - current, so the recipient needs no
+recording pass of its own. The norm's VJP is ``engine.normvjp``'s (closed form where it is checked to hold).
 """
 
 from __future__ import annotations
@@ -27,27 +31,35 @@ from torch import Tensor
 from ..model.models import LoadedModel
 from .edges import _Flow
 from .graph import Graph
-from .hooks import hooks
+from .hooks import HookSpec, hooks
+from .normvjp import norm_pullback
 
 
 class _GradFlow(_Flow):
     """The hooks of one differentiated forward pass (see the module docstring)."""
 
     def __init__(self, lm: LoadedModel, graph: Graph, donor: Tensor, alpha: float | None,
-                 keep: Tensor | None, record: bool) -> None:
+                 keep: Tensor | None, record: bool, weights: dict | None = None, mix: bool = False) -> None:
         super().__init__(lm, graph, "grad", donor=donor)
         self.alpha, self.record = alpha, record
+        self.mix = mix and alpha is not None and alpha != 1  # alpha = 1: every write is the run's own
+        if keep is None and donor is not None:  # every position
+            keep = torch.ones(donor.shape[1:3], dtype=torch.bool, device=lm.device)
         self.at = None if keep is None else keep.nonzero(as_tuple=True)  # the kept positions: rows (N,), columns (N,)
         self.inputs: list[tuple[int, Tensor]] = []                # (MLP or logits receiver, its input)
         self.projected: list[tuple[int, list[int], Tensor]] = []  # (layer, receivers, q/k/v projection output)
-        if record:  # donor - current, so it starts as the donor, in float32, at the kept positions
-            kept = _positions(donor[:len(graph.senders)], self.at, 1)  # (S, N, D)
-            self.written = kept.to(torch.float32, copy=kept is donor)
+        self.layer_weights = {} if weights is None else weights   # layer -> its receivers' rows (R', Dh, D), shared
+        if record:  # donor - current, each sender's row written once, as it is computed (S, N, D) float32
+            self.written = torch.empty(len(graph.senders), len(self.at[0]), donor.shape[-1], dtype=torch.float32, device=lm.device)
 
     # --- the forward pass ----------------------------------------------------------------------------------------
     def _wrote(self, s: int, value: Tensor) -> None:
-        if self.record:
-            self.written[s] -= _positions(value.detach(), self.at)  # (N, D)
+        if self.record:  # (N, D): the donor's row at the kept positions minus this run's
+            torch.sub(self._donor_at(s, s + 1)[0], _positions(value.detach(), self.at), out=self.written[s])
+
+    def _donor_at(self, first: int, end: int) -> Tensor:
+        """The donor's rows first..end-1 at the kept positions, as float32: (S', N, D)."""
+        return _positions(self.donor[first:end], self.at, 1).to(self.written.device, torch.float32)
 
     def on_input(self, x: Tensor) -> Tensor:
         """The graph starts here: every receiver's gradient flows back to this leaf."""
@@ -62,7 +74,34 @@ class _GradFlow(_Flow):
         if self.record:  # (H, N, D): subtracted from the heads' rows at once
             first, H = self.g.sender_index(f"a{layer}.h0"), self.a.n_heads
             zh = _positions(z.view(*z.shape[:2], H, self.a.d_head), self.at)  # (B, T, H*Dh) -> (N, H, Dh)
-            self.written[first:first + H] -= self.head_writes(layer, zh)
+            torch.sub(self._donor_at(first, first + H), self.head_writes(layer, zh), out=self.written[first:first + H])
+
+    def _mixed(self, first: int, end: int, out: Tensor, bias: Tensor | None = None) -> Tensor | None:
+        """``out`` (B, T, D) moved to donor + alpha (out - donor), donor = the sum of the donor's rows first..end-1
+        (+ ``bias``, which both runs add); the shift is detached, so the gradient passes as if unmixed."""
+        if not self.mix:
+            return None
+        donor = self.donor[first:end].sum(0).to(out.device, out.dtype)  # (B, T, D)
+        if bias is not None:
+            donor = donor + bias.to(out.dtype)
+        return out + (1 - self.alpha) * (donor - out.detach())
+
+    def on_written(self, name: str, out: Tensor) -> Tensor | None:
+        s = self.g.sender_index(name)
+        self._wrote(s, out)
+        return self._mixed(s, s + 1, out)
+
+    def on_attn_written(self, layer: int, out: Tensor) -> Tensor | None:
+        """The attention output of ``layer`` (every head's write, and the bias) when each head is a sender."""
+        first = self.g.sender_index(f"a{layer}.h0")
+        return self._mixed(first, first + self.a.n_heads, out, self.a.head_bias(layer))
+
+    def specs(self) -> list[HookSpec]:
+        specs = super().specs()
+        if self.mix and self.g.head_senders:
+            specs += [(self.a.attn_out(L), "output", lambda out, L=L: self.on_attn_written(L, out))
+                      for L in range(self.g.n_layers)]
+        return specs
 
     def on_qkv(self, layer: int, which: tuple[str, ...], out: Tensor) -> None:
         """The heads share one input; their gradients are split after the backward pass."""
@@ -90,15 +129,25 @@ class _GradFlow(_Flow):
     def _head_grads(self, layer: int, parts: list[tuple[int, Tensor]]) -> Float[Tensor, "receiver pos d_model"]:
         """d metric / d the input of the heads in ``parts`` ((receiver, its projection's gradient) each)."""
         Dh = self.a.d_head
-        heads = [self._head_rows(layer, r) for r, _ in parts]
-        g_head = torch.stack([g[..., s:s + Dh] for (_, g), (_, _, s) in zip(parts, heads)])  # (R', B, T, Dh)
-        g_head = _positions(g_head, self.at, 1)  # (R', N, Dh)
-        w = torch.stack([weight for weight, _, _ in heads]).to(g_head.device, g_head.dtype)  # (R', Dh, D)
-        g_normed = torch.einsum("r...e,red->r...d", g_head, w)  # (R', N, D)
+        rows = [r for r, _ in parts]
+        # each receiver's slice of its projection's gradient, at the kept positions: (R', N, Dh)
+        grads = {id(g): g for _, g in parts}
+        grads = {k: _positions(g, self.at) for k, g in grads.items()}  # (B, T, F) -> (N, F), once per projection
+        g_head = torch.stack([grads[id(g)][..., s:s + Dh] for (r, g) in parts
+                              for s in [self.a.qkv_start(self.g.receivers[r].input, self.g.receivers[r].index)]])
+        w = self._weights(layer, rows).to(g_head.device, g_head.dtype)  # (R', Dh, D)
+        g_normed = torch.bmm(g_head, w)  # (R', N, Dh) @ (R', Dh, D) -> (R', N, D)
         x = _positions(self.resid[layer].detach(), self.at)  # (N, D)
-        with torch.enable_grad():  # the norm's vector-Jacobian product at x, mapped over the R' cotangents
-            _, pullback = torch.func.vjp(self.a.attn_norm(layer).forward, x)
-            return torch.func.vmap(pullback)(g_normed)[0]  # (R', N, D)
+        # the norm's vector-Jacobian product at x, for the R' cotangents at once
+        return norm_pullback(self.a.attn_norm(layer), x, self.layer_weights)(g_normed)  # (R', N, D)
+
+    def _weights(self, layer: int, rows: list[int]) -> Float[Tensor, "receiver d_head d_model"]:
+        """The rows of the q/k/v projections that make receivers ``rows`` of ``layer``: (R', Dh, D), read once per
+        ``edge_scores`` call (the dict is shared by its passes)."""
+        key = (layer, tuple(rows))
+        if key not in self.layer_weights:
+            self.layer_weights[key] = torch.stack([self._head_rows(layer, r)[0] for r in rows])
+        return self.layer_weights[key]
 
 
 def _positions(t: Tensor, at: tuple[Tensor, Tensor] | None, lead: int = 0) -> Tensor:
@@ -110,11 +159,14 @@ def _positions(t: Tensor, at: tuple[Tensor, Tensor] | None, lead: int = 0) -> Te
 @contextlib.contextmanager
 def receiver_inputs(lm: LoadedModel, graph: Graph, alpha: float | None = None,
                     donor: Float[Tensor, "sender batch pos d_model"] | None = None,
-                    keep: Bool[Tensor, "batch pos"] | None = None, record: bool = False) -> Iterator[_GradFlow]:
+                    keep: Bool[Tensor, "batch pos"] | None = None, record: bool = False,
+                    weights: dict | None = None, mix: bool = False) -> Iterator[_GradFlow]:
     """Hooks (inside the block) for one differentiated forward pass; after ``backward()``,
     ``flow.receiver_grads()`` yields the receivers' input gradients at the positions ``keep`` selects (all when
     None). ``alpha``: the embeddings are donor[0] + alpha (recipient - donor[0]); ``record``: ``flow.written`` is
-    every sender's ``donor`` minus its output in this run, at those positions (S, N, D), float32."""
-    flow = _GradFlow(lm, graph, donor, alpha, keep, record)
+    every sender's ``donor`` minus its output in this run, at those positions (S, N, D), float32; ``weights``: a dict
+    to keep the receivers' projection rows and the norms' forms in between passes; ``mix``: interpolate every sender's
+    write too (with ``alpha``)."""
+    flow = _GradFlow(lm, graph, donor, alpha, keep, record, weights, mix)
     with hooks(flow.specs()):
         yield flow

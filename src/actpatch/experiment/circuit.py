@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..analysis.circuits import (circuit_heads, circuit_nodes, exact_prune, greedy_edges, node_circuit, top_edges,
-                                 top_edges_with)
+from ..analysis.circuits import circuit_heads, circuit_nodes, exact_prune, top_edges_with
+from ..analysis.faithfulness import MIB_FRACTIONS
 from ..analysis.patterns import node_patterns
 from ..engine.capture import last_logits
 from ..engine.eap import edge_scores, group_rows
-from ..engine.edges import edge_patched_logits, sender_outputs
+from ..engine.edges import sender_outputs
 from ..engine.graph import Graph, build_graph
 from ..engine.hooks import count_hooks
 from ..engine.metrics import TASK_METRICS, task_scores
@@ -36,10 +36,11 @@ from .circuitchecks import attribution_check, head_classes, head_effects, run_ci
 from .circuitresult import CircuitResult
 from .config import environment
 from .contrast import PairsConfig, _pairs_for
+from .faithfulness_curve import Evaluator, measure_curve, node_curve, point, select_circuit
+from .method_comparison import ALIASES, METHODS, compare_methods, steps_of
 from .selftest import load_checked
 
 log = logging.getLogger(__name__)
-METHODS = ("eap", "eap-ig")
 SELECTIONS = ("top", "greedy", "exact")
 
 
@@ -59,8 +60,10 @@ class CircuitConfig:
     design: str | None = None
     seed: int = 0
     metric: str | None = None          # None: the task's
-    method: str = "eap-ig"
+    method: str = "eap-ig"             # eap, eap-ig-inputs (= eap-ig), eap-ig-activations
     ig_steps: int = 5
+    compare: bool = False              # also score with the other methods, and exact edge patching, curve by curve
+    exact_candidates: int = 353        # compare: exact single-edge patches of the union of each method's top-n
     select: str = "top"                # top: top-n then pruned; greedy: grown from the logits; exact: ACDC-style
     edges: tuple[int, ...] | None = None   # circuit sizes of the curve; None: about ten, log-spaced
     target: float = 0.8                # the faithfulness the smallest circuit must reach
@@ -74,8 +77,11 @@ class CircuitConfig:
     command: str | None = None
 
     def validate(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"method (--method) must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method not in METHODS + tuple(ALIASES):
+            raise ConfigError(f"method (--method) must be one of {', '.join(METHODS + tuple(ALIASES))}, got "
+                              f"{self.method!r}")
+        if not isinstance(self.exact_candidates, int) or self.exact_candidates < 1:
+            raise ConfigError(f"exact_candidates (--exact-candidates) must be an int >= 1, got {self.exact_candidates!r}")
         if self.select not in SELECTIONS:
             raise ConfigError(f"select (--select) must be one of {', '.join(SELECTIONS)}, got {self.select!r}")
         if not isinstance(self.ig_steps, int) or self.ig_steps < 1:
@@ -88,91 +94,12 @@ class CircuitConfig:
             raise ConfigError(f"target (--target) must be in (0, 1], got {self.target!r}")
 
 
-def default_sizes(n_edges: int, n: int = 10) -> list[int]:
-    """About ``n`` circuit sizes, log-spaced from 10 edges (or fewer on a tiny model) to a third of all edges."""
-    hi = max(2, n_edges // 3)
-    return sorted({int(round(x)) for x in np.geomspace(min(10, hi), hi, n)})
-
-
-class Evaluator:
-    """The mean metric of the recipient run with every edge outside a circuit patched to the donor."""
-
-    def __init__(self, lm: LoadedModel, graph: Graph, batch, donor: torch.Tensor, score, rows: int) -> None:
-        self.lm, self.graph, self.batch, self.donor, self.score, self.rows = lm, graph, batch, donor, score, rows
-        self.calls = 0
-
-    def per_pair(self, keep: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-        """(B,) metric with ``weights`` (default: 1 outside ``keep``) of each edge patched."""
-        w = (self.graph.allowed & ~keep).float() if weights is None else weights
-        out = []
-        for lo in range(0, len(self.batch), self.rows):
-            part = slice(lo, lo + self.rows)
-            logits = edge_patched_logits(self.lm, self.graph, self.batch.select(part), self.donor[:, part], w)
-            out.append(self.score(logits, part).float().cpu())
-        self.calls += 1
-        return torch.cat(out)
-
-    def __call__(self, keep: torch.Tensor) -> float:
-        return float(self.per_pair(keep).mean())
-
-
-def _select(cfg: CircuitConfig, graph: Graph, scores: torch.Tensor, n: int) -> torch.Tensor:
-    return (greedy_edges if cfg.select == "greedy" else top_edges)(graph, scores, min(n, graph.n_edges))
-
-
 def _same_size(cfg: CircuitConfig, graph: Graph, scores: torch.Tensor, chosen: dict) -> torch.Tensor:
     """A circuit from other scores with as many edges as the chosen one (top: after pruning), for stability."""
     n = int(chosen["keep"].sum())
     if cfg.select == "top" and n:
         return top_edges_with(graph, scores, n)
-    return _select(cfg, graph, scores, int(chosen["point"]["size"]))
-
-
-def _point(graph: Graph, keep: torch.Tensor, m: torch.Tensor, full: torch.Tensor, empty: torch.Tensor, **info) -> dict:
-    per_pair = (m - empty) / (full - empty)
-    f = float((m.mean() - empty.mean()) / (full.mean() - empty.mean()))
-    q = np.nanquantile(per_pair.numpy(), [0.25, 0.5, 0.75]) if len(per_pair) else [np.nan] * 3
-    return {**info, "edges": int(keep.sum()), "nodes": len(circuit_nodes(graph, keep)), "metric": float(m.mean()),
-            "faithfulness": f, "pair_q25": float(q[0]), "pair_median": float(q[1]), "pair_q75": float(q[2])}
-
-
-def _curve(cfg, graph, scores, evaluate, full, empty, sizes, bar) -> tuple[list[dict], dict[int, torch.Tensor]]:
-    rows, kept = [], {}
-    for n in sizes:
-        keep = _select(cfg, graph, scores, n)
-        kept[n] = keep
-        rows.append(_point(graph, keep, evaluate.per_pair(keep), full, empty, method=cfg.method, select=cfg.select,
-                           size=n))
-        bar.update(1)
-    # refine the smallest size that reaches the target: bisect between it and the largest size below it
-    above = sorted(r["size"] for r in rows if r["faithfulness"] >= cfg.target)
-    if above:
-        hi = above[0]
-        lo = max([r["size"] for r in rows if r["size"] < hi], default=0)
-        for _ in range(5):
-            if hi - lo <= max(1, lo // 20):
-                break
-            mid = (lo + hi) // 2
-            bar.total += 1  # the bisection's points are counted as they come
-            keep = kept[mid] = _select(cfg, graph, scores, mid)
-            row = _point(graph, keep, evaluate.per_pair(keep), full, empty, method=cfg.method, select=cfg.select,
-                         size=mid)
-            rows.append(row)
-            bar.update(1)
-            lo, hi = (lo, mid) if row["faithfulness"] >= cfg.target else (mid, hi)
-    return sorted(rows, key=lambda r: r["size"]), kept
-
-
-def _node_curve(graph, effects: dict[str, float], evaluate, full, empty, bar) -> list[dict]:
-    ranked = sorted(effects, key=lambda n: -abs(effects[n]))
-    counts = sorted({int(round(x)) for x in np.geomspace(1, len(ranked), min(10, len(ranked)))})
-    rows = []
-    for k in counts:
-        keep = node_circuit(graph, ranked[:k])
-        rows.append(_point(graph, keep, evaluate.per_pair(keep), full, empty, method="nodes", select="single-head",
-                           size=k))
-        bar.update(1)
-    return rows
+    return select_circuit(cfg, graph, scores, int(chosen["point"]["size"]))
 
 
 def run_circuit(config: CircuitConfig | None = None, *, lm: LoadedModel | None = None,
@@ -186,6 +113,7 @@ def run_circuit(config: CircuitConfig | None = None, *, lm: LoadedModel | None =
     """
     cfg = replace(config or CircuitConfig(), **overrides)
     cfg.validate()
+    cfg = replace(cfg, method=ALIASES.get(cfg.method, cfg.method))
     if lm is None:
         lm = load_checked(cfg.model, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     pcfg = PairsConfig(model=cfg.model, task=cfg.task, pairs_file=cfg.pairs_file or ("<python>" if pairs else None),
@@ -205,27 +133,30 @@ def run_circuit(config: CircuitConfig | None = None, *, lm: LoadedModel | None =
 
     rows = cfg.max_rows or max(1, 2048 // batch.recipient_ids.shape[1])
     evaluate = Evaluator(lm, graph, batch, don, score, rows)
-    steps = None if cfg.method == "eap" else cfg.ig_steps
+    steps, what = steps_of(cfg, cfg.method)
     disable = {True: False, None: None, False: True}[cfg.progress]
-    sizes = sorted(set(cfg.edges or default_sizes(graph.n_edges)))
+    sizes = sorted(set(cfg.edges or ()))
     grad_rows = min(rows, group_rows(batch))
     with tqdm(total=len(range(0, len(batch), grad_rows)) * (steps or 1), desc=f"{cfg.method} scores", disable=disable,
               dynamic_ncols=True) as bar:
-        scores = edge_scores(lm, graph, batch, score, don, steps=steps, max_rows=grad_rows, bar=bar)
+        scores = edge_scores(lm, graph, batch, score, don, steps=steps, max_rows=grad_rows, bar=bar, interpolate=what)
     full, empty = score(rec_logits, slice(None)).float().cpu(), evaluate.per_pair(torch.zeros_like(graph.allowed))
     effects = head_effects(lm, graph, batch, score, float(full.mean()))
-    with tqdm(total=len(sizes) + min(10, len(effects)), desc="faithfulness", disable=disable, dynamic_ncols=True) as bar:
-        curve, kept = _curve(cfg, graph, scores, evaluate, full, empty, sizes, bar)
-        nodes = _node_curve(graph, effects, evaluate, full, empty, bar)
+    with tqdm(total=len(MIB_FRACTIONS) + len(sizes) + min(10, len(effects)), desc="faithfulness", disable=disable,
+              dynamic_ncols=True) as bar:
+        curve, kept = measure_curve(cfg, graph, scores, evaluate, full, empty, sizes, bar)
+        nodes = node_curve(graph, effects, evaluate, full, empty, bar)
+    others = compare_methods(cfg, lm, graph, batch, don, score, evaluate, full, empty, {cfg.method: scores},
+                             disable) if cfg.compare else []
     chosen = _choose(cfg, graph, scores, evaluate, curve, kept, full, empty, disable)
     checks = run_circuit_checks(lm, graph, batch, don, rec_logits, don_logits, rows, effects, chosen["keep"])
     checks.append(check_no_hooks_left(lm, hooks_before))
     att = attribution_check(graph, scores, evaluate, full)
     select = lambda sc: _same_size(cfg, graph, sc, chosen)  # noqa: E731
-    stab = stability(lm, graph, batch, don, score, steps, select, chosen["keep"], cfg.resamples, cfg.seed,
+    stab = stability(lm, graph, batch, don, score, (steps, what), select, chosen["keep"], cfg.resamples, cfg.seed,
                      disable) if cfg.resamples and cfg.select != "exact" else {}
-    return _result(cfg, pcfg.metric, lm, batch, graph, design, filtered, scores, chosen, curve + nodes, checks, att,
-                   stab, full, empty, effects, head_classes(lm, batch))
+    return _result(cfg, pcfg.metric, lm, batch, graph, design, filtered, scores, chosen, curve + nodes + others, checks,
+                   att, stab, full, empty, effects, head_classes(lm, batch))
 
 
 def _drawn_patterns(lm, batch, edges: list) -> dict | None:
@@ -245,8 +176,9 @@ def _choose(cfg, graph, scores, evaluate, curve, kept, full, empty, disable) -> 
         tau = cfg.exact_threshold * abs(float(full.mean() - empty.mean()))
         with tqdm(total=graph.n_edges, desc="exact pruning", disable=disable, dynamic_ncols=True) as bar:
             keep = exact_prune(graph, scores, evaluate, tau, bar=bar)
-        point = _point(graph, keep, evaluate.per_pair(keep), full, empty, method=cfg.method, select="exact", size=int(keep.sum()))
-        return {"keep": keep, "point": point, "reached": point["faithfulness"] >= cfg.target}
+        row = point(graph, keep, evaluate.per_pair(keep), full, empty, method=cfg.method, select="exact",
+                    size=int(keep.sum()), fraction=int(keep.sum()) / graph.n_edges, grid=False)
+        return {"keep": keep, "point": row, "reached": row["faithfulness"] >= cfg.target}
     row = min(reached, key=lambda r: r["size"]) if reached else max(curve, key=lambda r: r["size"])
     return {"keep": kept[row["size"]], "point": row, "reached": bool(reached)}
 

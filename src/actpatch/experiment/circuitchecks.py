@@ -147,9 +147,9 @@ def attribution_check(graph: Graph, scores: torch.Tensor, evaluate, full: torch.
             "note": "edge scores are first-order estimates; these edges were re-measured by exact edge patching"}
 
 
-def stability(lm, graph: Graph, batch, don, score, steps, select, keep, resamples: int, seed: int,
+def stability(lm, graph: Graph, batch, don, score, steps: tuple, select, keep, resamples: int, seed: int,
               disable) -> dict:
-    """Edge Jaccard of circuits with as many edges as the chosen one (``select``): with the chosen circuit, for
+    """``steps``: (IG steps or None, what is interpolated), as the run scored. Edge Jaccard of circuits with as many edges as the chosen one (``select``): with the chosen circuit, for
     ``resamples`` bootstrap resamples of the pairs; and between the two disjoint halves of a split of the pairs, by
     template (when the pairs have templates) and at random (the same question without the templates: how much two
     halves agree by chance)."""
@@ -164,7 +164,7 @@ def stability(lm, graph: Graph, batch, don, score, steps, select, keep, resample
     for name, idx in tqdm(subsets, desc="stability", disable=disable, dynamic_ncols=True):
         sub = batch.select(idx)
         sc = edge_scores(lm, graph, sub, lambda lg, rows, idx=idx: score(lg, torch.tensor(idx)[rows]),
-                         don[:, idx], steps=steps)
+                         don[:, idx], steps=steps[0], interpolate=steps[1])
         circuits[name] = select(sc)
         out.append({"subset": name, "n_pairs": len(idx), "pairs": idx, "jaccard": jaccard(circuits[name], keep)})
     res = [x["jaccard"] for x in out if x["subset"].startswith("resample")]

@@ -3,7 +3,8 @@
     result = run_circuit(task="ioi", method="eap-ig")
     result.edges_frame()        # sender, receiver, input, score (an estimate: attribution)
     result.faithfulness_frame() # method, size, edges, nodes, metric, faithfulness, per-pair quartiles
-    result.areas()              # the area under each curve (log size from the empty circuit to the whole graph)
+    result.benchmark_scores()   # CPR and CMD of each curve (MIB: edge fractions 0.1% .. 100%, trapezoids)
+    result.side_by_side()       # faithfulness per method at equal edge counts, CPR, CMD (``--compare``)
     result.circuit              # {"edges": [[sender, receiver, input, score], ...], "nodes": [...], ...}
     result.save("runs/circuit"); CircuitResult.load("runs/circuit")
 
@@ -20,7 +21,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..analysis.circuits import curve_area
+from ..analysis.faithfulness import MIB_FRACTIONS, cpr_cmd
+from .method_comparison import grid_scores, side_by_side
 from .results import _atomic_write, _finite
 
 
@@ -61,12 +63,26 @@ class CircuitResult:
     def faithfulness_frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.faithfulness)
 
-    def areas(self) -> pd.DataFrame:
-        """Area under each faithfulness curve (``analysis.circuits.curve_area``): method, select, area."""
-        n = int(self.graph.get("n_edges") or 0)
-        rows = [{"method": m, "select": s, "area": curve_area(part.edges, part.faithfulness, n)}
-                for (m, s), part in self.faithfulness_frame().groupby(["method", "select"], sort=False)] if n else []
-        return pd.DataFrame(rows, columns=["method", "select", "area"])
+    def benchmark_scores(self) -> pd.DataFrame:
+        """CPR and CMD (``analysis.faithfulness``) of each curve: method, select, grid, cpr, cmd. Edge curves use the
+        MIB grid (NaN where the curve does not cover it: exact patching of candidates); the node-level curve is
+        scored on its own grid, the fraction of heads kept."""
+        frame, rows = self.faithfulness_frame(), []
+        if frame.empty or "fraction" not in frame:
+            return pd.DataFrame(columns=["method", "select", "grid", "cpr", "cmd"])
+        for (m, s), part in frame.groupby(["method", "select"], sort=False):
+            if m == "nodes":
+                cpr, cmd = cpr_cmd(part.fraction, part.faithfulness)
+                rows.append({"method": m, "select": s, "grid": "fraction of heads", "cpr": cpr, "cmd": cmd})
+                continue
+            cpr, cmd = grid_scores(part)
+            rows.append({"method": m, "select": s, "grid": f"MIB ({int((part.grid == True).sum())} of "  # noqa: E712
+                         f"{len(MIB_FRACTIONS)} points)", "cpr": cpr, "cmd": cmd})
+        return pd.DataFrame(rows, columns=["method", "select", "grid", "cpr", "cmd"])
+
+    def side_by_side(self) -> pd.DataFrame:
+        """Faithfulness of every method's circuit at each MIB edge fraction, then CPR and CMD (``--compare``)."""
+        return side_by_side(self.faithfulness_frame(), int(self.graph.get("n_edges") or 0))
 
     def to_json(self) -> dict:
         return {"config": self.config, "model": self.model, "environment": self.environment, "baseline": self.baseline,

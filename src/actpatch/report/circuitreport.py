@@ -144,11 +144,7 @@ def findings(result: CircuitResult) -> list[str]:
         row = hit.sort_values("edges").iloc[0]
         out.append(f"Node-level circuits (top heads by single-head patching) first reach it with {int(row['size'])} "
                    f"heads, {int(row['edges'])} edges.")
-    areas = result.areas()
-    if len(areas):
-        out.append("Area under the faithfulness curve (log size, from the empty circuit to the whole graph; 1 is "
-                   "best): " + ", ".join(f"{'node-level' if r.method == 'nodes' else r.method} {r.area:.2f}"
-                                         for r in areas.itertuples()) + ".")
+    out += _benchmark_findings(result)
     effects = result.baseline.get("head_effects") or {}
     if effects:
         top = sorted(effects, key=lambda n: -abs(effects[n]))[:10]
@@ -171,6 +167,19 @@ def findings(result: CircuitResult) -> list[str]:
             line += f"; two halves with no template in common share {s['template_split_jaccard']:.2f}"
         out.append(line + ".")
     return out
+
+
+def _benchmark_findings(result: CircuitResult) -> list[str]:
+    """CPR and CMD of each curve (MIB's definitions, ``analysis.faithfulness``)."""
+    scores = result.benchmark_scores()
+    scores = scores[scores.cpr.notna()]
+    if scores.empty:
+        return []
+    parts = [f"{'node-level (fraction of heads)' if r.method == 'nodes' else r.method} CPR {r.cpr:.3f}, CMD {r.cmd:.3f}"
+             for r in scores.itertuples()]
+    return ["Benchmark scores as MIB defines them (faithfulness at 0.1% to 100% of the edges, trapezoids over the "
+            "fraction; CPR: area under the curve, higher is better; CMD: area between it and 1, lower is better): "
+            + "; ".join(parts) + "."]
 
 
 CLASS_ORDER = ("name mover", "negative name mover", "backup name mover", "S-inhibition", "S suppressor", "induction",
@@ -224,8 +233,14 @@ def _head_key(name: str) -> tuple[int, int]:
 def _tables(result: CircuitResult) -> dict[str, pd.DataFrame]:
     checks = pd.DataFrame([{"check": k, "passed": v["passed"], "detail": v["detail"]} for k, v in result.sanity.items()])
     edges = pd.DataFrame(result.circuit["edges"][:25], columns=["sender", "receiver", "input", "score (estimate)"])
-    tables = {"sanity checks": checks, "faithfulness": result.faithfulness_frame(), "strongest edges of the circuit": edges,
-              "heads of the circuit, their single-head patches and classes": head_table(result)}
+    tables = {"sanity checks": checks}
+    side = result.side_by_side()
+    if len(side.columns) > 1:  # --compare: every method at equal edge counts
+        tables["methods side by side: faithfulness at equal edge counts (MIB fractions), CPR and CMD"] = (
+            side.reset_index(names="edges kept"))
+    tables.update({"benchmark scores (CPR, CMD)": result.benchmark_scores(), "faithfulness": result.faithfulness_frame(),
+                   "strongest edges of the circuit": edges,
+                   "heads of the circuit, their single-head patches and classes": head_table(result)})
     subsets = result.stability.get("subsets") or []
     if subsets:  # each subset's circuit, of the chosen size, against the chosen circuit; the halves' own Jaccard
         between = {"random": result.stability.get("random_split_jaccard"),
