@@ -31,8 +31,8 @@ from .edgegrads import receiver_inputs
 from .graph import Graph
 from ..errors import ConfigError
 
-EAP_TOKENS = 256  # tokens per gradient pass, at most; it keeps every sender's donor - recipient: S x 256 x D floats
-_CHUNK = 96  # receivers per score product: about six layers of a small model's
+EAP_TOKENS = 512  # tokens per gradient pass, at most: each pass keeps S x N x D floats of donor - recipient
+_CHUNK = 48  # receivers per score product: about three layers of a small model's (the buffer is CHUNK x N x D)
 INTERPOLATIONS = ("inputs", "activations")  # EAP-IG's two variants (MIB: EAP-IG-inputs, EAP-IG-activations)
 MetricFn = Callable[[Tensor, slice], Tensor]  # (END logits (b, V), which rows of the batch) -> per-pair metric (b,)
 
@@ -77,37 +77,55 @@ def edge_scores(
                 diff = flow.written if diff is None else diff
                 with torch.no_grad():
                     if len(alphas) == 1:  # EAP: each chunk of receivers is multiplied as it comes, nothing kept
-                        _score(flow.receiver_grads(), diff, reach, scores)
+                        _score(flow.receiver_grads(), diff, reach, scores, _buffer(cache, "chunk", _CHUNK, diff))
                     else:  # EAP-IG: the steps' gradients are summed first, and multiplied once (see EAP_TOKENS)
-                        total = _accumulate(flow.receiver_grads(), total, len(graph.receivers))
+                        total = _accumulate(flow.receiver_grads(), total, cache, diff, len(graph.receivers))
                 if bar is not None:
                     bar.update(1)
             if total is not None:
                 with torch.no_grad():
-                    _score(_layers(graph, total), diff, reach, scores)
+                    _score_all(total, diff, reach, scores)
     scores = scores / (len(batch) * len(alphas))
     return (scores * graph.allowed).float()
 
 
-def _accumulate(grads, total: Tensor | None, n_receivers: int) -> Tensor:
-    """Add each receiver's input gradient (R', N, D) into ``total`` (R, N, D) float32, made on the first step."""
-    for receivers, grad in grads:
-        if total is None:
-            total = grad.new_zeros(n_receivers, *grad.shape[1:], dtype=torch.float32)
-        total.index_add_(0, torch.tensor(receivers, device=total.device), grad.to(torch.float32))
+def _buffer(cache: dict, name: str, rows: int, diff: Tensor) -> Tensor:
+    """A (rows, N, D) float32 block like ``diff``'s positions, kept in ``cache`` for the scoring run's passes: fresh
+    memory costs a page fault per 4 KiB on first touch, which on this kind of machine is most of a pass's overhead."""
+    n = rows * diff[0].numel()
+    store = cache.get(name)
+    if store is None or store.numel() < n:
+        store = cache[name] = diff.new_empty(n)
+    return store[:n].view(rows, *diff.shape[1:])
+
+
+def _accumulate(grads, total: Tensor | None, cache: dict, diff: Tensor, n_receivers: int) -> Tensor:
+    """Add each receiver's input gradient into ``total`` (R, N, D) float32: the first step writes it, the others add."""
+    first = total is None
+    if first:
+        total = _buffer(cache, "total", n_receivers, diff)
+    for receivers, fill in grads:
+        lo, hi = receivers[0], receivers[-1] + 1
+        if receivers != list(range(lo, hi)):
+            raise RuntimeError(f"receivers {receivers} are not numbered one after another")  # the graph's order
+        if first:
+            fill(total[lo:hi])
+        else:
+            total[lo:hi] += fill(_buffer(cache, "scratch", hi - lo, diff))
     return total
 
 
-def _layers(graph: Graph, total: Tensor):
-    """``total``'s rows as (receivers, gradients) one layer (or the logits) at a time, like ``receiver_grads``."""
-    layer_of = [r.layer for r in graph.receivers]
-    lo = 0
-    while lo < len(layer_of):
-        hi = lo
-        while hi < len(layer_of) and layer_of[hi] == layer_of[lo]:
-            hi += 1
-        yield list(range(lo, hi)), total[lo:hi]
-        lo = hi
+def _score_all(total: Tensor, diff: Tensor, reach: list[int], scores: Tensor) -> None:
+    """``_score`` of every receiver's summed gradient in ``total`` (R, N, D), ``_CHUNK`` receivers per product."""
+    for lo in range(0, total.shape[0], _CHUNK):
+        hi = min(lo + _CHUNK, total.shape[0])
+        _product(total[lo:hi].flatten(1), list(range(lo, hi)), diff, reach, scores)
+
+
+def _product(g: Tensor, receivers: list[int], diff: Tensor, reach: list[int], scores: Tensor) -> None:
+    """scores[receivers, s] += g[r] . diff[s] over every sender s before the last receiver."""
+    end = max(reach[r] for r in receivers)
+    scores[receivers, :end] += (g @ diff[:end].flatten(1).T).double().cpu()  # (R', N*D) @ (N*D, S') -> (R', S')
 
 
 def group_rows(batch: PairBatch) -> int:
@@ -117,24 +135,20 @@ def group_rows(batch: PairBatch) -> int:
     return -(-n // groups)
 
 
-def _score(grads, diff: Float[Tensor, "sender pos d_model"], reach: list[int], scores: Tensor) -> None:
+def _score(grads, diff: Float[Tensor, "sender pos d_model"], reach: list[int], scores: Tensor, buf: Tensor) -> None:
     """Add grad[r] . diff[s] (summed over positions and d_model) to ``scores`` for every receiver ``grads`` yields
-    (in layer order) and every sender before it: one product per up to ``_CHUNK`` receivers, so each chunk reads the
-    senders' differences once (a layer's few receivers alone would make the product memory-bound)."""
-    buf, rows = diff.new_empty(_CHUNK, diff[0].numel()), []  # the chunk's gradients (as float32), copied in as they come
-
-    def product(g: Tensor, receivers: list[int]) -> None:
-        end = max(reach[r] for r in receivers)
-        scores[receivers, :end] += (g @ diff[:end].flatten(1).T).double().cpu()  # (R', N*D) @ (N*D, S') -> (R', S')
-
-    for receivers, grad in grads:
+    (in layer order) and every sender before it: one product per up to ``_CHUNK`` receivers (``buf``: (_CHUNK, N,
+    D)), so each chunk reads the senders' differences once (a layer's few receivers alone would make the product
+    memory-bound)."""
+    rows: list[int] = []
+    for receivers, fill in grads:
         if rows and len(rows) + len(receivers) > _CHUNK:
-            product(buf[:len(rows)], rows)
+            _product(buf[:len(rows)].flatten(1), rows, diff, reach, scores)
             rows = []
         if len(receivers) > _CHUNK:  # a layer with more receivers than a chunk holds: on its own
-            product(grad.to(torch.float32).flatten(1), receivers)
+            _product(fill(diff.new_empty(len(receivers), *diff.shape[1:])).flatten(1), receivers, diff, reach, scores)
             continue
-        buf[len(rows):len(rows) + len(receivers)] = grad.flatten(1)
+        fill(buf[len(rows):len(rows) + len(receivers)])
         rows += receivers
     if rows:
-        product(buf[:len(rows)], rows)
+        _product(buf[:len(rows)].flatten(1), rows, diff, reach, scores)

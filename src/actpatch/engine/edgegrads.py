@@ -22,7 +22,7 @@ recording pass of its own. The norm's VJP is ``engine.normvjp``'s (closed form w
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from jaxtyping import Bool, Float
@@ -50,7 +50,12 @@ class _GradFlow(_Flow):
         self.projected: list[tuple[int, list[int], Tensor]] = []  # (layer, receivers, q/k/v projection output)
         self.layer_weights = {} if weights is None else weights   # layer -> its receivers' rows (R', Dh, D), shared
         if record:  # donor - current, each sender's row written once, as it is computed (S, N, D) float32
-            self.written = torch.empty(len(graph.senders), len(self.at[0]), donor.shape[-1], dtype=torch.float32, device=lm.device)
+            shape = (len(graph.senders), len(self.at[0]), donor.shape[-1])
+            store = self.layer_weights.get("written")  # one block for every pass of a scoring run: no fresh pages
+            if store is None or store.numel() < shape[0] * shape[1] * shape[2]:
+                store = self.layer_weights["written"] = torch.empty(shape[0] * shape[1] * shape[2],
+                                                                    dtype=torch.float32, device=lm.device)
+            self.written = store[:shape[0] * shape[1] * shape[2]].view(shape)
 
     # --- the forward pass ----------------------------------------------------------------------------------------
     def _wrote(self, s: int, value: Tensor) -> None:
@@ -115,19 +120,20 @@ class _GradFlow(_Flow):
         return xs
 
     # --- after the backward pass -----------------------------------------------------------------------------
-    def receiver_grads(self) -> Iterator[tuple[list[int], Float[Tensor, "receiver pos d_model"]]]:
-        """(receivers, d metric / d their input (R', N, D)), one layer's heads or one MLP at a time, in graph order."""
+    def receiver_grads(self) -> Iterator[tuple[list[int], Callable[[Tensor], Tensor]]]:
+        """(receivers, fill) one layer's heads or one MLP at a time, in graph order: ``fill(out)`` writes d metric / d
+        their input into ``out`` (R', N, D) float32 (a caller's buffer: no fresh memory per layer) and returns it."""
         by_layer: dict[int, list] = {}
         for layer, rows, out in self.projected:  # q, k and v of a layer share one input: one pass through its norm
             by_layer.setdefault(layer, []).extend((r, out.grad) for r in rows)
-        groups = [([r], lambda xs=xs: _positions(xs.grad, self.at).unsqueeze(0)) for r, xs in self.inputs]
-        groups += [([r for r, _ in parts], lambda L=L, parts=parts: self._head_grads(L, parts))
+        groups = [([r], lambda out, xs=xs: out.copy_(_positions(xs.grad, self.at).unsqueeze(0))) for r, xs in self.inputs]
+        groups += [([r for r, _ in parts], lambda out, L=L, parts=parts: self._head_grads(L, parts, out))
                    for L, parts in by_layer.items()]
-        for rows, grad in sorted(groups, key=lambda g: g[0][0]):  # receivers are numbered layer by layer
-            yield rows, grad()
+        yield from sorted(groups, key=lambda g: g[0][0])  # receivers are numbered layer by layer
 
-    def _head_grads(self, layer: int, parts: list[tuple[int, Tensor]]) -> Float[Tensor, "receiver pos d_model"]:
-        """d metric / d the input of the heads in ``parts`` ((receiver, its projection's gradient) each)."""
+    def _head_grads(self, layer: int, parts: list[tuple[int, Tensor]], out: Tensor) -> Float[Tensor, "receiver pos d_model"]:
+        """d metric / d the input of the heads in ``parts`` ((receiver, its projection's gradient) each), into
+        ``out`` (R', N, D)."""
         Dh = self.a.d_head
         rows = [r for r, _ in parts]
         # each receiver's slice of its projection's gradient, at the kept positions: (R', N, Dh)
@@ -135,11 +141,12 @@ class _GradFlow(_Flow):
         grads = {k: _positions(g, self.at) for k, g in grads.items()}  # (B, T, F) -> (N, F), once per projection
         g_head = torch.stack([grads[id(g)][..., s:s + Dh] for (r, g) in parts
                               for s in [self.a.qkv_start(self.g.receivers[r].input, self.g.receivers[r].index)]])
-        w = self._weights(layer, rows).to(g_head.device, g_head.dtype)  # (R', Dh, D)
-        g_normed = torch.bmm(g_head, w)  # (R', N, Dh) @ (R', Dh, D) -> (R', N, D)
+        w = self._weights(layer, rows).to(out.device, out.dtype)  # (R', Dh, D)
+        torch.bmm(g_head.to(out.dtype), w, out=out)  # (R', N, Dh) @ (R', Dh, D) -> (R', N, D): d metric / d normed x
         x = _positions(self.resid[layer].detach(), self.at)  # (N, D)
-        # the norm's vector-Jacobian product at x, for the R' cotangents at once
-        return norm_pullback(self.a.attn_norm(layer), x, self.layer_weights)(g_normed)  # (R', N, D)
+        # the norm's vector-Jacobian product at x, for the R' cotangents at once, in place
+        got = norm_pullback(self.a.attn_norm(layer), x, self.layer_weights)(out)
+        return got if got is out else out.copy_(got)  # a float64 model's VJP is computed in float64
 
     def _weights(self, layer: int, rows: list[int]) -> Float[Tensor, "receiver d_head d_model"]:
         """The rows of the q/k/v projections that make receivers ``rows`` of ``layer``: (R', Dh, D), read once per

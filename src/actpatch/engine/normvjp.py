@@ -1,7 +1,7 @@
 """A norm's vector-Jacobian product for many cotangents at once, in closed form where the norm's form is known.
 
     pullback = norm_pullback(norm, x, cache)    # x (N, D): the norm's input at N positions
-    grads = pullback(u)                         # u (R, N, D) -> (R, N, D): d/dx of <u[r], norm(x)> for each r
+    grads = pullback(u)                         # u (R, N, D), in place: d/dx of <u[r], norm(x)> for each r
 
 EAP needs, per layer, the input gradient of every head's q, k and v: the norm's VJP at the same x for R' cotangents.
 ``torch.func.vmap`` over ``torch.func.vjp`` does it for any norm but costs about four times the arithmetic. Per
@@ -48,12 +48,14 @@ def _closed_form(norm: nn.Module, kind: str, x: Tensor) -> Pullback:
     r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (N, 1)
     x_hat = xf * r  # (N, D)
 
-    def pullback(u: Tensor) -> Tensor:  # (R, N, D) -> (R, N, D)
-        a = u.to(work) if gain is None else u.to(work) * gain
-        inner = (a * x_hat).mean(-1, keepdim=True)  # (R, N, 1)
+    def pullback(u: Tensor) -> Tensor:  # (R, N, D), overwritten with the result (a copy unless it is ``work``)
+        a = u if u.dtype == work else u.to(work)
+        if gain is not None:
+            a.mul_(gain)
+        inner = torch.einsum("rnd,nd->rn", a, x_hat).div_(x_hat.shape[-1]).unsqueeze(-1)  # (R, N, 1): mean(a x_hat)
         if kind == "layer":
-            return (a - a.mean(-1, keepdim=True) - x_hat * inner) * r
-        return (a - x_hat * inner) * r
+            a.sub_(a.mean(-1, keepdim=True))
+        return a.addcmul_(x_hat.expand_as(a), inner.expand_as(a), value=-1).mul_(r)
     return pullback
 
 
@@ -61,9 +63,9 @@ def _generic(norm: nn.Module, x: Tensor) -> Pullback:
     with torch.enable_grad():
         _, pull = torch.func.vjp(norm.forward, x.detach())
 
-    def pullback(u: Tensor) -> Tensor:
+    def pullback(u: Tensor) -> Tensor:  # (R, N, D), overwritten with the result
         with torch.enable_grad():
-            return torch.func.vmap(pull)(u.to(x.dtype))[0].to(torch.promote_types(x.dtype, torch.float32))
+            return u.copy_(torch.func.vmap(pull)(u.to(x.dtype))[0])
     return pullback
 
 
@@ -71,19 +73,21 @@ def _kind(norm: nn.Module, x: Tensor) -> str:
     """The closed form that ``norm`` has, checked at ``x`` on one random cotangent; "vmap" when none fits."""
     if _eps(norm) is None or x.shape[0] == 0:
         return "vmap"
+    x = x[:8]  # the norm acts on each position alone: a few positions check the form
     gen = torch.Generator(device="cpu").manual_seed(0)  # a local generator: the global RNG is left alone
-    u = torch.randn(1, *x.shape, generator=gen).to(x.device, x.dtype)
-    want = _generic(norm, x)(u)
+    u = torch.randn(1, *x.shape, generator=gen).to(x.device, torch.promote_types(x.dtype, torch.float32))
+    want = _generic(norm, x)(u.clone())
     tol = 1e-4 if x.dtype in (torch.float32, torch.float64) else 2e-2
     for kind in ("rms", "rms1p", "layer"):
-        got = _closed_form(norm, kind, x)(u)
+        got = _closed_form(norm, kind, x)(u.clone())
         if float((got - want).abs().max()) <= tol * max(float(want.abs().max()), 1e-12):
             return kind
     return "vmap"
 
 
 def norm_pullback(norm: nn.Module, x: Float[Tensor, "pos d_model"], cache: dict) -> Pullback:
-    """The norm's VJP at ``x`` (N, D), mapped over a leading axis of cotangents, in float32. ``cache`` keeps each
+    """The norm's VJP at ``x`` (N, D), mapped over a leading axis of cotangents, in float32 (float64 for a float64
+    ``x``), written over the cotangents it is given. ``cache`` keeps each
     module's form (keyed by the module) between calls of one scoring run."""
     key = ("norm-kind", id(norm))
     if key not in cache:
