@@ -1,17 +1,17 @@
-"""Cost of circuit discovery on the bundled model, in forward-equivalents (FE) and memory.
+"""Cost of circuit discovery on the bundled model: EAP and EAP-IG against their floor, measured in the same run.
 
-    .venv/bin/python bench/bench_circuit.py --out bench/results-circuit.json     # about 2 minutes on 2 CPU cores
+    .venv/bin/python bench/bench_circuit.py --out bench/results-circuit.json     # about 4 minutes on 2 CPU cores
 
-Rows: recording every sender's output in the donor run (one pass), a plain forward and backward (the floor of any
-gradient method here), EAP over every edge (one forward and backward of the recipient that also records its senders;
-the totals add the donor's recording), EAP-IG with K steps (K forwards and backwards, the first of them recording),
-one faithfulness point (one edge-patched forward of every pair). FE = seconds / one plain forward of the same pairs
-(END logits over the whole vocabulary). Each row runs 3 times, each time right after a plain forward, and FE is the
-row's fastest run over the fastest of those forwards: this machine's speed drifts by 30% within a minute, so a
-forward timed once at the start gave FE ratios 30% apart between runs. Memory: each
-row's peak resident growth over the level before it, and for EAP the whole process's peak above its level before
-the model was loaded, next to the issue's bound of 2 x (the model's parameters + one activation cache: every
-sender's output for these pairs, what EAP keeps of the donor).
+The floor of a gradient method is what it cannot avoid: the donor's recording (one forward that keeps every sender's
+output) plus K x (one plain forward and backward of the same pairs, d metric / d input embeddings), K = 1 for EAP.
+Each repetition times, back to back, the recording, the plain forward + backward, EAP, EAP-IG on the inputs and
+EAP-IG on the activations (K steps), so every ratio compares times of the same minute; a row's time is its fastest
+repetition, and each repetition's own ratio is reported too (this machine's speed drifts by up to 30% from minute
+to minute). Ratio = (recording + method) / (recording + K x forward-backward).
+
+Memory: the process's peak resident size during each method, above its size before the model was loaded, next to
+the issue's bound of 2 x (the model's parameters + one activation cache: the donor's recording for these pairs), at
+16 and 64 pairs.
 """
 
 from __future__ import annotations
@@ -22,31 +22,21 @@ import platform
 
 import psutil
 import torch
-from bench_sweeps import PeakRSS, timed  # (seconds, result, peak RSS growth): the same measure as the sweep benchmarks
+from bench_sweeps import PeakRSS, timed
 
 import actpatch
-from actpatch.analysis.circuits import top_edges
 from actpatch.engine.attribution import _activation_gradients_only
 from actpatch.engine.capture import last_logits
-from actpatch.engine.eap import edge_scores
-from actpatch.engine.edges import edge_patched_logits, sender_outputs
-from actpatch.engine.graph import build_graph
+from actpatch.engine.eap_scores import EAP_TOKENS, edge_scores
+from actpatch.engine.edge_patching import sender_outputs
+from actpatch.engine.circuit_graph import build_graph
 from actpatch.engine.metrics import logit_diff
 from actpatch.tasks.registry import get_task
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--n-pairs", type=int, default=16)
-    parser.add_argument("--ig-steps", type=int, default=5)
-    parser.add_argument("--out")
-    args = parser.parse_args()
-    torch.set_num_threads(2)
-    rss0 = psutil.Process().memory_info().rss
-    lm = actpatch.load_model("smollm2-135m", device="cpu")
+def setup(lm, n_pairs: int):
     task = get_task("ioi")
-    batch = task.tokenize(lm.tokenizer, task.generate(lm.tokenizer, args.n_pairs, ("swap",), 0)["swap"])
-    graph = build_graph(lm.adapter)
+    batch = task.tokenize(lm.tokenizer, task.generate(lm.tokenizer, n_pairs, ("swap",), 0)["swap"])
     ids, mask, end = batch.recipient_ids, batch.attention_mask, batch.position("END")
 
     def metric(logits, sl):
@@ -59,56 +49,62 @@ def main() -> None:
                 metric(last_logits(lm, ids, mask, end), slice(None)).sum().backward()
             finally:
                 leaf.remove()
+    return batch, metric, forward_backward
 
-    def forward():
-        with torch.inference_mode():
-            return last_logits(lm, ids, mask, end)
 
-    forward()
-    results, forwards = [], []
-
-    def row(name, fn, note):
-        runs, fwds, peak, out = [], [], 0, None
-        for _ in range(3):  # a forward right before each run: FE compares times of the same minute
-            fwds.append(timed(forward)[0])
-            secs, out, grew = timed(fn)
-            runs.append(secs)
-            peak = max(peak, grew)
-        secs, fwd = min(runs), min(fwds)
-        forwards.extend(fwds)
-        results.append({"row": name, "seconds": secs, "forward_seconds": fwd, "fe": secs / fwd,
-                        "peak_rss_gib": peak / 2**30, "note": note})
-        print(f"{name:28s} {secs:7.2f} s  {secs / fwd:6.1f} FE (forward {fwd:.2f} s)  +{peak / 2**30:.2f} GiB  {note}",
-              flush=True)
-        return out
-
-    don = row("record senders (donor)", lambda: sender_outputs(lm, graph, batch, "donor")[0], "1 forward + writes")
-    row("plain forward + backward", forward_backward, "d metric / d input embeddings")
-    with PeakRSS() as whole:
-        whole.base = rss0  # the process's peak above its level before the model was loaded
-        eap = row("EAP scores", lambda: edge_scores(lm, graph, batch, metric, don), "+ the donor's recording")
-    row(f"EAP-IG scores (K={args.ig_steps})", lambda: edge_scores(lm, graph, batch, metric, don, steps=args.ig_steps),
-        "+ the donor's recording")
-    keep = top_edges(graph, eap, 200)
-    row("faithfulness point", lambda: edge_patched_logits(lm, graph, batch, don, (graph.allowed & ~keep).float()),
-        "top-200 circuit")
-    row("empty circuit", lambda: edge_patched_logits(lm, graph, batch, don, graph.allowed.float()), "every edge patched")
+def measure(lm, graph, n_pairs: int, steps: int, repeats: int, rss0: int) -> dict:
+    batch, metric, forward_backward = setup(lm, n_pairs)
+    don = sender_outputs(lm, graph, batch, "donor")[0]
+    methods = {"EAP": dict(), f"EAP-IG inputs (K={steps})": dict(steps=steps),
+               f"EAP-IG activations (K={steps})": dict(steps=steps, interpolate="activations")}
+    times: dict[str, list[float]] = {name: [] for name in ["record", "forward+backward", *methods]}
+    peaks: dict[str, int] = {}
+    for _ in range(repeats):
+        times["record"].append(timed(lambda: sender_outputs(lm, graph, batch, "donor"))[0])
+        times["forward+backward"].append(timed(forward_backward)[0])
+        for name, kw in methods.items():
+            with PeakRSS() as whole:
+                whole.base = rss0  # the process's peak above its level before the model was loaded
+                secs = timed(lambda: edge_scores(lm, graph, batch, metric, don, **kw))[0]
+            times[name].append(secs)
+            peaks[name] = max(peaks.get(name, 0), whole.peak)
+    best = {k: min(v) for k, v in times.items()}
     params = sum(p.numel() * p.element_size() for p in lm.model.parameters())
     cache = don.numel() * don.element_size()
-    summary = {
-        "forward_seconds": min(forwards), "forward_seconds_max": max(forwards),
-        "n_pairs": len(batch), "tokens": int(ids.shape[1]), "n_edges": graph.n_edges,
-        "model_gib": params / 2**30, "sender_cache_gib": cache / 2**30,
-        "eap_total_fe": results[2]["fe"] + results[0]["fe"],
-        "eap_ig_total_fe": results[3]["fe"] + results[0]["fe"],
-        "eap_process_peak_gib": whole.peak / 2**30,
-        "memory_bound_gib": 2 * (params + cache) / 2**30,
-        "machine": platform.processor() or platform.machine(), "torch": torch.__version__, "actpatch": actpatch.__version__,
-    }
+    rows = []
+    for name, kw in methods.items():
+        k = kw.get("steps", 1)
+        ratio = (best["record"] + best[name]) / (best["record"] + k * best["forward+backward"])
+        runs = [(r + m) / (r + k * f) for r, f, m in zip(times["record"], times["forward+backward"], times[name])]
+        rows.append({"n_pairs": n_pairs, "method": name, "seconds": best[name], "floor_seconds":
+                     best["record"] + k * best["forward+backward"], "ratio": ratio, "ratio_per_repeat": runs,
+                     "process_peak_gib": peaks[name] / 2**30, "memory_bound_gib": 2 * (params + cache) / 2**30})
+        print(f"{n_pairs:3d} pairs  {name:28s} {best[name]:6.2f} s  floor {rows[-1]['floor_seconds']:6.2f} s  "
+              f"ratio {ratio:.2f} (runs {', '.join(f'{x:.2f}' for x in runs)})  peak {peaks[name] / 2**30:.2f} GiB "
+              f"(bound {rows[-1]['memory_bound_gib']:.2f})", flush=True)
+    return {"n_pairs": n_pairs, "tokens": int(batch.recipient_ids.shape[1]), "times": times, "best": best,
+            "model_gib": params / 2**30, "donor_cache_gib": cache / 2**30, "rows": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--pairs", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--ig-steps", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    rss0 = psutil.Process().memory_info().rss
+    lm = actpatch.load_model("smollm2-135m", device="cpu")
+    graph = build_graph(lm.adapter)
+    runs = [measure(lm, graph, n, args.ig_steps, args.repeats if n <= 16 else 1, rss0) for n in args.pairs]
+    summary = {"n_edges": graph.n_edges, "eap_tokens_per_pass": EAP_TOKENS, "ig_steps": args.ig_steps,
+               "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+               "actpatch": actpatch.__version__}
     print(json.dumps(summary, indent=2))
     if args.out:
         with open(args.out, "w") as fh:
-            json.dump({"summary": summary, "rows": results}, fh, indent=2)
+            json.dump({"summary": summary, "runs": runs}, fh, indent=2)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import sys
 
-from actpatch.experiment.circuitresult import CircuitResult
-from actpatch.report.circuitreport import plot_curves
+from actpatch.experiment.circuit_result import CircuitResult
+from actpatch.report.circuit_report import plot_curves
 
 
 def main(out: str, *folders: str) -> None:

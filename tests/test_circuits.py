@@ -10,19 +10,19 @@ import pytest
 import torch
 
 from actpatch import wrap_model
-from actpatch.analysis.circuits import (circuit_heads, circuit_nodes, exact_prune, fed_senders, greedy_edges, jaccard, node_circuit,
+from actpatch.analysis.circuit_pruning import (circuit_heads, circuit_nodes, exact_prune, fed_senders, greedy_edges, jaccard, node_circuit,
                                         prune, top_edges, top_edges_with)
-from actpatch.analysis.faithfulness import MIB_FRACTIONS, cpr_cmd, mib_sizes
+from actpatch.analysis.mib_scores import MIB_FRACTIONS, cpr_cmd, mib_sizes
 from actpatch.cli import main
-from actpatch.engine import edges as edges_module
-from actpatch.engine.graph import build_graph
+from actpatch.engine import edge_patching as edges_module
+from actpatch.engine.circuit_graph import build_graph
 from actpatch.engine.pairs import PromptPair
 from actpatch.errors import ConfigError
-from actpatch.experiment import circuitchecks
-from actpatch.experiment.circuit import CircuitConfig, _same_size, run_circuit
-from actpatch.experiment.circuitchecks import random_halves, template_halves
-from actpatch.experiment.circuitresult import CircuitResult
-from actpatch.report.circuitreport import findings, head_table, plot_curves, render_circuit_md
+from actpatch.experiment import circuit_checks
+from actpatch.experiment.circuit_discovery import CircuitConfig, _same_size, run_circuit
+from actpatch.experiment.circuit_checks import random_halves, template_halves
+from actpatch.experiment.circuit_result import CircuitResult
+from actpatch.report.circuit_report import findings, head_table, plot_curves, render_circuit_md
 from conftest import tiny_model
 
 PAIRS = [
@@ -294,10 +294,10 @@ def test_stability_compares_the_two_halves_with_each_other(monkeypatch):
         sc = torch.zeros(1, 11)
         sc[0, idx], sc[0, 10] = 1.0, 1.0
         return sc
-    monkeypatch.setattr(circuitchecks, "edge_scores", scores)
+    monkeypatch.setattr(circuit_checks, "edge_scores", scores)
     keep = torch.zeros(1, 11, dtype=torch.bool)
     keep[0, [0, 1, 2, 3, 10]] = True
-    out = circuitchecks.stability(None, None, _Pairs([0, 0, 1, 1]), torch.zeros(2, 4), None, (None, "inputs"),
+    out = circuit_checks.stability(None, None, _Pairs([0, 0, 1, 1]), torch.zeros(2, 4), None, (None, "inputs"),
                                   lambda sc: sc > 0, keep, resamples=2, seed=0, disable=True)
     # halves {0, 1} + 10 and {2, 3} + 10 share one edge of five; either half against the chosen circuit would be 3/5
     assert out["template_split_jaccard"] == pytest.approx(1 / 5, abs=1e-12)

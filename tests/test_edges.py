@@ -13,10 +13,10 @@ import torch
 
 from actpatch import wrap_model
 from actpatch.engine.batch import tokenize_pairs
-from actpatch.engine import eap as eap_module
-from actpatch.engine.eap import edge_scores
-from actpatch.engine.edges import edge_patched_logits, sender_outputs
-from actpatch.engine.graph import build_graph
+from actpatch.engine import eap_scores as eap_module
+from actpatch.engine.eap_scores import edge_scores
+from actpatch.engine.edge_patching import edge_patched_logits, sender_outputs
+from actpatch.engine.circuit_graph import build_graph
 from actpatch.engine.hooks import count_hooks
 from actpatch.engine.pairs import PromptPair
 from actpatch.errors import ConfigError, DataError, UnsupportedArchitectureError

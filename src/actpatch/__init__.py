@@ -41,11 +41,11 @@ from .engine.planning import plan_chunks, token_budget
 from .engine.prefix import RecipientState
 from .engine.sanity import SanityCheck, run_sanity_checks
 from .engine.sites import AttnOutSite, HeadSite, HiddenSite, MlpOutSite
-from .engine.eap import edge_scores
-from .engine.edges import edge_patched_logits, sender_outputs
-from .engine.graph import Graph, build_graph
-from .experiment.circuit import CircuitConfig, run_circuit
-from .experiment.circuitresult import CircuitResult
+from .engine.eap_scores import edge_scores
+from .engine.edge_patching import edge_patched_logits, sender_outputs
+from .engine.circuit_graph import Graph, build_graph
+from .experiment.circuit_discovery import CircuitConfig, run_circuit
+from .experiment.circuit_result import CircuitResult
 from .experiment.compare import run_compare
 from .experiment.config import IOIConfig
 from .experiment.contrast import PairsConfig, patch, run_pairs

@@ -10,10 +10,10 @@ from pathlib import Path
 
 from ..engine.metrics import TASK_METRICS
 from ..errors import ConfigError
-from ..experiment.circuit import SELECTIONS, CircuitConfig, run_circuit
+from ..experiment.circuit_discovery import SELECTIONS, CircuitConfig, run_circuit
 from ..experiment.method_comparison import ALIASES, METHODS as CIRCUIT_METHODS
 from ..model.models import DEFAULT_MODEL
-from ..report.circuitreport import findings as circuit_findings
+from ..report.circuit_report import findings as circuit_findings
 from ..report.outputs import prepare_out
 from .common import _add_run_options, _finish, _run_and_write
 

@@ -6,7 +6,7 @@
 
 faithfulness(C) = (m(C) - m(empty)) / (m(model) - m(empty)), with m the mean metric over pairs, C kept at the
 recipient's values and every other edge patched to the donor; the empty circuit patches every edge. Each curve is
-measured at MIB's edge fractions (``analysis.faithfulness``), which its CPR and CMD are computed from.
+measured at MIB's edge fractions (``analysis.mib_scores``), which its CPR and CMD are computed from.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..analysis.circuits import circuit_nodes, greedy_edges, node_circuit, top_edges
-from ..analysis.faithfulness import MIB_FRACTIONS, mib_sizes
-from ..engine.edges import edge_patched_logits
-from ..engine.graph import Graph
+from ..analysis.circuit_pruning import circuit_nodes, greedy_edges, node_circuit, top_edges
+from ..analysis.mib_scores import MIB_FRACTIONS, mib_sizes
+from ..engine.edge_patching import edge_patched_logits
+from ..engine.circuit_graph import Graph
 from ..model.models import LoadedModel
 
 

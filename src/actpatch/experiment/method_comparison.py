@@ -16,9 +16,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..analysis.faithfulness import MIB_FRACTIONS, cpr_cmd
-from ..engine.eap import edge_scores
-from ..engine.graph import Graph
+from ..analysis.mib_scores import MIB_FRACTIONS, cpr_cmd
+from ..engine.eap_scores import edge_scores
+from ..engine.circuit_graph import Graph
 from .faithfulness_curve import measure_curve
 
 METHODS = ("eap", "eap-ig-inputs", "eap-ig-activations")  # MIB's names; "eap-ig" is EAP-IG on the inputs

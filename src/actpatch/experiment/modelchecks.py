@@ -21,9 +21,9 @@ from ..analysis.heads import characterise
 from ..engine.batch import PairBatch
 from ..engine.attribution import attribute
 from ..engine.capture import capture
-from ..engine.eap import edge_scores
-from ..engine.edges import edge_patched_logits, sender_outputs
-from ..engine.graph import build_graph, circuit_refusal
+from ..engine.eap_scores import edge_scores
+from ..engine.edge_patching import edge_patched_logits, sender_outputs
+from ..engine.circuit_graph import build_graph, circuit_refusal
 from ..engine.pairs import PromptPair
 from ..engine.paths import Receiver, path_patch
 from ..engine.patching import patch_variants

@@ -113,7 +113,7 @@ def drilldown_html(result: IOIResult, design: str) -> str:
 
 
 def circuit_spec(result, edges: list, pos: dict[str, tuple[float, int]], widest: int) -> dict | None:
-    """The circuit drawing (``circuitreport.circuit_layout``: edges, node positions, widest row) with a hover selection
+    """The circuit drawing (``circuit_report.circuit_layout``: edges, node positions, widest row) with a hover selection
     on its nodes, the node's single patch effect and classes, and its pattern on each example prompt."""
     pats = result.baseline.get("patterns")
     if not pats or not edges:

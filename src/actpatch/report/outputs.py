@@ -17,10 +17,10 @@ import tempfile
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..experiment.circuitresult import CircuitResult
+from ..experiment.circuit_result import CircuitResult
 from ..experiment.pairsresult import PairsResult
 from ..experiment.results import IOIResult
-from .circuitreport import render_circuit_html, render_circuit_md, save_circuit_plots
+from .circuit_report import render_circuit_html, render_circuit_md, save_circuit_plots
 from .htmlreport import render_html
 from .markdown import render_report
 from .pairsreport import render_pairs_html, render_pairs_md, save_pair_plots

@@ -10,8 +10,8 @@ patching every edge out of one head equals an ordinary patch of that head. The q
 separately without copying any attention code: a layer's most common q/k/v input is given to its norm, and the
 hook on the projection that makes them (q_proj or GPT-2's fused c_attn) replaces the slice of each head that reads
 another input with the projection of its own normed input (once per distinct input). Weights need not be
-0 or 1 (finite differences use small ones). Gradients for attribution: ``engine.edgegrads``; the graph:
-``engine.graph``.
+0 or 1 (finite differences use small ones). Gradients for attribution: ``engine.edge_gradients``; the graph:
+``engine.circuit_graph``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from ..errors import ConfigError, DataError
 from ..model.models import LoadedModel
 from .batch import PairBatch
 from .capture import last_logits
-from .graph import Graph
+from .circuit_graph import Graph
 from .hooks import HookSpec, hooks
 from .noise import noise_hook
 
@@ -33,7 +33,7 @@ class _Flow:
     """The state of one edge-patched (or recorded, or differentiated) forward pass and the hooks that keep it.
 
     ``mode``: "record" keeps every sender's output and the residual stream at every receiver point; "patch" adds
-    ``weights`` x (donor - current) at receivers; "grad": ``engine.edgegrads._GradFlow``.
+    ``weights`` x (donor - current) at receivers; "grad": ``engine.edge_gradients._GradFlow``.
 
     Patch mode sums over few senders either way: a receiver group with fewer patched edges than kept ones adds
     sum_s w (donor_s - current_s) over its patched senders; otherwise it adds the donor's residual stream at its

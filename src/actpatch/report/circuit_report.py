@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import networkx as nx  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from ..experiment.circuitresult import CircuitResult  # noqa: E402
+from ..experiment.circuit_result import CircuitResult  # noqa: E402
 from .drilldown import circuit_drilldown_html, vega_bundle  # noqa: E402
 from .pairsreport import figure_html, html_page, markdown_page  # noqa: E402
 
@@ -170,7 +170,7 @@ def findings(result: CircuitResult) -> list[str]:
 
 
 def _benchmark_findings(result: CircuitResult) -> list[str]:
-    """CPR and CMD of each curve (MIB's definitions, ``analysis.faithfulness``)."""
+    """CPR and CMD of each curve (MIB's definitions, ``analysis.mib_scores``)."""
     scores = result.benchmark_scores()
     scores = scores[scores.cpr.notna()]
     if scores.empty:

@@ -21,7 +21,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from ..engine.graph import Graph
+from ..engine.circuit_graph import Graph
 from ..errors import ConfigError
 
 

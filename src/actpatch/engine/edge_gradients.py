@@ -1,4 +1,4 @@
-"""Every receiver's input gradient from one plain forward and backward, for edge attribution (``engine.eap``).
+"""Every receiver's input gradient from one plain forward and backward, for edge attribution (``engine.eap_scores``).
 
     with receiver_inputs(lm, graph, alpha, donor, keep, record=True) as flow:
         metric(last_logits(...)).sum().backward()
@@ -16,7 +16,7 @@ output in this run - donor) (integrated gradients on the activations: alpha -> 0
 the recipient's run); the shift is a constant of the backward pass, so the gradient is the model's own at the mixed
 activations. A layer's heads share one alpha, so their mixed writes sum to the mixed attention output, which is
 where it is applied. With ``record`` the same run writes every sender's donor - current, so the recipient needs no
-recording pass of its own. The norm's VJP is ``engine.normvjp``'s (closed form where it is checked to hold).
+recording pass of its own. The norm's VJP is ``engine.norm_vjp``'s (closed form where it is checked to hold).
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from ..model.models import LoadedModel
-from .edges import _Flow
-from .graph import Graph
+from .edge_patching import _Flow
+from .circuit_graph import Graph
 from .hooks import HookSpec, hooks
-from .normvjp import norm_pullback
+from .norm_vjp import norm_pullback
 
 
 class _GradFlow(_Flow):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..analysis.faithfulness import MIB_FRACTIONS, cpr_cmd
+from ..analysis.mib_scores import MIB_FRACTIONS, cpr_cmd
 from .method_comparison import grid_scores, side_by_side
 from .results import _atomic_write, _finite
 
@@ -64,7 +64,7 @@ class CircuitResult:
         return pd.DataFrame(self.faithfulness)
 
     def benchmark_scores(self) -> pd.DataFrame:
-        """CPR and CMD (``analysis.faithfulness``) of each curve: method, select, grid, cpr, cmd. Edge curves use the
+        """CPR and CMD (``analysis.mib_scores``) of each curve: method, select, grid, cpr, cmd. Edge curves use the
         MIB grid (NaN where the curve does not cover it: exact patching of candidates); the node-level curve is
         scored on its own grid, the fraction of heads kept."""
         frame, rows = self.faithfulness_frame(), []

@@ -10,8 +10,8 @@ the recipient run: one forward and backward of the recipient, which also records
 (so, with the donor's recording, three passes in all). EAP-IG (Hanna, Pezzelle & Belinkov 2024) averages it over
 ``steps`` runs whose input embeddings move from the donor's to the recipient's (alpha = k / steps, k = 1..steps),
 so one step is EAP; the alpha = 1 run goes first and records. Both are estimates; exact edge patching
-(``engine.edges``) measures. After each backward pass the receivers are scored a chunk of layers at a time: their
-input gradients (``engine.edgegrads``, R' x N x D) times the differences of the senders before them, over the N
+(``engine.edge_patching``) measures. After each backward pass the receivers are scored a chunk of layers at a time: their
+input gradients (``engine.edge_gradients``, R' x N x D) times the differences of the senders before them, over the N
 non-padding positions; nothing of size all receivers x positions is kept.
 """
 
@@ -27,8 +27,8 @@ from ..model.models import LoadedModel
 from .attribution import _activation_gradients_only
 from .batch import PairBatch
 from .capture import last_logits
-from .edgegrads import receiver_inputs
-from .graph import Graph
+from .edge_gradients import receiver_inputs
+from .circuit_graph import Graph
 from ..errors import ConfigError
 
 EAP_TOKENS = 512  # tokens per gradient pass, at most: each pass keeps S x N x D floats of donor - recipient
@@ -46,7 +46,7 @@ def edge_scores(
 
     ``donor``: the donor run's recording (``sender_outputs``). ``steps`` None: EAP; an int >= 1:
     EAP-IG with that many interpolation steps, on ``interpolate`` = "inputs" (the input embeddings move from the
-    donor's to the recipient's) or "activations" (every sender's write does; see ``engine.edgegrads``). Pairs are
+    donor's to the recipient's) or "activations" (every sender's write does; see ``engine.edge_gradients``). Pairs are
     processed in groups of ``max_rows`` (default about ``EAP_TOKENS`` tokens). Leaves the model as it was (no
     weight gets a gradient).
 

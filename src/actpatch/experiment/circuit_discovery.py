@@ -6,7 +6,7 @@
 faithfulness(C) = (m(C) - m(empty)) / (m(model) - m(empty)), with m the mean metric over pairs, C kept at the
 recipient's values and every other edge patched to the donor; the empty circuit patches every edge. The curve
 covers about ten circuit sizes, next to node-level circuits made of the heads that matter most when patched one
-at a time (all positions). The checks of ``experiment.circuitchecks`` run every time.
+at a time (all positions). The checks of ``experiment.circuit_checks`` run every time.
 """
 
 from __future__ import annotations
@@ -19,21 +19,21 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..analysis.circuits import circuit_heads, circuit_nodes, exact_prune, top_edges_with
-from ..analysis.faithfulness import MIB_FRACTIONS
+from ..analysis.circuit_pruning import circuit_heads, circuit_nodes, exact_prune, top_edges_with
+from ..analysis.mib_scores import MIB_FRACTIONS
 from ..analysis.patterns import node_patterns
 from ..engine.capture import last_logits
-from ..engine.eap import edge_scores, group_rows
-from ..engine.edges import sender_outputs
-from ..engine.graph import Graph, build_graph
+from ..engine.eap_scores import edge_scores, group_rows
+from ..engine.edge_patching import sender_outputs
+from ..engine.circuit_graph import Graph, build_graph
 from ..engine.hooks import count_hooks
 from ..engine.metrics import TASK_METRICS, task_scores
 from ..engine.sanity import check_no_hooks_left
 from ..engine.pairs import PromptPair
 from ..errors import ConfigError, UnsupportedArchitectureError
 from ..model.models import DEFAULT_MODEL, LoadedModel
-from .circuitchecks import attribution_check, head_classes, head_effects, run_circuit_checks, stability
-from .circuitresult import CircuitResult
+from .circuit_checks import attribution_check, head_classes, head_effects, run_circuit_checks, stability
+from .circuit_result import CircuitResult
 from .config import environment
 from .contrast import PairsConfig, _pairs_for
 from .faithfulness_curve import Evaluator, measure_curve, node_curve, point, select_circuit

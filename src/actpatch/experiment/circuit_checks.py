@@ -15,13 +15,13 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from ..analysis.circuits import jaccard
+from ..analysis.circuit_pruning import jaccard
 from ..analysis.headclasses import classify
 from ..analysis.heads import characterise
 from ..engine.capture import capture
-from ..engine.eap import edge_scores
-from ..engine.edges import edge_patched_logits
-from ..engine.graph import Graph
+from ..engine.eap_scores import edge_scores
+from ..engine.edge_patching import edge_patched_logits
+from ..engine.circuit_graph import Graph
 from ..engine.patching import patch_variants
 from ..engine.sanity import SanityCheck, _diff, _exact_tol, _ulps
 from ..engine.sites import AttnOutSite, HeadSite
