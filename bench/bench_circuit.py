@@ -52,11 +52,13 @@ def setup(lm, n_pairs: int):
     return batch, metric, forward_backward
 
 
-def measure(lm, graph, n_pairs: int, steps: int, repeats: int, rss0: int) -> dict:
+def measure(lm, graph, n_pairs: int, steps: int, repeats: int, rss0: int, tokens: int | None) -> dict:
     batch, metric, forward_backward = setup(lm, n_pairs)
     don = sender_outputs(lm, graph, batch, "donor")[0]
+    rows_per_pass = None if tokens is None else max(1, tokens // batch.recipient_ids.shape[1])
     methods = {"EAP": dict(), f"EAP-IG inputs (K={steps})": dict(steps=steps),
                f"EAP-IG activations (K={steps})": dict(steps=steps, interpolate="activations")}
+    methods = {name: {**kw, "max_rows": rows_per_pass} for name, kw in methods.items()}
     times: dict[str, list[float]] = {name: [] for name in ["record", "forward+backward", *methods]}
     peaks: dict[str, int] = {}
     for _ in range(repeats):
@@ -76,7 +78,7 @@ def measure(lm, graph, n_pairs: int, steps: int, repeats: int, rss0: int) -> dic
         k = kw.get("steps", 1)
         ratio = (best["record"] + best[name]) / (best["record"] + k * best["forward+backward"])
         runs = [(r + m) / (r + k * f) for r, f, m in zip(times["record"], times["forward+backward"], times[name])]
-        rows.append({"n_pairs": n_pairs, "method": name, "seconds": best[name], "floor_seconds":
+        rows.append({"n_pairs": n_pairs, "tokens_per_pass": tokens or EAP_TOKENS, "method": name, "seconds": best[name], "floor_seconds":
                      best["record"] + k * best["forward+backward"], "ratio": ratio, "ratio_per_repeat": runs,
                      "process_peak_gib": peaks[name] / 2**30, "memory_bound_gib": 2 * (params + cache) / 2**30})
         print(f"{n_pairs:3d} pairs  {name:28s} {best[name]:6.2f} s  floor {rows[-1]['floor_seconds']:6.2f} s  "
@@ -91,13 +93,15 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--ig-steps", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tokens-per-pass", type=int, help="pairs per gradient pass as tokens (default: the engine's)")
     parser.add_argument("--out")
     args = parser.parse_args()
     torch.set_num_threads(2)
     rss0 = psutil.Process().memory_info().rss
     lm = actpatch.load_model("smollm2-135m", device="cpu")
     graph = build_graph(lm.adapter)
-    runs = [measure(lm, graph, n, args.ig_steps, args.repeats if n <= 16 else 1, rss0) for n in args.pairs]
+    runs = [measure(lm, graph, n, args.ig_steps, args.repeats if n <= 16 else 1, rss0, args.tokens_per_pass)
+            for n in args.pairs]
     summary = {"n_edges": graph.n_edges, "eap_tokens_per_pass": EAP_TOKENS, "ig_steps": args.ig_steps,
                "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
                "actpatch": actpatch.__version__}

@@ -181,10 +181,37 @@ def test_circuit_run_checks_faithfulness_and_round_trip(gpt2_lm, tmp_path):
     graph = build_graph(gpt2_lm.adapter)
     assert result.circuit["heads"] == circuit_heads(graph, _keep_of(graph, result))
     result.save(tmp_path)
+    saved = {r["method"]: r for r in json.loads((tmp_path / "results.json").read_text())["benchmark_scores"]}
+    assert saved["eap"]["cpr"] == pytest.approx(bench.loc["eap", "cpr"], abs=1e-12)
     back = CircuitResult.load(tmp_path)
     assert back.circuit == json.loads((tmp_path / "circuit.json").read_text())
     assert back.edges_frame().equals(result.edges_frame())
     assert back.faithfulness_frame().shape == df.shape
+
+
+def test_compare_measures_every_method_and_exact_patching_at_equal_edge_counts(gpt2_lm):
+    result = run_circuit(lm=gpt2_lm, pairs=PAIRS, task="pairs", method="eap-ig-activations", ig_steps=2, compare=True,
+                         exact_candidates=12, resamples=0, progress=False)
+    assert result.passed, result.sanity
+    assert result.config["method"] == "eap-ig-activations"
+    df, n = result.faithfulness_frame(), result.graph["n_edges"]
+    grid = df[df.grid == True]  # noqa: E712
+    assert set(grid.method) == {"eap", "eap-ig-inputs", "eap-ig-activations", "exact"}
+    for method in ("eap", "eap-ig-inputs", "eap-ig-activations"):  # every MIB point, for every method
+        assert tuple(grid[grid.method == method].sort_values("fraction").fraction) == MIB_FRACTIONS
+    exact = grid[grid.method == "exact"]
+    assert len(exact) and (exact["size"] <= 12).all()  # exact scores exist for the candidates only
+    table = result.side_by_side()
+    assert list(table.columns) == ["eap", "eap-ig-inputs", "eap-ig-activations", "exact"]
+    assert math.isnan(table.loc["CPR (higher is better)", "exact"])  # a partial curve gets no CPR
+    part = grid[grid.method == "eap"].sort_values("fraction")
+    assert table.loc["CPR (higher is better)", "eap"] == pytest.approx(
+        _plain_trapezoid(part.fraction.tolist(), part.faithfulness.tolist()), abs=1e-12)
+    # the same method's estimates in a run of its own: the same curve
+    alone = run_circuit(lm=gpt2_lm, pairs=PAIRS, task="pairs", method="eap", resamples=0, progress=False)
+    mine = alone.faithfulness_frame().query("method == 'eap' and grid == True").sort_values("fraction")
+    assert mine.faithfulness.tolist() == pytest.approx(part.faithfulness.tolist(), abs=1e-6)
+    assert "side by side" in render_circuit_md(result, [])
 
 
 def _keep_of(graph, result):

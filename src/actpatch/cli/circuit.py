@@ -23,7 +23,7 @@ def add_parser(sub) -> None:
     circ = sub.add_parser(
         "circuit", help="find a task's circuit: edge attribution (EAP, EAP-IG), circuit selection, faithfulness curves",
         description="Score every edge of the model's graph (embeddings, heads, MLPs, logits; each head's q, k and v "
-        "inputs apart), choose circuits at MIB's edge fractions (0.1%% to 100%%), and measure each one's faithfulness by exact edge "
+        "inputs apart), choose circuits at MIB's edge fractions (0.1% to 100%), and measure each one's faithfulness by exact edge "
         "patching, next to node-level circuits of the top single heads. Writes edges.csv, circuit.json, "
         "faithfulness.csv, faithfulness.png, circuit.png, report.md and report.html. Donor and recipient must have "
         "the same token length (facts: --donor noise).",

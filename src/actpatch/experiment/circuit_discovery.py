@@ -1,12 +1,14 @@
 """Find a task's circuit and measure it: edge scores (EAP, EAP-IG), selection, faithfulness curves, checks.
 
-    result = run_circuit(CircuitConfig(task="ioi", method="eap-ig", ig_steps=5))
+    result = run_circuit(CircuitConfig(task="ioi", method="eap-ig-activations", ig_steps=5))
     result = run_circuit(task="pairs", pairs_file="facts.jsonl", metric="logprob", select="greedy")
+    result = run_circuit(task="greater-than", compare=True)    # every method side by side: result.side_by_side()
 
-faithfulness(C) = (m(C) - m(empty)) / (m(model) - m(empty)), with m the mean metric over pairs, C kept at the
-recipient's values and every other edge patched to the donor; the empty circuit patches every edge. The curve
-covers about ten circuit sizes, next to node-level circuits made of the heads that matter most when patched one
-at a time (all positions). The checks of ``experiment.circuit_checks`` run every time.
+The steps: record the donor (``engine.edge_patching``), score every edge (``engine.eap_scores``), measure the
+faithfulness curve at MIB's edge fractions (``experiment.faithfulness_curve``) next to node-level circuits of the
+heads that matter most when patched one at a time, optionally the other methods (``experiment.method_comparison``),
+choose the circuit (``analysis.circuit_pruning``), then the checks and stability of ``experiment.circuit_checks``,
+which run every time.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ class CircuitConfig:
     compare: bool = False              # also score with the other methods, and exact edge patching, curve by curve
     exact_candidates: int = 353        # compare: exact single-edge patches of the union of each method's top-n
     select: str = "top"                # top: top-n then pruned; greedy: grown from the logits; exact: ACDC-style
-    edges: tuple[int, ...] | None = None   # circuit sizes of the curve; None: about ten, log-spaced
+    edges: tuple[int, ...] | None = None   # circuit sizes measured besides MIB's grid of edge fractions
     target: float = 0.8                # the faithfulness the smallest circuit must reach
     exact_threshold: float = 0.01      # exact pruning: drop an edge moving the metric by < this x (model - empty)
     resamples: int = 3                 # stability: circuits from resampled pairs (0: skip)
@@ -170,8 +172,10 @@ def _drawn_patterns(lm, batch, edges: list) -> dict | None:
 
 
 def _choose(cfg, graph, scores, evaluate, curve, kept, full, empty, disable) -> dict:
-    """The circuit to report: the smallest reaching the target (or exact pruning's), else the largest evaluated."""
-    reached = [r for r in curve if r["faithfulness"] >= cfg.target]
+    """The circuit to report: the smallest reaching the target (or exact pruning's), else the largest evaluated of
+    at most a third of the edges."""
+    small = [r for r in curve if r["size"] <= max(1, graph.n_edges // 3)]  # MIB's 50% and 100% are no small circuit
+    reached = [r for r in small if r["faithfulness"] >= cfg.target]
     if cfg.select == "exact":
         tau = cfg.exact_threshold * abs(float(full.mean() - empty.mean()))
         with tqdm(total=graph.n_edges, desc="exact pruning", disable=disable, dynamic_ncols=True) as bar:
@@ -179,7 +183,7 @@ def _choose(cfg, graph, scores, evaluate, curve, kept, full, empty, disable) -> 
         row = point(graph, keep, evaluate.per_pair(keep), full, empty, method=cfg.method, select="exact",
                     size=int(keep.sum()), fraction=int(keep.sum()) / graph.n_edges, grid=False)
         return {"keep": keep, "point": row, "reached": row["faithfulness"] >= cfg.target}
-    row = min(reached, key=lambda r: r["size"]) if reached else max(curve, key=lambda r: r["size"])
+    row = min(reached, key=lambda r: r["size"]) if reached else max(small or curve, key=lambda r: r["size"])
     return {"keep": kept[row["size"]], "point": row, "reached": bool(reached)}
 
 

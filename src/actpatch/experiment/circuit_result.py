@@ -9,7 +9,7 @@
     result.save("runs/circuit"); CircuitResult.load("runs/circuit")
 
 Files: ``edges.csv``, ``circuit.json``, ``faithfulness.csv`` and ``results.json`` (config, model, environment,
-baseline, checks, attribution check, stability).
+baseline, checks, attribution check, stability, and each curve's CPR and CMD).
 """
 
 from __future__ import annotations
@@ -93,7 +93,8 @@ class CircuitResult:
         """Write ``results.json``, ``edges.csv``, ``circuit.json`` and ``faithfulness.csv`` into ``out_dir``."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out / "results.json", json.dumps(_finite(self.to_json()), indent=2, allow_nan=False) + "\n")
+        data = {**self.to_json(), "benchmark_scores": self.benchmark_scores().to_dict("records")}  # derived: CPR, CMD
+        _atomic_write(out / "results.json", json.dumps(_finite(data), indent=2, allow_nan=False) + "\n")
         _atomic_write(out / "circuit.json", json.dumps(_finite(self.circuit), indent=2, allow_nan=False) + "\n")
         _atomic_write(out / "edges.csv", self.edges_frame().to_csv(index=False))
         _atomic_write(out / "faithfulness.csv", self.faithfulness_frame().to_csv(index=False))
@@ -103,6 +104,7 @@ class CircuitResult:
     def load(cls, out_dir: str | os.PathLike) -> "CircuitResult":
         out = Path(out_dir)
         data = json.loads((out / "results.json").read_text(encoding="utf-8"))
+        data.pop("benchmark_scores", None)  # recomputed from faithfulness.csv
         circuit = json.loads((out / "circuit.json").read_text(encoding="utf-8"))
         edges = pd.read_csv(out / "edges.csv", keep_default_na=False).to_dict("records")
         faith = pd.read_csv(out / "faithfulness.csv").to_dict("records")

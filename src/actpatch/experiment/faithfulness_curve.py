@@ -77,7 +77,8 @@ def measure_curve(cfg, graph, scores, evaluate, full, empty, sizes, bar, method=
 
     for n, fraction, grid in points:
         measure(n, fraction, grid)
-    above = sorted(r["size"] for r in rows if r["faithfulness"] >= cfg.target)
+    small = max(1, n_all // 3)  # a circuit of half or all the edges is no answer: no bisection towards it
+    above = sorted(r["size"] for r in rows if r["faithfulness"] >= cfg.target and r["size"] <= small)
     if above and refine:  # bisect between the smallest size that reaches the target and the largest below it
         hi = above[0]
         lo = max([r["size"] for r in rows if r["size"] < hi], default=0)
