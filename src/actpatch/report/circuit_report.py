@@ -236,9 +236,10 @@ def _tables(result: CircuitResult) -> dict[str, pd.DataFrame]:
     tables = {"sanity checks": checks}
     side = result.side_by_side()
     if len(side.columns) > 1:  # --compare: every method at equal edge counts
-        tables["methods side by side: faithfulness at equal edge counts (MIB fractions), CPR and CMD"] = (
+        tables["methods side by side: faithfulness at equal edge counts, then the areas under and over each curve"] = (
             side.reset_index(names="edges kept"))
-    tables.update({"benchmark scores (CPR, CMD)": result.benchmark_scores(), "faithfulness": result.faithfulness_frame(),
+    tables.update({"benchmark scores of each curve (areas as the benchmark defines them)": result.benchmark_scores(),
+                   "faithfulness": result.faithfulness_frame(),
                    "strongest edges of the circuit": edges,
                    "heads of the circuit, their single-head patches and classes": head_table(result)})
     subsets = result.stability.get("subsets") or []
