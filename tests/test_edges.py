@@ -14,6 +14,7 @@ import torch
 from actpatch import wrap_model
 from actpatch.engine.batch import tokenize_pairs
 from actpatch.engine import eap_scores as eap_module
+from actpatch.engine import norm_vjp as norm_vjp_module
 from actpatch.engine.eap_scores import edge_scores
 from actpatch.engine.edge_patching import edge_patched_logits, sender_outputs
 from actpatch.engine.circuit_graph import build_graph
@@ -453,6 +454,23 @@ def test_every_estimate_agrees_with_exact_edge_patching_on_the_top_edges(arch, g
         rho = spearman(e.numpy(), x.numpy())
         assert agree == 1.0, f"{arch} {name}: signs agree on {agree:.2f} of the top edges"
         assert rho >= 0.9, f"{arch} {name}: Spearman {rho:.2f} on the top edges"
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma3"])
+def test_the_closed_form_norm_vjp_gives_the_vmap_paths_scores(arch, gpt2_tokenizer, monkeypatch):
+    # the norms' closed forms (LayerNorm, RMSNorm, Gemma's 1 + w), folded into the heads' products and summed over
+    # IG's steps in place, against torch.func.vjp + vmap of the module itself with a separate block per step
+    _, lm, _, _, batch, graph, don, _ = _setup(arch, gpt2_tokenizer)
+    metric = _logit_diff(batch)
+    fast = [edge_scores(lm, graph, batch, metric, don, steps=k, interpolate=w) for k, w in
+            ((None, "inputs"), (3, "inputs"), (3, "activations"))]
+    monkeypatch.setattr(norm_vjp_module, "_kind", lambda norm, x: "vmap")
+    slow = [edge_scores(lm, graph, batch, metric, don, steps=k, interpolate=w) for k, w in
+            ((None, "inputs"), (3, "inputs"), (3, "activations"))]
+    for f, s in zip(fast, slow):
+        scale = float(s.abs().max())
+        assert scale > 0
+        torch.testing.assert_close(f, s, rtol=0, atol=1e-5 * scale)  # float32: the same sums, grouped otherwise
 
 
 def test_bad_input_and_hooks_removed(gpt2_tokenizer):

@@ -100,7 +100,8 @@ def _buffer(cache: dict, name: str, rows: int, diff: Tensor) -> Tensor:
 
 
 def _accumulate(grads, total: Tensor | None, cache: dict, diff: Tensor, n_receivers: int) -> Tensor:
-    """Add each receiver's input gradient into ``total`` (R, N, D) float32: the first step writes it, the others add."""
+    """Add each receiver's input gradient into ``total`` (R, N, D) float32: the first step writes it, the others add
+    in place (no block per step)."""
     first = total is None
     if first:
         total = _buffer(cache, "total", n_receivers, diff)
@@ -108,10 +109,7 @@ def _accumulate(grads, total: Tensor | None, cache: dict, diff: Tensor, n_receiv
         lo, hi = receivers[0], receivers[-1] + 1
         if receivers != list(range(lo, hi)):
             raise RuntimeError(f"receivers {receivers} are not numbered one after another")  # the graph's order
-        if first:
-            fill(total[lo:hi])
-        else:
-            total[lo:hi] += fill(_buffer(cache, "scratch", hi - lo, diff))
+        fill(total[lo:hi], add=not first)
     return total
 
 

@@ -32,7 +32,7 @@ from ..model.models import LoadedModel
 from .edge_patching import _Flow
 from .circuit_graph import Graph
 from .hooks import HookSpec, hooks
-from .norm_vjp import norm_pullback
+from .norm_vjp import norm_pullback, projected_pullback
 
 
 class _GradFlow(_Flow):
@@ -120,20 +120,26 @@ class _GradFlow(_Flow):
         return xs
 
     # --- after the backward pass -----------------------------------------------------------------------------
-    def receiver_grads(self) -> Iterator[tuple[list[int], Callable[[Tensor], Tensor]]]:
-        """(receivers, fill) one layer's heads or one MLP at a time, in graph order: ``fill(out)`` writes d metric / d
-        their input into ``out`` (R', N, D) float32 (a caller's buffer: no fresh memory per layer) and returns it."""
+    def receiver_grads(self) -> Iterator[tuple[list[int], Callable[..., Tensor]]]:
+        """(receivers, fill) one layer's heads or one MLP at a time, in graph order: ``fill(out, add=False)`` writes
+        d metric / d their input into ``out`` (R', N, D) float32 (a caller's buffer: no fresh memory per layer), or
+        adds it to what ``out`` holds, and returns ``out``."""
         by_layer: dict[int, list] = {}
         for layer, rows, out in self.projected:  # q, k and v of a layer share one input: one pass through its norm
             by_layer.setdefault(layer, []).extend((r, out.grad) for r in rows)
-        groups = [([r], lambda out, xs=xs: out.copy_(_positions(xs.grad, self.at).unsqueeze(0))) for r, xs in self.inputs]
-        groups += [([r for r, _ in parts], lambda out, L=L, parts=parts: self._head_grads(L, parts, out))
+        groups = [([r], lambda out, add=False, xs=xs: self._stream_grad(xs, out, add)) for r, xs in self.inputs]
+        groups += [([r for r, _ in parts], lambda out, add=False, L=L, parts=parts: self._head_grads(L, parts, out, add))
                    for L, parts in by_layer.items()]
         yield from sorted(groups, key=lambda g: g[0][0])  # receivers are numbered layer by layer
 
-    def _head_grads(self, layer: int, parts: list[tuple[int, Tensor]], out: Tensor) -> Float[Tensor, "receiver pos d_model"]:
-        """d metric / d the input of the heads in ``parts`` ((receiver, its projection's gradient) each), into
-        ``out`` (R', N, D)."""
+    def _stream_grad(self, xs: Tensor, out: Tensor, add: bool) -> Tensor:
+        grad = _positions(xs.grad, self.at).unsqueeze(0)  # (1, N, D)
+        return out.add_(grad) if add else out.copy_(grad)
+
+    def _head_grads(self, layer: int, parts: list[tuple[int, Tensor]], out: Tensor,
+                    add: bool = False) -> Float[Tensor, "receiver pos d_model"]:
+        """d metric / d the input of the heads in ``parts`` ((receiver, its projection's gradient) each), written
+        into ``out`` (R', N, D) or, with ``add``, added to it."""
         Dh = self.a.d_head
         rows = [r for r, _ in parts]
         # each receiver's slice of its projection's gradient, at the kept positions: (R', N, Dh)
@@ -141,12 +147,25 @@ class _GradFlow(_Flow):
         grads = {k: _positions(g, self.at) for k, g in grads.items()}  # (B, T, F) -> (N, F), once per projection
         g_head = torch.stack([grads[id(g)][..., s:s + Dh] for (r, g) in parts
                               for s in [self.a.qkv_start(self.g.receivers[r].input, self.g.receivers[r].index)]])
-        w = self._weights(layer, rows).to(out.device, out.dtype)  # (R', Dh, D)
-        torch.bmm(g_head.to(out.dtype), w, out=out)  # (R', N, Dh) @ (R', Dh, D) -> (R', N, D): d metric / d normed x
-        x = _positions(self.resid[layer].detach(), self.at)  # (N, D)
-        # the norm's vector-Jacobian product at x, for the R' cotangents at once, in place
-        got = norm_pullback(self.a.attn_norm(layer), x, self.layer_weights)(out)
-        return got if got is out else out.copy_(got)  # a float64 model's VJP is computed in float64
+        w = self._weights(layer, rows).to(out.device)  # (R', Dh, D)
+        x = _positions(self.resid[layer].detach(), self.at)  # (N, D): where the norm's Jacobian is taken
+        norm = self.a.attn_norm(layer)
+        fused = projected_pullback(norm, x, self.layer_weights)
+        if fused is not None:  # closed form: one batched product into out, and a rank-one correction
+            return fused(g_head, w, out, add)
+        target = self._scratch(out) if add else out
+        torch.bmm(g_head.to(out.dtype), w.to(out.dtype), out=target)  # (R', N, Dh) @ (R', Dh, D): d m / d normed x
+        got = norm_pullback(norm, x, self.layer_weights)(target)  # the norm's VJP, any norm (vmap)
+        if got is not target:
+            target.copy_(got)  # a float64 model's VJP is computed in float64
+        return out.add_(target) if add else out
+
+    def _scratch(self, like: Tensor) -> Tensor:
+        """A (R', N, D) block like ``like``, kept for the scoring run."""
+        n, store = like.numel(), self.layer_weights.get("scratch")
+        if store is None or store.numel() < n:
+            store = self.layer_weights["scratch"] = like.new_empty(n)
+        return store[:n].view(like.shape)
 
     def _weights(self, layer: int, rows: list[int]) -> Float[Tensor, "receiver d_head d_model"]:
         """The rows of the q/k/v projections that make receivers ``rows`` of ``layer``: (R', Dh, D), read once per

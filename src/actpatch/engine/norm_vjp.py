@@ -34,9 +34,8 @@ def _eps(norm: nn.Module) -> float | None:
     return None
 
 
-def _closed_form(norm: nn.Module, kind: str, x: Tensor) -> Pullback:
-    """The pullback of ``kind`` ("rms", "rms1p": gain 1 + weight, "layer") at ``x`` (N, D), in float32 (float64 for
-    a float64 ``x``)."""
+def _stats(norm: nn.Module, kind: str, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None, torch.dtype]:
+    """(r (N, 1), x_hat (N, D), gain (D,) or None, working dtype) of ``kind`` at ``x``."""
     work = torch.promote_types(x.dtype, torch.float32)
     xf, eps = x.detach().to(work), _eps(norm)
     weight = getattr(norm, "weight", None)
@@ -46,7 +45,45 @@ def _closed_form(norm: nn.Module, kind: str, x: Tensor) -> Pullback:
     if kind == "layer":
         xf = xf - xf.mean(-1, keepdim=True)
     r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (N, 1)
-    x_hat = xf * r  # (N, D)
+    return r, xf * r, gain, work
+
+
+def projected_pullback(norm: nn.Module, x: Float[Tensor, "pos d_model"], cache: dict):
+    """None for a norm without a closed form; else ``apply(g, w, out, add)``: the norm's VJP at ``x`` of the
+    cotangents g @ w (g (R, N, Dh), w (R, Dh, D): d metric / d the projection's output, and its rows), written into
+    ``out`` (R, N, D), or added to it with ``add``. The gain folds into w and 1/rms into g, so ``out`` is written by
+    one batched product and one rank-one correction: no (R, N, D) temporaries (EAP-IG sums its steps this way)."""
+    kind = _cached_kind(norm, x, cache)
+    if kind == "vmap":
+        return None
+    r, x_hat, gain, work = _stats(norm, kind, x)
+    D = x_hat.shape[-1]
+
+    def apply(g: Tensor, w: Tensor, out: Tensor, add: bool = False) -> Tensor:
+        g, wg = g.to(work), w.to(work) if gain is None else w.to(work) * gain  # (R, N, Dh), (R, Dh, D)
+        gr = g * r  # (R, N, Dh): 1/rms per position
+        if add:
+            out.baddbmm_(gr.to(out.dtype), wg.to(out.dtype))
+        else:
+            torch.bmm(gr.to(out.dtype), wg.to(out.dtype), out=out)  # r a, a = gain * (g @ w)
+        wx = torch.matmul(wg, x_hat.T)  # (R, Dh, N): each row of w against x_hat, small
+        inner = (gr * wx.transpose(1, 2)).sum(-1) / D  # (R, N): r mean(a x_hat)
+        out.addcmul_(x_hat.unsqueeze(0).to(out.dtype), inner.unsqueeze(-1).to(out.dtype), value=-1)
+        if kind == "layer":  # minus r mean(a)
+            out.sub_((torch.einsum("rnh,rh->rn", gr, wg.sum(-1)) / D).unsqueeze(-1).to(out.dtype))
+        return out
+    return apply
+
+
+def _closed_form(norm: nn.Module, kind: str, x: Tensor) -> Pullback:
+    """The pullback of ``kind`` ("rms", "rms1p": gain 1 + weight, "layer") at ``x`` (N, D), in float32 (float64 for
+    a float64 ``x``)."""
+    r, x_hat, gain, work = _stats(norm, kind, x)
+    return _pullback(kind, r, x_hat, gain, work)
+
+
+def _pullback(kind, r, x_hat, gain, work) -> Pullback:
+    """The closed-form pullback from the norm's statistics at x (``_stats``)."""
 
     def pullback(u: Tensor) -> Tensor:  # (R, N, D), overwritten with the result (a copy unless it is ``work``)
         a = u if u.dtype == work else u.to(work)
@@ -89,8 +126,12 @@ def norm_pullback(norm: nn.Module, x: Float[Tensor, "pos d_model"], cache: dict)
     """The norm's VJP at ``x`` (N, D), mapped over a leading axis of cotangents, in float32 (float64 for a float64
     ``x``), written over the cotangents it is given. ``cache`` keeps each
     module's form (keyed by the module) between calls of one scoring run."""
+    kind = _cached_kind(norm, x, cache)
+    return _generic(norm, x) if kind == "vmap" else _closed_form(norm, kind, x)
+
+
+def _cached_kind(norm: nn.Module, x: Tensor, cache: dict) -> str:
     key = ("norm-kind", id(norm))
     if key not in cache:
         cache[key] = _kind(norm, x)
-    kind = cache[key]
-    return _generic(norm, x) if kind == "vmap" else _closed_form(norm, kind, x)
+    return cache[key]
