@@ -109,7 +109,7 @@ MUTANTS = {
                             "every norm taken for an RMSNorm without the check (GPT-2's LayerNorm, Gemma's 1 + w)"),
     "eap_positions": ("engine/edge_gradients.py", "keep.nonzero(as_tuple=True)", "keep.flip(1).nonzero(as_tuple=True)",
                       "gradients and differences taken at the padded end instead of the tokens"),
-    "eap_norm_vjp": ("engine/edge_gradients.py", "got = norm_pullback(norm, x, self.layer_weights)(target)",
+    "eap_norm_vjp": ("engine/edge_gradients.py", "got = vmap_pullback(norm, x)(target)",
                      "got = target", "a head's input gradient skips its norm (the vmap path, for norms with no closed form)"),
     "edge_shared_input": ("engine/edge_patching.py", "y = normed[which[i]] @ weight", "y = normed[min(i, len(reps) - 1)] @ weight",
                           "receivers with the same weights read another group's input"),

@@ -461,6 +461,11 @@ def test_the_closed_form_norm_vjp_gives_the_vmap_paths_scores(arch, gpt2_tokeniz
     # the norms' closed forms (LayerNorm, RMSNorm, Gemma's 1 + w), folded into the heads' products and summed over
     # IG's steps in place, against torch.func.vjp + vmap of the module itself with a separate block per step
     _, lm, _, _, batch, graph, don, _ = _setup(arch, gpt2_tokenizer)
+    # each family's norm is recognised in its closed form (else a wrong form would fall back to vmap unseen)
+    cache, x = {}, torch.randn(5, lm.model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    assert norm_vjp_module.projected_pullback(lm.adapter.attn_norm(0), x, cache) is not None
+    kind = cache[("norm-kind", id(lm.adapter.attn_norm(0)))]  # Gemma's gain is 1 + w or w by version: either form
+    assert kind in {"gpt2": ("layer",), "llama": ("rms",), "gemma3": ("rms", "rms1p")}[arch], kind
     metric = _logit_diff(batch)
     fast = [edge_scores(lm, graph, batch, metric, don, steps=k, interpolate=w) for k, w in
             ((None, "inputs"), (3, "inputs"), (3, "activations"))]

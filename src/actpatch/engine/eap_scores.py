@@ -27,7 +27,7 @@ from ..model.models import LoadedModel
 from .attribution import _activation_gradients_only
 from .batch import PairBatch
 from .capture import last_logits
-from .edge_gradients import receiver_inputs
+from .edge_gradients import receiver_inputs, reused_block
 from .circuit_graph import Graph
 from ..errors import ConfigError
 
@@ -77,7 +77,8 @@ def edge_scores(
                 diff = flow.written if diff is None else diff
                 with torch.no_grad():
                     if len(alphas) == 1:  # EAP: each chunk of receivers is multiplied as it comes, nothing kept
-                        _score(flow.receiver_grads(), diff, reach, scores, _buffer(cache, "chunk", _CHUNK, diff))
+                        _score(flow.receiver_grads(), diff, reach, scores,
+                               reused_block(cache, "chunk", (_CHUNK, *diff.shape[1:]), diff.dtype, diff.device))
                     else:  # EAP-IG: the steps' gradients are summed first, and multiplied once (see EAP_TOKENS)
                         total = _accumulate(flow.receiver_grads(), total, cache, diff, len(graph.receivers))
                 if bar is not None:
@@ -89,22 +90,12 @@ def edge_scores(
     return (scores * graph.allowed).float()
 
 
-def _buffer(cache: dict, name: str, rows: int, diff: Tensor) -> Tensor:
-    """A (rows, N, D) float32 block like ``diff``'s positions, kept in ``cache`` for the scoring run's passes: fresh
-    memory costs a page fault per 4 KiB on first touch, which on this kind of machine is most of a pass's overhead."""
-    n = rows * diff[0].numel()
-    store = cache.get(name)
-    if store is None or store.numel() < n:
-        store = cache[name] = diff.new_empty(n)
-    return store[:n].view(rows, *diff.shape[1:])
-
-
 def _accumulate(grads, total: Tensor | None, cache: dict, diff: Tensor, n_receivers: int) -> Tensor:
     """Add each receiver's input gradient into ``total`` (R, N, D) float32: the first step writes it, the others add
     in place (no block per step)."""
     first = total is None
     if first:
-        total = _buffer(cache, "total", n_receivers, diff)
+        total = reused_block(cache, "total", (n_receivers, *diff.shape[1:]), diff.dtype, diff.device)
     for receivers, fill in grads:
         lo, hi = receivers[0], receivers[-1] + 1
         if receivers != list(range(lo, hi)):

@@ -32,7 +32,7 @@ from ..model.models import LoadedModel
 from .edge_patching import _Flow
 from .circuit_graph import Graph
 from .hooks import HookSpec, hooks
-from .norm_vjp import norm_pullback, projected_pullback
+from .norm_vjp import projected_pullback, vmap_pullback
 
 
 class _GradFlow(_Flow):
@@ -50,14 +50,9 @@ class _GradFlow(_Flow):
         self.projected: list[tuple[int, list[int], Tensor]] = []  # (layer, receivers, q/k/v projection output)
         self.layer_weights = {} if weights is None else weights   # layer -> its receivers' rows (R', Dh, D), shared
         if record:  # donor - current, each sender's row written once, as it is computed (S, N, D) float32
-            shape = (len(graph.senders), len(self.at[0]), donor.shape[-1])
-            store = self.layer_weights.get("written")  # one block for every pass of a scoring run: no fresh pages
-            if store is None or store.numel() < shape[0] * shape[1] * shape[2]:
-                store = self.layer_weights["written"] = torch.empty(shape[0] * shape[1] * shape[2],
-                                                                    dtype=torch.float32, device=lm.device)
-            self.written = store[:shape[0] * shape[1] * shape[2]].view(shape)
+            shape = (len(graph.senders), len(self.at[0]), donor.shape[-1])  # one block for every pass of a run
+            self.written = reused_block(self.layer_weights, "written", shape, torch.float32, lm.device)
 
-    # --- the forward pass ----------------------------------------------------------------------------------------
     def _wrote(self, s: int, value: Tensor) -> None:
         if self.record:  # (N, D): the donor's row at the kept positions minus this run's
             torch.sub(self._donor_at(s, s + 1)[0], _positions(value.detach(), self.at), out=self.written[s])
@@ -153,19 +148,12 @@ class _GradFlow(_Flow):
         fused = projected_pullback(norm, x, self.layer_weights)
         if fused is not None:  # closed form: one batched product into out, and a rank-one correction
             return fused(g_head, w, out, add)
-        target = self._scratch(out) if add else out
+        target = reused_block(self.layer_weights, "scratch", out.shape, out.dtype, out.device) if add else out
         torch.bmm(g_head.to(out.dtype), w.to(out.dtype), out=target)  # (R', N, Dh) @ (R', Dh, D): d m / d normed x
-        got = norm_pullback(norm, x, self.layer_weights)(target)  # the norm's VJP, any norm (vmap)
+        got = vmap_pullback(norm, x)(target)  # the norm's VJP, any norm
         if got is not target:
             target.copy_(got)  # a float64 model's VJP is computed in float64
         return out.add_(target) if add else out
-
-    def _scratch(self, like: Tensor) -> Tensor:
-        """A (R', N, D) block like ``like``, kept for the scoring run."""
-        n, store = like.numel(), self.layer_weights.get("scratch")
-        if store is None or store.numel() < n:
-            store = self.layer_weights["scratch"] = like.new_empty(n)
-        return store[:n].view(like.shape)
 
     def _weights(self, layer: int, rows: list[int]) -> Float[Tensor, "receiver d_head d_model"]:
         """The rows of the q/k/v projections that make receivers ``rows`` of ``layer``: (R', Dh, D), read once per
@@ -174,6 +162,18 @@ class _GradFlow(_Flow):
         if key not in self.layer_weights:
             self.layer_weights[key] = torch.stack([self._head_rows(layer, r)[0] for r in rows])
         return self.layer_weights[key]
+
+
+def reused_block(cache: dict, name: str, shape: tuple, dtype: torch.dtype, device) -> Tensor:
+    """A block of ``shape`` kept in ``cache`` under ``name`` and reused by every pass of a scoring run (grown when a
+    pass needs more): fresh memory costs a page fault per 4 KiB on first touch, most of a pass's overhead here."""
+    n = 1
+    for d in shape:
+        n *= d
+    store = cache.get(name)
+    if store is None or store.numel() < n or store.dtype != dtype:
+        store = cache[name] = torch.empty(n, dtype=dtype, device=device)
+    return store[:n].view(shape)
 
 
 def _positions(t: Tensor, at: tuple[Tensor, Tensor] | None, lead: int = 0) -> Tensor:

@@ -1,7 +1,8 @@
 """A norm's vector-Jacobian product for many cotangents at once, in closed form where the norm's form is known.
 
-    pullback = norm_pullback(norm, x, cache)    # x (N, D): the norm's input at N positions
-    grads = pullback(u)                         # u (R, N, D), in place: d/dx of <u[r], norm(x)> for each r
+    apply = projected_pullback(norm, x, cache)  # x (N, D): the norm's input; None where no closed form fits
+    apply(g, w, out, add=False)                  # out (R, N, D) = d/dx of <g[r] @ w[r], norm(x)> for each r
+    vmap_pullback(norm, x)(u)                    # any norm: u (R, N, D) -> (R, N, D), by torch.func
 
 EAP needs, per layer, the input gradient of every head's q, k and v: the norm's VJP at the same x for R' cotangents.
 ``torch.func.vmap`` over ``torch.func.vjp`` does it for any norm but costs about four times the arithmetic. Per
@@ -10,8 +11,8 @@ position, with a = g * u (g the norm's gain, or 1 + weight for Gemma's RMSNorm) 
 - RMSNorm:   r = 1 / sqrt(mean(x^2) + eps),            J^T u = r (a - x_hat mean(a x_hat))
 - LayerNorm: r = 1 / sqrt(var(x) + eps) (biased var),  J^T u = r (a - mean(a) - x_hat mean(a x_hat))
 
-Which form a norm has is not read from its class name: each candidate is tried on one random cotangent against
-``torch.func.vjp`` of the module itself, and the first that agrees (relative 1e-4, or 2e-2 below float32) is kept
+Which form a norm has is not read from its class name: each candidate (the very code that is then used, with w
+the identity) is tried on one random cotangent against ``torch.func.vjp`` of the module itself, and the first that agrees (relative 1e-4, or 2e-2 below float32) is kept
 for that module in ``cache``; a norm that matches none uses vmap. So a wrong guess can cost speed, never a value.
 """
 
@@ -54,8 +55,11 @@ def projected_pullback(norm: nn.Module, x: Float[Tensor, "pos d_model"], cache: 
     ``out`` (R, N, D), or added to it with ``add``. The gain folds into w and 1/rms into g, so ``out`` is written by
     one batched product and one rank-one correction: no (R, N, D) temporaries (EAP-IG sums its steps this way)."""
     kind = _cached_kind(norm, x, cache)
-    if kind == "vmap":
-        return None
+    return None if kind == "vmap" else _fused(norm, kind, x)
+
+
+def _fused(norm: nn.Module, kind: str, x: Tensor):
+    """``projected_pullback``'s ``apply`` for the closed form ``kind`` at ``x``."""
     r, x_hat, gain, work = _stats(norm, kind, x)
     D = x_hat.shape[-1]
 
@@ -75,28 +79,8 @@ def projected_pullback(norm: nn.Module, x: Float[Tensor, "pos d_model"], cache: 
     return apply
 
 
-def _closed_form(norm: nn.Module, kind: str, x: Tensor) -> Pullback:
-    """The pullback of ``kind`` ("rms", "rms1p": gain 1 + weight, "layer") at ``x`` (N, D), in float32 (float64 for
-    a float64 ``x``)."""
-    r, x_hat, gain, work = _stats(norm, kind, x)
-    return _pullback(kind, r, x_hat, gain, work)
-
-
-def _pullback(kind, r, x_hat, gain, work) -> Pullback:
-    """The closed-form pullback from the norm's statistics at x (``_stats``)."""
-
-    def pullback(u: Tensor) -> Tensor:  # (R, N, D), overwritten with the result (a copy unless it is ``work``)
-        a = u if u.dtype == work else u.to(work)
-        if gain is not None:
-            a.mul_(gain)
-        inner = torch.einsum("rnd,nd->rn", a, x_hat).div_(x_hat.shape[-1]).unsqueeze(-1)  # (R, N, 1): mean(a x_hat)
-        if kind == "layer":
-            a.sub_(a.mean(-1, keepdim=True))
-        return a.addcmul_(x_hat.expand_as(a), inner.expand_as(a), value=-1).mul_(r)
-    return pullback
-
-
-def _generic(norm: nn.Module, x: Tensor) -> Pullback:
+def vmap_pullback(norm: nn.Module, x: Tensor) -> Pullback:
+    """The norm's VJP at ``x`` for a leading axis of cotangents, by ``torch.func``: any norm, written over them."""
     with torch.enable_grad():
         _, pull = torch.func.vjp(norm.forward, x.detach())
 
@@ -113,21 +97,14 @@ def _kind(norm: nn.Module, x: Tensor) -> str:
     x = x[:8]  # the norm acts on each position alone: a few positions check the form
     gen = torch.Generator(device="cpu").manual_seed(0)  # a local generator: the global RNG is left alone
     u = torch.randn(1, *x.shape, generator=gen).to(x.device, torch.promote_types(x.dtype, torch.float32))
-    want = _generic(norm, x)(u.clone())
+    want = vmap_pullback(norm, x)(u.clone())
     tol = 1e-4 if x.dtype in (torch.float32, torch.float64) else 2e-2
+    eye = torch.eye(x.shape[-1], dtype=u.dtype, device=x.device).unsqueeze(0)  # g @ w = g: the cotangent itself
     for kind in ("rms", "rms1p", "layer"):
-        got = _closed_form(norm, kind, x)(u.clone())
+        got = _fused(norm, kind, x)(u, eye, torch.empty_like(u))
         if float((got - want).abs().max()) <= tol * max(float(want.abs().max()), 1e-12):
             return kind
     return "vmap"
-
-
-def norm_pullback(norm: nn.Module, x: Float[Tensor, "pos d_model"], cache: dict) -> Pullback:
-    """The norm's VJP at ``x`` (N, D), mapped over a leading axis of cotangents, in float32 (float64 for a float64
-    ``x``), written over the cotangents it is given. ``cache`` keeps each
-    module's form (keyed by the module) between calls of one scoring run."""
-    kind = _cached_kind(norm, x, cache)
-    return _generic(norm, x) if kind == "vmap" else _closed_form(norm, kind, x)
 
 
 def _cached_kind(norm: nn.Module, x: Tensor, cache: dict) -> str:
