@@ -32,7 +32,7 @@ from .circuit_graph import Graph
 from ..errors import ConfigError
 
 EAP_TOKENS = 512  # tokens per gradient pass, at most: each pass keeps S x N x D floats of donor - recipient
-_CHUNK = 48  # receivers per score product: about three layers of a small model's (the buffer is CHUNK x N x D)
+_CHUNK = 128  # receivers per score product: each product reads the senders' differences once (buffer CHUNK x N x D)
 INTERPOLATIONS = ("inputs", "activations")  # EAP-IG's two variants (MIB: EAP-IG-inputs, EAP-IG-activations)
 MetricFn = Callable[[Tensor, slice], Tensor]  # (END logits (b, V), which rows of the batch) -> per-pair metric (b,)
 
@@ -81,6 +81,7 @@ def edge_scores(
                                reused_block(cache, "chunk", (_CHUNK, *diff.shape[1:]), diff.dtype, diff.device))
                     else:  # EAP-IG: the steps' gradients are summed first, and multiplied once (see EAP_TOKENS)
                         total = _accumulate(flow.receiver_grads(), total, cache, diff, len(graph.receivers))
+                del flow, logits  # this pass's kept tensors go before the next pass allocates its own
                 if bar is not None:
                     bar.update(1)
             if total is not None:

@@ -45,21 +45,26 @@ class _GradFlow(_Flow):
         self.mix = mix and alpha is not None and alpha != 1  # alpha = 1: every write is the run's own
         if keep is None and donor is not None:  # every position
             keep = torch.ones(donor.shape[1:3], dtype=torch.bool, device=lm.device)
-        self.at = None if keep is None else keep.nonzero(as_tuple=True)  # the kept positions: rows (N,), columns (N,)
+        # the kept positions: rows (N,), columns (N,); ALL when every one is kept (a view, no gather)
+        self.at = None if keep is None else ALL if bool(keep.all()) else keep.nonzero(as_tuple=True)
+        self.flat = None if not isinstance(self.at, tuple) else self.at[0] * keep.shape[1] + self.at[1]  # (N,): b*T+t
         self.inputs: list[tuple[int, Tensor]] = []                # (MLP or logits receiver, its input)
         self.projected: list[tuple[int, list[int], Tensor]] = []  # (layer, receivers, q/k/v projection output)
         self.layer_weights = {} if weights is None else weights   # layer -> its receivers' rows (R', Dh, D), shared
         if record:  # donor - current, each sender's row written once, as it is computed (S, N, D) float32
-            shape = (len(graph.senders), len(self.at[0]), donor.shape[-1])  # one block for every pass of a run
+            shape = (len(graph.senders), int(keep.sum()), donor.shape[-1])  # one block for every pass of a run
             self.written = reused_block(self.layer_weights, "written", shape, torch.float32, lm.device)
 
     def _wrote(self, s: int, value: Tensor) -> None:
         if self.record:  # (N, D): the donor's row at the kept positions minus this run's
-            torch.sub(self._donor_at(s, s + 1)[0], _positions(value.detach(), self.at), out=self.written[s])
+            self._donor_into(s, s + 1).squeeze(0).sub_(_positions(value.detach(), self.at))
 
-    def _donor_at(self, first: int, end: int) -> Tensor:
-        """The donor's rows first..end-1 at the kept positions, as float32: (S', N, D)."""
-        return _positions(self.donor[first:end], self.at, 1).to(self.written.device, torch.float32)
+    def _donor_into(self, first: int, end: int) -> Tensor:
+        """The donor's rows first..end-1 at the kept positions, written into ``written``'s rows: (S', N, D) float32."""
+        out, rows = self.written[first:end], self.donor[first:end].flatten(1, 2)  # (S', b*T, D): a view
+        if self.flat is not None and rows.dtype == out.dtype:
+            return torch.index_select(rows, 1, self.flat.to(rows.device), out=out)
+        return out.copy_(_positions(self.donor[first:end], self.at, 1))
 
     def on_input(self, x: Tensor) -> Tensor:
         """The graph starts here: every receiver's gradient flows back to this leaf."""
@@ -74,7 +79,14 @@ class _GradFlow(_Flow):
         if self.record:  # (H, N, D): subtracted from the heads' rows at once
             first, H = self.g.sender_index(f"a{layer}.h0"), self.a.n_heads
             zh = _positions(z.view(*z.shape[:2], H, self.a.d_head), self.at)  # (B, T, H*Dh) -> (N, H, Dh)
-            torch.sub(self._donor_at(first, first + H), self.head_writes(layer, zh), out=self.written[first:first + H])
+            out = self._donor_into(first, first + H)
+            if zh.dtype != out.dtype:  # in the model's dtype, as the recording
+                out.sub_(self.head_writes(layer, zh))
+                return
+            if layer not in self.w_o:
+                self.w_o[layer] = self.a.head_weights(layer).to(zh.device, zh.dtype)  # (H, Dh, D)
+            # minus z_h @ W_O[h] for every head in one product, in place: (H, N, Dh) @ (H, Dh, D)
+            out.baddbmm_(zh.detach().transpose(0, 1), self.w_o[layer], alpha=-1)
 
     def _mixed(self, first: int, end: int, out: Tensor, bias: Tensor | None = None) -> Tensor | None:
         """``out`` (B, T, D) moved to donor + alpha (out - donor), donor = the sum of the donor's rows first..end-1
@@ -121,7 +133,7 @@ class _GradFlow(_Flow):
         adds it to what ``out`` holds, and returns ``out``."""
         by_layer: dict[int, list] = {}
         for layer, rows, out in self.projected:  # q, k and v of a layer share one input: one pass through its norm
-            by_layer.setdefault(layer, []).extend((r, out.grad) for r in rows)
+            by_layer.setdefault(layer, []).extend((r, out) for r in rows)
         groups = [([r], lambda out, add=False, xs=xs: self._stream_grad(xs, out, add)) for r, xs in self.inputs]
         groups += [([r for r, _ in parts], lambda out, add=False, L=L, parts=parts: self._head_grads(L, parts, out, add))
                    for L, parts in by_layer.items()]
@@ -133,27 +145,38 @@ class _GradFlow(_Flow):
 
     def _head_grads(self, layer: int, parts: list[tuple[int, Tensor]], out: Tensor,
                     add: bool = False) -> Float[Tensor, "receiver pos d_model"]:
-        """d metric / d the input of the heads in ``parts`` ((receiver, its projection's gradient) each), written
+        """d metric / d the input of the heads in ``parts`` ((receiver, its projection's output) each), written
         into ``out`` (R', N, D) or, with ``add``, added to it."""
         Dh = self.a.d_head
         rows = [r for r, _ in parts]
-        # each receiver's slice of its projection's gradient, at the kept positions: (R', N, Dh)
-        grads = {id(g): g for _, g in parts}
-        grads = {k: _positions(g, self.at) for k, g in grads.items()}  # (B, T, F) -> (N, F), once per projection
-        g_head = torch.stack([grads[id(g)][..., s:s + Dh] for (r, g) in parts
-                              for s in [self.a.qkv_start(self.g.receivers[r].input, self.g.receivers[r].index)]])
+        starts = [self.a.qkv_start(self.g.receivers[r].input, self.g.receivers[r].index) for r in rows]
+        made = {id(p): p for _, p in parts}  # (B, T, F) -> (N, F) at the kept positions, once per projection
+        grads = {k: _positions(p.grad, self.at) for k, p in made.items()}
+        # each receiver's slice of its projection's gradient (R', N, Dh), and of what it made in this run
+        g_head = _head_slices(grads, parts, starts, Dh)
         w = self._weights(layer, rows).to(out.device)  # (R', Dh, D)
         x = _positions(self.resid[layer].detach(), self.at)  # (N, D): where the norm's Jacobian is taken
         norm = self.a.attn_norm(layer)
         fused = projected_pullback(norm, x, self.layer_weights)
         if fused is not None:  # closed form: one batched product into out, and a rank-one correction
-            return fused(g_head, w, out, add)
+            made = {k: _positions(p.detach(), self.at) for k, p in made.items()}
+            ys = _head_slices(made, parts, starts, Dh)  # (R', N, Dh)
+            bias = self._biases(layer, rows)  # (R', Dh) or None: the projection's own, which w norm(x) lacks
+            return fused(g_head, w, out, add, ys if bias is None else ys - bias.unsqueeze(1).to(ys.dtype))
         target = reused_block(self.layer_weights, "scratch", out.shape, out.dtype, out.device) if add else out
         torch.bmm(g_head.to(out.dtype), w.to(out.dtype), out=target)  # (R', N, Dh) @ (R', Dh, D): d m / d normed x
         got = vmap_pullback(norm, x)(target)  # the norm's VJP, any norm
         if got is not target:
             target.copy_(got)  # a float64 model's VJP is computed in float64
         return out.add_(target) if add else out
+
+    def _biases(self, layer: int, rows: list[int]) -> Tensor | None:
+        """The receivers' rows of their projection's bias (R', Dh), or None without one; read once per call."""
+        key = ("bias", layer, tuple(rows))
+        if key not in self.layer_weights:
+            biases = [self._head_rows(layer, r)[1] for r in rows]
+            self.layer_weights[key] = None if any(b is None for b in biases) else torch.stack(biases).detach()
+        return self.layer_weights[key]
 
     def _weights(self, layer: int, rows: list[int]) -> Float[Tensor, "receiver d_head d_model"]:
         """The rows of the q/k/v projections that make receivers ``rows`` of ``layer``: (R', Dh, D), read once per
@@ -164,6 +187,22 @@ class _GradFlow(_Flow):
         return self.layer_weights[key]
 
 
+def _head_slices(tensors: dict[int, Tensor], parts: list[tuple[int, Tensor]], starts: list[int],
+                 Dh: int) -> Float[Tensor, "receiver pos d_head"]:
+    """(R', N, Dh): receiver i's Dh features from ``starts[i]`` of its projection's (N, F) tensor (``tensors`` by the
+    projection's id), copied once: heads whose slices follow one another in one projection are taken as one view."""
+    runs: list[Tensor] = []
+    i = 0
+    while i < len(parts):
+        j, key = i + 1, id(parts[i][1])
+        while j < len(parts) and id(parts[j][1]) == key and starts[j] == starts[j - 1] + Dh:
+            j += 1
+        block = tensors[key][:, starts[i]:starts[i] + (j - i) * Dh]  # (N, n * Dh)
+        runs.append(block.unflatten(1, (j - i, Dh)).transpose(0, 1))  # (N, n, Dh) -> (n, N, Dh), a view
+        i = j
+    return torch.cat(runs)
+
+
 def reused_block(cache: dict, name: str, shape: tuple, dtype: torch.dtype, device) -> Tensor:
     """A block of ``shape`` kept in ``cache`` under ``name`` and reused by every pass of a scoring run (grown when a
     pass needs more): fresh memory costs a page fault per 4 KiB on first touch, most of a pass's overhead here."""
@@ -172,14 +211,23 @@ def reused_block(cache: dict, name: str, shape: tuple, dtype: torch.dtype, devic
         n *= d
     store = cache.get(name)
     if store is None or store.numel() < n or store.dtype != dtype:
+        cache.pop(name, None)  # the old block goes before the new one is made
         store = cache[name] = torch.empty(n, dtype=dtype, device=device)
     return store[:n].view(shape)
 
 
-def _positions(t: Tensor, at: tuple[Tensor, Tensor] | None, lead: int = 0) -> Tensor:
-    """``t`` (*lead, B, T, ...) at the positions ``at`` (rows, columns): (*lead, N, ...); ``t`` itself when ``at`` is
-    None. Gathers without copying a strided ``t`` (a group's slice of the donor) first."""
-    return t if at is None else t[(slice(None),) * lead + tuple(i.to(t.device) for i in at)]
+ALL = "every position"  # ``at`` when no position is left out: B and T are merged, with no gather
+
+
+def _positions(t: Tensor, at: tuple[Tensor, Tensor] | str | None, lead: int = 0) -> Tensor:
+    """``t`` (*lead, B, T, ...) at the positions ``at`` (rows, columns): (*lead, N, ...); with ``ALL``, B and T merged
+    (N = B * T, a view where the strides allow); ``t`` itself when ``at`` is None. Gathers without copying a strided
+    ``t`` (a group's slice of the donor) first."""
+    if at is None:
+        return t
+    if at is ALL:
+        return t.flatten(lead, lead + 1)
+    return t[(slice(None),) * lead + tuple(i.to(t.device) for i in at)]
 
 
 @contextlib.contextmanager

@@ -12,8 +12,9 @@ position, with a = g * u (g the norm's gain, or 1 + weight for Gemma's RMSNorm) 
 - LayerNorm: r = 1 / sqrt(var(x) + eps) (biased var),  J^T u = r (a - mean(a) - x_hat mean(a x_hat))
 
 Which form a norm has is not read from its class name: each candidate (the very code that is then used, with w
-the identity) is tried on one random cotangent against ``torch.func.vjp`` of the module itself, and the first that agrees (relative 1e-4, or 2e-2 below float32) is kept
-for that module in ``cache``; a norm that matches none uses vmap. So a wrong guess can cost speed, never a value.
+the identity) is tried on one random cotangent against ``torch.func.vjp`` of the module itself, and the first that
+agrees (relative 1e-4, or 2e-2 below float32) is kept in ``cache`` for every norm of that class, eps and weight
+shape; a norm that matches none uses vmap. So a wrong guess can cost speed, never a value.
 """
 
 from __future__ import annotations
@@ -50,33 +51,63 @@ def _stats(norm: nn.Module, kind: str, x: Tensor) -> tuple[Tensor, Tensor, Tenso
 
 
 def projected_pullback(norm: nn.Module, x: Float[Tensor, "pos d_model"], cache: dict):
-    """None for a norm without a closed form; else ``apply(g, w, out, add)``: the norm's VJP at ``x`` of the
+    """None for a norm without a closed form; else ``apply(g, w, out, add, made)``: the norm's VJP at ``x`` of the
     cotangents g @ w (g (R, N, Dh), w (R, Dh, D): d metric / d the projection's output, and its rows), written into
     ``out`` (R, N, D), or added to it with ``add``. The gain folds into w and 1/rms into g, so ``out`` is written by
-    one batched product and one rank-one correction: no (R, N, D) temporaries (EAP-IG sums its steps this way)."""
+    one batched product and one rank-one correction: no (R, N, D) temporaries (EAP-IG sums its steps this way).
+    ``made`` (R, N, Dh), optional: what the rows w made of norm(x) in the forward pass (the projection's output less
+    its bias), which holds w (gain x_hat) already; it is used only where it agrees with w (gain x_hat) recomputed on a
+    few positions (relative 1e-4), else that product is computed in full."""
     kind = _cached_kind(norm, x, cache)
-    return None if kind == "vmap" else _fused(norm, kind, x)
+    return None if kind == "vmap" else _fused(norm, kind, x, cache)
 
 
-def _fused(norm: nn.Module, kind: str, x: Tensor):
+def _fused(norm: nn.Module, kind: str, x: Tensor, cache: dict | None = None):
     """``projected_pullback``'s ``apply`` for the closed form ``kind`` at ``x``."""
     r, x_hat, gain, work = _stats(norm, kind, x)
     D = x_hat.shape[-1]
+    beta = getattr(norm, "bias", None)
+    beta = beta.detach().to(x.device, work) if isinstance(beta, Tensor) else None
 
-    def apply(g: Tensor, w: Tensor, out: Tensor, add: bool = False) -> Tensor:
-        g, wg = g.to(work), w.to(work) if gain is None else w.to(work) * gain  # (R, N, Dh), (R, Dh, D)
+    def apply(g: Tensor, w: Tensor, out: Tensor, add: bool = False, made: Tensor | None = None) -> Tensor:
+        g, wg = g.to(work), _folded(w, gain, work, cache, ("gain-folded", id(w), id(norm)))  # (R, N, Dh), (R, Dh, D)
         gr = g * r  # (R, N, Dh): 1/rms per position
         if add:
             out.baddbmm_(gr.to(out.dtype), wg.to(out.dtype))
         else:
             torch.bmm(gr.to(out.dtype), wg.to(out.dtype), out=out)  # r a, a = gain * (g @ w)
-        wx = torch.matmul(wg, x_hat.T)  # (R, Dh, N): each row of w against x_hat, small
-        inner = (gr * wx.transpose(1, 2)).sum(-1) / D  # (R, N): r mean(a x_hat)
+        wx = _gain_part(made, w, wg, x_hat, beta, work)  # (R, N, Dh): each row of w (gain) against x_hat
+        inner = (gr * wx).sum(-1) / D  # (R, N): r mean(a x_hat)
         out.addcmul_(x_hat.unsqueeze(0).to(out.dtype), inner.unsqueeze(-1).to(out.dtype), value=-1)
         if kind == "layer":  # minus r mean(a)
             out.sub_((torch.einsum("rnh,rh->rn", gr, wg.sum(-1)) / D).unsqueeze(-1).to(out.dtype))
         return out
     return apply
+
+
+def _folded(w: Tensor, gain: Tensor | None, work: torch.dtype, cache: dict | None, key: tuple) -> Tensor:
+    """w (R, Dh, D) times the norm's gain, in ``work``; kept in ``cache`` under ``key`` (w's and the norm's ids: w
+    is kept in the same cache, so its id is not reused while the cache lives)."""
+    if cache is not None and key in cache:
+        return cache[key]
+    wg = w.to(work) if gain is None else w.to(work) * gain
+    if cache is not None:
+        cache[key] = wg
+    return wg
+
+
+def _gain_part(made: Tensor | None, w: Tensor, wg: Tensor, x_hat: Tensor, beta: Tensor | None,
+               work: torch.dtype) -> Float[Tensor, "receiver pos d_head"]:
+    """(R, N, Dh): wg @ x_hat per position. From ``made`` = w norm(x) = wg x_hat + w beta when it agrees with the
+    product recomputed on the first positions; else the full product (R x Dh x D x N multiply-adds)."""
+    if made is not None and made.dtype in (torch.float32, torch.float64):
+        wx = made.to(work)
+        if beta is not None:
+            wx = wx - (w.to(work) @ beta).unsqueeze(1)  # (R, 1, Dh): what the norm's bias adds
+        few = torch.matmul(wg, x_hat[:4].T).transpose(1, 2)  # (R, 4, Dh)
+        if float((wx[:, :4] - few).abs().max()) <= 1e-4 * max(float(few.abs().max()), 1e-12):
+            return wx
+    return torch.matmul(wg, x_hat.T).transpose(1, 2)  # (R, Dh, N) -> (R, N, Dh)
 
 
 def vmap_pullback(norm: nn.Module, x: Tensor) -> Pullback:
@@ -108,7 +139,14 @@ def _kind(norm: nn.Module, x: Tensor) -> str:
 
 
 def _cached_kind(norm: nn.Module, x: Tensor, cache: dict) -> str:
+    """The form of ``norm``, checked once per call for each kind of norm module: its class, eps, and the shapes of
+    its weight and bias (the form is the class's code; the weights only enter as the gain and bias)."""
     key = ("norm-kind", id(norm))
     if key not in cache:
-        cache[key] = _kind(norm, x)
+        weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
+        sig = ("norm-form", type(norm), _eps(norm), getattr(weight, "shape", None), getattr(bias, "shape", None),
+               x.dtype)
+        if sig not in cache:
+            cache[sig] = _kind(norm, x)
+        cache[key] = cache[sig]
     return cache[key]
