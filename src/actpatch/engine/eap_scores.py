@@ -29,6 +29,7 @@ from .batch import PairBatch
 from .capture import last_logits
 from .edge_gradients import receiver_inputs, reused_block
 from .circuit_graph import Graph
+from .planning import row_prefixes
 from ..errors import ConfigError
 
 EAP_TOKENS = 512  # tokens per gradient pass, at most: each pass keeps S x N x D floats of donor - recipient
@@ -66,8 +67,9 @@ def edge_scores(
     with _activation_gradients_only(lm):
         for lo in range(0, len(batch), rows):
             part = batch.select(slice(lo, lo + rows))
-            sl, keep = slice(lo, lo + len(part)), part.attention_mask.to(dev).bool()  # (b, T): the positions scored
+            sl, keep = slice(lo, lo + len(part)), _scored(part).to(dev)  # (b, T): the positions scored
             diff, total = None, None  # diff (S, N, D): donor - recipient per sender; total (R, N, D): summed gradients
+            later: list = []  # EAP-IG: per layer, the product of its heads' summed gradients, done once
             for alpha in alphas:
                 with torch.enable_grad(), receiver_inputs(lm, graph, alpha, donor[:, sl], keep, diff is None, cache,
                                                           mix=interpolate == "activations") as flow:
@@ -80,28 +82,45 @@ def edge_scores(
                         _score(flow.receiver_grads(), diff, reach, scores,
                                reused_block(cache, "chunk", (_CHUNK, *diff.shape[1:]), diff.dtype, diff.device))
                     else:  # EAP-IG: the steps' gradients are summed first, and multiplied once (see EAP_TOKENS)
-                        total = _accumulate(flow.receiver_grads(), total, cache, diff, len(graph.receivers))
+                        total = _accumulate(flow.receiver_grads(), total, cache, diff,
+                                            (len(graph.receivers), lm.adapter.d_head), later)
                 del flow, logits  # this pass's kept tensors go before the next pass allocates its own
                 if bar is not None:
                     bar.update(1)
             if total is not None:
                 with torch.no_grad():
+                    for finish in later:
+                        finish()
                     _score_all(total, diff, reach, scores)
     scores = scores / (len(batch) * len(alphas))
     return (scores * graph.allowed).float()
 
 
-def _accumulate(grads, total: Tensor | None, cache: dict, diff: Tensor, n_receivers: int) -> Tensor:
+def _scored(part: PairBatch) -> Tensor:
+    """(b, T) bool: the positions whose donor - recipient can differ, where scores are summed. Padding has no
+    gradient; before a row's first differing token (or noise) every sender writes the same in both runs (a causal
+    model reads only earlier positions), so those add exactly nothing to any score (EAP-IG's mixed runs too: there
+    donor + alpha (recipient - donor) is the donor)."""
+    T = part.recipient_ids.shape[1]
+    return part.attention_mask.bool() & (torch.arange(T) >= row_prefixes(part).unsqueeze(1))
+
+
+def _accumulate(grads, total: Tensor | None, cache: dict, diff: Tensor, shape: tuple[int, int], later: list) -> Tensor:
     """Add each receiver's input gradient into ``total`` (R, N, D) float32: the first step writes it, the others add
-    in place (no block per step)."""
+    in place (no block per step). A closed-form layer's heads add only their norm's correction here, and sum their
+    1/rms-scaled projection gradients in a (R, N, Dh) block (``shape`` = (R, Dh)); the first step puts in ``later``
+    what multiplies those sums by the projection rows, once, after the last step."""
     first = total is None
-    if first:
-        total = reused_block(cache, "total", (n_receivers, *diff.shape[1:]), diff.dtype, diff.device)
+    R, Dh = shape
+    total = reused_block(cache, "total", (R, *diff.shape[1:]), diff.dtype, diff.device) if first else total
+    heads = reused_block(cache, "head sums", (R, diff.shape[1], Dh), diff.dtype, diff.device)
     for receivers, fill in grads:
         lo, hi = receivers[0], receivers[-1] + 1
         if receivers != list(range(lo, hi)):
             raise RuntimeError(f"receivers {receivers} are not numbered one after another")  # the graph's order
-        fill(total[lo:hi], add=not first)
+        finish = fill(total[lo:hi], add=not first, heads=heads[lo:hi])
+        if first and finish is not None:
+            later.append(finish)
     return total
 
 

@@ -32,7 +32,7 @@ from ..model.models import LoadedModel
 from .edge_patching import _Flow
 from .circuit_graph import Graph
 from .hooks import HookSpec, hooks
-from .norm_vjp import projected_pullback, vmap_pullback
+from .norm_vjp import finish, projected_pullback, vmap_pullback
 
 
 class _GradFlow(_Flow):
@@ -45,9 +45,8 @@ class _GradFlow(_Flow):
         self.mix = mix and alpha is not None and alpha != 1  # alpha = 1: every write is the run's own
         if keep is None and donor is not None:  # every position
             keep = torch.ones(donor.shape[1:3], dtype=torch.bool, device=lm.device)
-        # the kept positions: rows (N,), columns (N,); ALL when every one is kept (a view, no gather)
-        self.at = None if keep is None else ALL if bool(keep.all()) else keep.nonzero(as_tuple=True)
-        self.flat = None if not isinstance(self.at, tuple) else self.at[0] * keep.shape[1] + self.at[1]  # (N,): b*T+t
+        # the kept positions as flat indices b * T + t (N,); ALL when every one is kept (a view, no gather)
+        self.at = None if keep is None else ALL if bool(keep.all()) else keep.flatten().nonzero().flatten()
         self.inputs: list[tuple[int, Tensor]] = []                # (MLP or logits receiver, its input)
         self.projected: list[tuple[int, list[int], Tensor]] = []  # (layer, receivers, q/k/v projection output)
         self.layer_weights = {} if weights is None else weights   # layer -> its receivers' rows (R', Dh, D), shared
@@ -62,8 +61,8 @@ class _GradFlow(_Flow):
     def _donor_into(self, first: int, end: int) -> Tensor:
         """The donor's rows first..end-1 at the kept positions, written into ``written``'s rows: (S', N, D) float32."""
         out, rows = self.written[first:end], self.donor[first:end].flatten(1, 2)  # (S', b*T, D): a view
-        if self.flat is not None and rows.dtype == out.dtype:
-            return torch.index_select(rows, 1, self.flat.to(rows.device), out=out)
+        if isinstance(self.at, Tensor) and rows.dtype == out.dtype:
+            return torch.index_select(rows, 1, self.at.to(rows.device), out=out)
         return out.copy_(_positions(self.donor[first:end], self.at, 1))
 
     def on_input(self, x: Tensor) -> Tensor:
@@ -130,23 +129,28 @@ class _GradFlow(_Flow):
     def receiver_grads(self) -> Iterator[tuple[list[int], Callable[..., Tensor]]]:
         """(receivers, fill) one layer's heads or one MLP at a time, in graph order: ``fill(out, add=False)`` writes
         d metric / d their input into ``out`` (R', N, D) float32 (a caller's buffer: no fresh memory per layer), or
-        adds it to what ``out`` holds, and returns ``out``."""
+        adds it to what ``out`` holds, and returns ``out``. ``fill(out, add, heads)`` with ``heads`` (R', N, Dh)
+        float32 (EAP-IG, the same block at every step): a closed-form layer's heads write or add only the norm's
+        correction to ``out``, and their 1/rms-scaled projection gradients to ``heads``; fill then returns
+        ``finish``, and ``finish()`` adds the rest to that ``out`` once, after the last step (else None)."""
         by_layer: dict[int, list] = {}
         for layer, rows, out in self.projected:  # q, k and v of a layer share one input: one pass through its norm
             by_layer.setdefault(layer, []).extend((r, out) for r in rows)
-        groups = [([r], lambda out, add=False, xs=xs: self._stream_grad(xs, out, add)) for r, xs in self.inputs]
-        groups += [([r for r, _ in parts], lambda out, add=False, L=L, parts=parts: self._head_grads(L, parts, out, add))
-                   for L, parts in by_layer.items()]
+        groups = [([r], lambda out, add=False, heads=None, xs=xs: self._stream_grad(xs, out, add, heads))
+                  for r, xs in self.inputs]
+        groups += [([r for r, _ in parts], lambda out, add=False, heads=None, L=L, parts=parts:
+                    self._head_grads(L, parts, out, add, heads)) for L, parts in by_layer.items()]
         yield from sorted(groups, key=lambda g: g[0][0])  # receivers are numbered layer by layer
 
-    def _stream_grad(self, xs: Tensor, out: Tensor, add: bool) -> Tensor:
+    def _stream_grad(self, xs: Tensor, out: Tensor, add: bool, heads: Tensor | None = None) -> Tensor | None:
         grad = _positions(xs.grad, self.at).unsqueeze(0)  # (1, N, D)
-        return out.add_(grad) if add else out.copy_(grad)
+        out = out.add_(grad) if add else out.copy_(grad)
+        return None if heads is not None else out
 
-    def _head_grads(self, layer: int, parts: list[tuple[int, Tensor]], out: Tensor,
-                    add: bool = False) -> Float[Tensor, "receiver pos d_model"]:
+    def _head_grads(self, layer: int, parts: list[tuple[int, Tensor]], out: Tensor, add: bool = False,
+                    heads: Tensor | None = None):
         """d metric / d the input of the heads in ``parts`` ((receiver, its projection's output) each), written
-        into ``out`` (R', N, D) or, with ``add``, added to it."""
+        into ``out`` (R', N, D) or, with ``add``, added to it (with ``heads``: see ``receiver_grads``)."""
         Dh = self.a.d_head
         rows = [r for r, _ in parts]
         starts = [self.a.qkv_start(self.g.receivers[r].input, self.g.receivers[r].index) for r in rows]
@@ -162,13 +166,17 @@ class _GradFlow(_Flow):
             made = {k: _positions(p.detach(), self.at) for k, p in made.items()}
             ys = _head_slices(made, parts, starts, Dh)  # (R', N, Dh)
             bias = self._biases(layer, rows)  # (R', Dh) or None: the projection's own, which w norm(x) lacks
-            return fused(g_head, w, out, add, ys if bias is None else ys - bias.unsqueeze(1).to(ys.dtype))
+            ys = ys if bias is None else ys - bias.unsqueeze(1).to(ys.dtype)
+            fused(g_head, w, out, add, ys, heads)
+            cache = self.layer_weights
+            return out if heads is None else lambda: finish(norm, w, heads, out, cache)
         target = reused_block(self.layer_weights, "scratch", out.shape, out.dtype, out.device) if add else out
         torch.bmm(g_head.to(out.dtype), w.to(out.dtype), out=target)  # (R', N, Dh) @ (R', Dh, D): d m / d normed x
         got = vmap_pullback(norm, x)(target)  # the norm's VJP, any norm
         if got is not target:
             target.copy_(got)  # a float64 model's VJP is computed in float64
-        return out.add_(target) if add else out
+        out = out.add_(target) if add else out
+        return None if heads is not None else out
 
     def _biases(self, layer: int, rows: list[int]) -> Tensor | None:
         """The receivers' rows of their projection's bias (R', Dh), or None without one; read once per call."""
@@ -219,15 +227,13 @@ def reused_block(cache: dict, name: str, shape: tuple, dtype: torch.dtype, devic
 ALL = "every position"  # ``at`` when no position is left out: B and T are merged, with no gather
 
 
-def _positions(t: Tensor, at: tuple[Tensor, Tensor] | str | None, lead: int = 0) -> Tensor:
-    """``t`` (*lead, B, T, ...) at the positions ``at`` (rows, columns): (*lead, N, ...); with ``ALL``, B and T merged
-    (N = B * T, a view where the strides allow); ``t`` itself when ``at`` is None. Gathers without copying a strided
-    ``t`` (a group's slice of the donor) first."""
+def _positions(t: Tensor, at: Tensor | str | None, lead: int = 0) -> Tensor:
+    """``t`` (*lead, B, T, ...) at the positions ``at`` (flat indices b * T + t, (N,)): (*lead, N, ...); with ``ALL``,
+    B and T merged (N = B * T, a view where the strides allow); ``t`` itself when ``at`` is None."""
     if at is None:
         return t
-    if at is ALL:
-        return t.flatten(lead, lead + 1)
-    return t[(slice(None),) * lead + tuple(i.to(t.device) for i in at)]
+    flat = t.flatten(lead, lead + 1)  # a view for the donor's slices and the run's own tensors
+    return flat if at is ALL else flat.index_select(lead, at.to(t.device))
 
 
 @contextlib.contextmanager

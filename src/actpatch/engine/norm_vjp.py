@@ -40,14 +40,18 @@ def _stats(norm: nn.Module, kind: str, x: Tensor) -> tuple[Tensor, Tensor, Tenso
     """(r (N, 1), x_hat (N, D), gain (D,) or None, working dtype) of ``kind`` at ``x``."""
     work = torch.promote_types(x.dtype, torch.float32)
     xf, eps = x.detach().to(work), _eps(norm)
-    weight = getattr(norm, "weight", None)
-    gain = None if weight is None else weight.detach().to(x.device, work)
-    if kind == "rms1p":
-        gain = 1 + gain
+    gain = _gain(norm, kind, work, x.device)
     if kind == "layer":
         xf = xf - xf.mean(-1, keepdim=True)
     r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (N, 1)
     return r, xf * r, gain, work
+
+
+def _gain(norm: nn.Module, kind: str, work: torch.dtype, device) -> Tensor | None:
+    """The norm's gain (D,) in ``work``: its weight, 1 + weight for Gemma's form, None without a weight."""
+    weight = getattr(norm, "weight", None)
+    gain = None if weight is None else weight.detach().to(device, work)
+    return 1 + gain if kind == "rms1p" and gain is not None else gain
 
 
 def projected_pullback(norm: nn.Module, x: Float[Tensor, "pos d_model"], cache: dict):
@@ -69,20 +73,44 @@ def _fused(norm: nn.Module, kind: str, x: Tensor, cache: dict | None = None):
     beta = getattr(norm, "bias", None)
     beta = beta.detach().to(x.device, work) if isinstance(beta, Tensor) else None
 
-    def apply(g: Tensor, w: Tensor, out: Tensor, add: bool = False, made: Tensor | None = None) -> Tensor:
+    def apply(g: Tensor, w: Tensor, out: Tensor, add: bool = False, made: Tensor | None = None,
+              gr_sum: Tensor | None = None) -> Tensor:
         g, wg = g.to(work), _folded(w, gain, work, cache, ("gain-folded", id(w), id(norm)))  # (R, N, Dh), (R, Dh, D)
+        wx = _gain_part(made, w, wg, x_hat, beta, work)  # (R, N, Dh): each row of w (gain) against x_hat
+        if gr_sum is not None:  # the correction only; g r @ (gain w) is linear in g r: summed, multiplied once
+            inner = (g * wx).sum(-1) * (r.squeeze(-1) / D)  # (R, N): r mean(a x_hat)
+            if add:
+                gr_sum.addcmul_(g.to(gr_sum.dtype), r.to(gr_sum.dtype))
+                out.addcmul_(x_hat.unsqueeze(0).to(out.dtype), inner.unsqueeze(-1).to(out.dtype), value=-1)
+            else:
+                torch.mul(g, r, out=gr_sum)
+                torch.mul(x_hat.unsqueeze(0).to(out.dtype), inner.unsqueeze(-1).to(out.dtype).neg(), out=out)
+            return out
         gr = g * r  # (R, N, Dh): 1/rms per position
+        inner = (gr * wx).sum(-1) / D  # (R, N): r mean(a x_hat)
         if add:
             out.baddbmm_(gr.to(out.dtype), wg.to(out.dtype))
         else:
             torch.bmm(gr.to(out.dtype), wg.to(out.dtype), out=out)  # r a, a = gain * (g @ w)
-        wx = _gain_part(made, w, wg, x_hat, beta, work)  # (R, N, Dh): each row of w (gain) against x_hat
-        inner = (gr * wx).sum(-1) / D  # (R, N): r mean(a x_hat)
         out.addcmul_(x_hat.unsqueeze(0).to(out.dtype), inner.unsqueeze(-1).to(out.dtype), value=-1)
         if kind == "layer":  # minus r mean(a)
             out.sub_((torch.einsum("rnh,rh->rn", gr, wg.sum(-1)) / D).unsqueeze(-1).to(out.dtype))
         return out
     return apply
+
+
+def finish(norm: nn.Module, w: Tensor, gr_sum: Tensor, out: Tensor, cache: dict) -> Tensor:
+    """Add to ``out`` (R, N, D) the part of the pullbacks applied with ``gr_sum`` (``apply(..., gr_sum=...)``, which
+    wrote only their correction to ``out`` and summed g r there) that is linear in g r: ``gr_sum`` (R, N, Dh) @ (gain
+    w), and for LayerNorm minus its mean over d_model. One batched product for all the steps."""
+    kind = cache[("norm-kind", id(norm))]
+    work = torch.promote_types(w.dtype, torch.float32)  # as apply's, whose w this is
+    wg = _folded(w, _gain(norm, kind, work, out.device), work, cache, ("gain-folded", id(w), id(norm)))
+    out.baddbmm_(gr_sum.to(out.dtype), wg.to(out.dtype))
+    if kind == "layer":  # minus r mean(a), summed over the steps
+        mean = torch.einsum("rnh,rh->rn", gr_sum.to(work), wg.sum(-1)) / wg.shape[-1]  # (R, N)
+        out.sub_(mean.unsqueeze(-1).to(out.dtype))
+    return out
 
 
 def _folded(w: Tensor, gain: Tensor | None, work: torch.dtype, cache: dict | None, key: tuple) -> Tensor:

@@ -185,6 +185,12 @@ def shared_prefix(batch: PairBatch) -> int:
     Only real tokens count (padding is never shared), and each row's END is always recomputed: a
     control pair (donor == recipient) or a short row must still have its END inside the replay.
     """
+    return int(row_prefixes(batch).min())
+
+
+def row_prefixes(batch: PairBatch) -> torch.Tensor:
+    """(B,): per row, the leading positions where the donor has the recipient's tokens (and no embedding noise), at
+    most up to the row's END (as ``shared_prefix``). In a causal model every activation there is the same in both."""
     w = min(batch.recipient_ids.shape[1], batch.donor_ids.shape[1])
     real = batch.attention_mask[:, :w].bool() & batch.donor_attention_mask[:, :w].bool()  # (B, w)
     same = (batch.donor_ids[:, :w] == batch.recipient_ids[:, :w]) & real  # (B, w)
@@ -192,7 +198,7 @@ def shared_prefix(batch: PairBatch) -> int:
         same &= ~batch.noise_mask[:, :w]  # a noised donor token differs from the recipient's
     same = same.long().cumprod(dim=1)  # (B, w): 1 until the first difference
     end = batch.lengths() - 1  # (B,) each row's last real token
-    return int(torch.minimum(same.sum(dim=1), end).min())
+    return torch.minimum(same.sum(dim=1), end)
 
 
 def plan_chunks(
