@@ -521,3 +521,22 @@ def test_graph_edges_follow_the_residual_stream(gpt2_tokenizer):
     assert (len(gpt2.senders), len(gpt2.receivers)) == (16, 40)
     n = sum(1 + 5 * L for L in range(3)) * 12 + sum(1 + 5 * L + 4 for L in range(3)) + 16
     assert gpt2.n_edges == n
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_leaving_out_the_shared_prefix_changes_no_score(arch, gpt2_tokenizer, monkeypatch):
+    # positions before a row's first differing token carry no donor - recipient difference, so scoring only the
+    # later ones (the default) must give the scores of every real position; checked against all real positions,
+    # on a batch whose rows share a prefix of at least one token (else the test would compare equal code paths)
+    _, lm, _, _, batch, graph, don, _ = _setup(arch, gpt2_tokenizer)
+    shared = eap_module.row_prefixes(batch)
+    assert int(shared.sum()) > 0, "the test batch needs a shared prefix"
+    metric = _logit_diff(batch)
+    kinds = ((None, "inputs"), (3, "inputs"), (3, "activations"))
+    fast = [edge_scores(lm, graph, batch, metric, don, steps=k, interpolate=w) for k, w in kinds]
+    monkeypatch.setattr(eap_module, "_scored", lambda part: part.attention_mask.bool())
+    full = [edge_scores(lm, graph, batch, metric, don, steps=k, interpolate=w) for k, w in kinds]
+    for f, s in zip(fast, full):
+        scale = float(s.abs().max())
+        assert scale > 0
+        torch.testing.assert_close(f, s, rtol=0, atol=1e-5 * scale)  # float32: the same sums less exact zeros
