@@ -276,6 +276,16 @@ def test_cli_circuit_writes_every_file(gpt2_dir, tmp_path):
     assert list(edges.columns) == ["sender", "receiver", "input", "score"]
     assert edges.score.abs().is_monotonic_decreasing
     assert "faithfulness" in (out / "report.md").read_text()
+    # without IG's gradient buffer: the same scores (summed in another order: float32 rounding), and it is recorded
+    assert main(["circuit", "--model", str(gpt2_dir), "--pairs-file", str(pairs), "--method", "eap-ig", "--ig-steps",
+                 "2", "--ig-no-buffer", "--edges", "5", "--resamples", "0", "--out", str(tmp_path / "nb"),
+                 "--quiet"]) == 0
+    assert json.loads((out / "config.json").read_text())["config"]["ig_buffer"] is True
+    assert json.loads((tmp_path / "nb" / "config.json").read_text())["config"]["ig_buffer"] is False
+    unbuffered = pd.read_csv(tmp_path / "nb" / "edges.csv").set_index(["sender", "receiver"]).score
+    buffered = edges.set_index(["sender", "receiver"]).score
+    scale = float(buffered.abs().max())
+    assert scale > 0 and float((unbuffered - buffered.reindex(unbuffered.index)).abs().max()) <= 1e-5 * scale
     assert main(["circuit", "ioi", "--model", str(gpt2_dir), "--pairs-file", str(pairs), "--out",
                  str(tmp_path / "x")]) == 2  # a task and a pairs file
     assert main(["circuit", "--model", str(gpt2_dir), "--pairs-file", str(pairs), "--ig-steps", "0", "--out",
@@ -317,7 +327,7 @@ class _Pairs:
 
 def test_stability_compares_the_two_halves_with_each_other(monkeypatch):
     # a stand-in for edge scores: the circuit of a subset is its pairs' own edges plus edge 10, shared by all
-    def scores(lm, graph, idx, metric, don, steps=None, interpolate="inputs"):
+    def scores(lm, graph, idx, metric, don, steps=None, interpolate="inputs", **_):
         sc = torch.zeros(1, 11)
         sc[0, idx], sc[0, 10] = 1.0, 1.0
         return sc

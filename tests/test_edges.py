@@ -320,15 +320,15 @@ def test_eap_matches_finite_differences_and_ig1_is_eap(arch, gpt2_tokenizer, mon
     assert worst <= 2e-3 * scale, f"{arch}: EAP differs from finite differences by {worst:.3g} (scale {scale:.3g})"
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_eap_ig_matches_finite_differences_along_the_path(arch, gpt2_tokenizer):
+@pytest.mark.parametrize("arch,accumulate", [("gpt2", True), ("llama", True), ("llama", False)])
+def test_eap_ig_matches_finite_differences_along_the_path(arch, accumulate, gpt2_tokenizer):
     # EAP-IG of edge s -> r is the mean over alpha = k / K of d metric / d e, where the run's embeddings are
     # donor + alpha (recipient - donor) and r's input gets e (donor_s - recipient_s) added: written here as plain
     # forwards (the first block's input replaced, the difference added at one receiver), one per evaluation.
     model, lm, fam, a, batch, graph, don, _ = _setup(arch, gpt2_tokenizer, torch.float64)
     metric = _logit_diff(batch)
     K, eps = 3, 1e-3
-    ig = edge_scores(lm, graph, batch, metric, don, steps=K)
+    ig = edge_scores(lm, graph, batch, metric, don, steps=K, accumulate=accumulate)  # False: no buffer, per step
     rec_plain = plain_senders(model, fam, batch, batch.recipient_ids, a.n_heads, a.d_head)
     don_plain = plain_senders(model, fam, batch, batch.donor_ids, a.n_heads, a.d_head)
     scale, worst = float(ig.abs().max()), 0.0
@@ -540,3 +540,25 @@ def test_leaving_out_the_shared_prefix_changes_no_score(arch, gpt2_tokenizer, mo
         scale = float(s.abs().max())
         assert scale > 0
         torch.testing.assert_close(f, s, rtol=0, atol=1e-5 * scale)  # float32: the same sums less exact zeros
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_a_reused_workspace_holds_memory_not_values(arch, gpt2_tokenizer):
+    # every block a call takes from the workspace must be written before it is read: after a call, each block is
+    # filled with NaN, and the next calls (a smaller batch, which takes the start of the larger blocks, then the full
+    # one again) must give exactly the scores of calls with no workspace; a block read before written gives NaN
+    _, lm, _, _, batch, graph, don, _ = _setup(arch, gpt2_tokenizer)
+    metric = _logit_diff(batch)
+    half = batch.select([1])
+    half_metric = lambda logits, sl: metric(logits, torch.tensor([1])[sl])  # noqa: E731
+    kinds = ((None, "inputs", True), (3, "inputs", True), (3, "activations", True), (3, "inputs", False))
+    work: dict = {}
+    for steps, what, acc in kinds:
+        runs = ((batch, metric, don), (half, half_metric, don[:, [1]]), (batch, metric, don))
+        for b, m, d in runs:
+            want = edge_scores(lm, graph, b, m, d, steps=steps, interpolate=what, accumulate=acc)
+            got = edge_scores(lm, graph, b, m, d, steps=steps, interpolate=what, accumulate=acc, workspace=work)
+            assert work, "the workspace holds the call's blocks"
+            for block in work.values():
+                block.fill_(float("nan"))
+            torch.testing.assert_close(got, want, rtol=0, atol=0)  # the same arithmetic on the same values: exact

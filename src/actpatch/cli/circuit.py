@@ -43,6 +43,9 @@ def add_parser(sub) -> None:
                       help="--compare: exact single-edge patches of the union of each method's top N edges (default: "
                       "353, 0.5%% of the bundled model's edges; one edge-patched forward per edge)")
     circ.add_argument("--ig-steps", type=int, default=5, metavar="K", help="EAP-IG interpolation steps (default: 5)")
+    circ.add_argument("--ig-no-buffer", dest="ig_buffer", action="store_false",
+                      help="EAP-IG: score each step as it comes instead of summing the steps' gradients in one "
+                      "(receivers x positions x d_model) buffer: less memory, slower (see bench/README.md)")
     circ.add_argument("--metric", choices=TASK_METRICS, default=None, help="as for run (default: the task's)")
     circ.add_argument("--edges", type=int, nargs="+", metavar="N",
                       help="circuit sizes (edges) measured besides MIB's grid (0.1%%, 0.2%%, 0.5%%, ..., 100%% of the edges)")
@@ -64,7 +67,7 @@ def cmd_circuit(args: argparse.Namespace, argv: list[str]) -> int:
     created = prepare_out(out, args.overwrite, resume=False)
     cfg = CircuitConfig(model=args.model, task=args.task, pairs_file=args.pairs_file, n_pairs=args.n_pairs,
                         design=args.donor[0] if args.donor else None, seed=args.seed, metric=args.metric,
-                        method=args.method, ig_steps=args.ig_steps, select=args.select, compare=args.compare,
+                        method=args.method, ig_steps=args.ig_steps, ig_buffer=args.ig_buffer, select=args.select, compare=args.compare,
                         exact_candidates=args.exact_candidates,
                         edges=tuple(args.edges) if args.edges else None, target=args.target, resamples=args.resamples,
                         device=args.device, dtype=args.dtype, max_rows=args.max_batch,

@@ -41,15 +41,19 @@ MetricFn = Callable[[Tensor, slice], Tensor]  # (END logits (b, V), which rows o
 def edge_scores(
     lm: LoadedModel, graph: Graph, batch: PairBatch, metric: MetricFn,
     donor: Float[Tensor, "sender batch pos d_model"], steps: int | None = None, max_rows: int | None = None, bar=None,
-    interpolate: str = "inputs",
+    interpolate: str = "inputs", accumulate: bool = True, workspace: dict | None = None,
 ) -> Float[Tensor, "receiver sender"]:
     """Estimated change of the mean metric when each edge alone is patched to the donor (0 where no edge).
 
     ``donor``: the donor run's recording (``sender_outputs``). ``steps`` None: EAP; an int >= 1:
     EAP-IG with that many interpolation steps, on ``interpolate`` = "inputs" (the input embeddings move from the
     donor's to the recipient's) or "activations" (every sender's write does; see ``engine.edge_gradients``). Pairs are
-    processed in groups of ``max_rows`` (default about ``EAP_TOKENS`` tokens). Leaves the model as it was (no
-    weight gets a gradient).
+    processed in groups of ``max_rows`` (default about ``EAP_TOKENS`` tokens). ``accumulate`` (EAP-IG): sum the
+    steps' receiver gradients in one (receivers, positions, d_model) buffer and score them once (faster); False scores
+    every step as it comes, as EAP does, with no buffer (less memory). ``workspace``: a dict the caller keeps between
+    calls, one call at a time, so that their large scratch blocks are reused rather than allocated afresh (they hold
+    memory only: every value in them is written before it is read, and no weight is kept there). Leaves the model as
+    it was (no weight gets a gradient).
 
     Example::
 
@@ -59,11 +63,15 @@ def edge_scores(
         raise ConfigError(f"steps (--ig-steps) must be an int >= 1, got {steps!r}")
     if interpolate not in INTERPOLATIONS:
         raise ConfigError(f"interpolate must be one of {', '.join(INTERPOLATIONS)}, got {interpolate!r}")
+    if not isinstance(accumulate, bool):
+        raise ConfigError(f"accumulate must be True (one gradient buffer) or False (no buffer), got {accumulate!r}")
     alphas = [None] if steps is None else [k / steps for k in range(steps, 0, -1)]  # alpha = 1 (the recipient) first
     rows = max_rows or group_rows(batch)
     reach = [int(r.nonzero().max()) + 1 if bool(r.any()) else 0 for r in graph.allowed]  # senders before each receiver
     scores = torch.zeros(graph.allowed.shape, dtype=torch.float64)
     dev, cache = lm.device, {}  # cache: the receivers' rows of the q/k/v projections and the norms' forms, read once
+    blocks = {} if workspace is None else workspace  # scratch memory, reused by every pass (and call)
+    buffered = accumulate and len(alphas) > 1
     with _activation_gradients_only(lm):
         for lo in range(0, len(batch), rows):
             part = batch.select(slice(lo, lo + rows))
@@ -72,17 +80,17 @@ def edge_scores(
             later: list = []  # EAP-IG: per layer, the product of its heads' summed gradients, done once
             for alpha in alphas:
                 with torch.enable_grad(), receiver_inputs(lm, graph, alpha, donor[:, sl], keep, diff is None, cache,
-                                                          mix=interpolate == "activations") as flow:
+                                                          mix=interpolate == "activations", blocks=blocks) as flow:
                     logits = last_logits(lm, part.recipient_ids.to(dev), part.attention_mask.to(dev), part.position("END"))
                     # the sum, divided by the batch size afterwards (a mean's per-pair gradients underflow in float16)
                     metric(logits, sl).float().sum().backward()
                 diff = flow.written if diff is None else diff
                 with torch.no_grad():
-                    if len(alphas) == 1:  # EAP: each chunk of receivers is multiplied as it comes, nothing kept
+                    if not buffered:  # EAP: each chunk of receivers is multiplied as it comes, nothing kept
                         _score(flow.receiver_grads(), diff, reach, scores,
-                               reused_block(cache, "chunk", (_CHUNK, *diff.shape[1:]), diff.dtype, diff.device))
+                               reused_block(blocks, "chunk", (_CHUNK, *diff.shape[1:]), diff.dtype, diff.device))
                     else:  # EAP-IG: the steps' gradients are summed first, and multiplied once (see EAP_TOKENS)
-                        total = _accumulate(flow.receiver_grads(), total, cache, diff,
+                        total = _accumulate(flow.receiver_grads(), total, blocks, diff,
                                             (len(graph.receivers), lm.adapter.d_head), later)
                 del flow, logits  # this pass's kept tensors go before the next pass allocates its own
                 if bar is not None:

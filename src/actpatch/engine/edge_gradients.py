@@ -39,7 +39,8 @@ class _GradFlow(_Flow):
     """The hooks of one differentiated forward pass (see the module docstring)."""
 
     def __init__(self, lm: LoadedModel, graph: Graph, donor: Tensor, alpha: float | None,
-                 keep: Tensor | None, record: bool, weights: dict | None = None, mix: bool = False) -> None:
+                 keep: Tensor | None, record: bool, weights: dict | None = None, mix: bool = False,
+                 blocks: dict | None = None) -> None:
         super().__init__(lm, graph, "grad", donor=donor)
         self.alpha, self.record = alpha, record
         self.mix = mix and alpha is not None and alpha != 1  # alpha = 1: every write is the run's own
@@ -50,9 +51,10 @@ class _GradFlow(_Flow):
         self.inputs: list[tuple[int, Tensor]] = []                # (MLP or logits receiver, its input)
         self.projected: list[tuple[int, list[int], Tensor]] = []  # (layer, receivers, q/k/v projection output)
         self.layer_weights = {} if weights is None else weights   # layer -> its receivers' rows (R', Dh, D), shared
+        self.blocks = self.layer_weights if blocks is None else blocks  # scratch memory only (``reused_block``)
         if record:  # donor - current, each sender's row written once, as it is computed (S, N, D) float32
             shape = (len(graph.senders), int(keep.sum()), donor.shape[-1])  # one block for every pass of a run
-            self.written = reused_block(self.layer_weights, "written", shape, torch.float32, lm.device)
+            self.written = reused_block(self.blocks, "written", shape, torch.float32, lm.device)
 
     def _wrote(self, s: int, value: Tensor) -> None:
         if self.record:  # (N, D): the donor's row at the kept positions minus this run's
@@ -170,7 +172,7 @@ class _GradFlow(_Flow):
             fused(g_head, w, out, add, ys, heads)
             cache = self.layer_weights
             return out if heads is None else lambda: finish(norm, w, heads, out, cache)
-        target = reused_block(self.layer_weights, "scratch", out.shape, out.dtype, out.device) if add else out
+        target = reused_block(self.blocks, "scratch", out.shape, out.dtype, out.device) if add else out
         torch.bmm(g_head.to(out.dtype), w.to(out.dtype), out=target)  # (R', N, Dh) @ (R', Dh, D): d m / d normed x
         got = vmap_pullback(norm, x)(target)  # the norm's VJP, any norm
         if got is not target:
@@ -212,13 +214,16 @@ def _head_slices(tensors: dict[int, Tensor], parts: list[tuple[int, Tensor]], st
 
 
 def reused_block(cache: dict, name: str, shape: tuple, dtype: torch.dtype, device) -> Tensor:
-    """A block of ``shape`` kept in ``cache`` under ``name`` and reused by every pass of a scoring run (grown when a
-    pass needs more): fresh memory costs a page fault per 4 KiB on first touch, most of a pass's overhead here."""
+    """A block of ``shape`` kept in ``cache`` under ``name`` and reused by every pass of a scoring run, or by every
+    call that is given the same workspace (grown when a pass needs more): fresh memory costs a page fault per 4 KiB on
+    first touch, most of a pass's overhead here. Its contents are garbage: every user writes it before reading."""
     n = 1
     for d in shape:
         n *= d
     store = cache.get(name)
-    if store is None or store.numel() < n or store.dtype != dtype:
+    want = torch.device(device)  # "cuda" means the current device, which a block on cuda:0 may be
+    moved = store is not None and (store.device.type != want.type or want.index not in (None, store.device.index))
+    if store is None or moved or store.numel() < n or store.dtype != dtype:
         cache.pop(name, None)  # the old block goes before the new one is made
         store = cache[name] = torch.empty(n, dtype=dtype, device=device)
     return store[:n].view(shape)
@@ -240,13 +245,13 @@ def _positions(t: Tensor, at: Tensor | str | None, lead: int = 0) -> Tensor:
 def receiver_inputs(lm: LoadedModel, graph: Graph, alpha: float | None = None,
                     donor: Float[Tensor, "sender batch pos d_model"] | None = None,
                     keep: Bool[Tensor, "batch pos"] | None = None, record: bool = False,
-                    weights: dict | None = None, mix: bool = False) -> Iterator[_GradFlow]:
+                    weights: dict | None = None, mix: bool = False, blocks: dict | None = None) -> Iterator[_GradFlow]:
     """Hooks (inside the block) for one differentiated forward pass; after ``backward()``,
     ``flow.receiver_grads()`` yields the receivers' input gradients at the positions ``keep`` selects (all when
     None). ``alpha``: the embeddings are donor[0] + alpha (recipient - donor[0]); ``record``: ``flow.written`` is
     every sender's ``donor`` minus its output in this run, at those positions (S, N, D), float32; ``weights``: a dict
     to keep the receivers' projection rows and the norms' forms in between passes; ``mix``: interpolate every sender's
-    write too (with ``alpha``)."""
-    flow = _GradFlow(lm, graph, donor, alpha, keep, record, weights, mix)
+    write too (with ``alpha``); ``blocks``: a dict whose scratch blocks are reused (``weights`` when None)."""
+    flow = _GradFlow(lm, graph, donor, alpha, keep, record, weights, mix, blocks)
     with hooks(flow.specs()):
         yield flow

@@ -149,7 +149,7 @@ def attribution_check(graph: Graph, scores: torch.Tensor, evaluate, full: torch.
 
 def stability(lm, graph: Graph, batch, don, score, steps: tuple, select, keep, resamples: int, seed: int,
               disable) -> dict:
-    """``steps``: (IG steps or None, what is interpolated), as the run scored. Edge Jaccard of circuits with as many edges as the chosen one (``select``): with the chosen circuit, for
+    """``steps``: (IG steps or None, what is interpolated[, whether IG's gradients are buffered]), as the run scored. Edge Jaccard of circuits with as many edges as the chosen one (``select``): with the chosen circuit, for
     ``resamples`` bootstrap resamples of the pairs; and between the two disjoint halves of a split of the pairs, by
     template (when the pairs have templates) and at random (the same question without the templates: how much two
     halves agree by chance)."""
@@ -160,11 +160,12 @@ def stability(lm, graph: Graph, batch, don, score, steps: tuple, select, keep, r
     splits = {"random": random_halves(n, seed), "template": template_halves([p.template for p in batch.pairs])}
     splits = {k: v for k, v in splits.items() if v is not None and min(map(len, v)) >= 2}
     subsets += [(f"{kind} half {'AB'[j]}", half) for kind, halves in splits.items() for j, half in enumerate(halves)]
-    circuits, out = {}, []
+    circuits, out, work = {}, [], {}  # work: the scoring's scratch memory, reused by every subset
     for name, idx in tqdm(subsets, desc="stability", disable=disable, dynamic_ncols=True):
         sub = batch.select(idx)
         sc = edge_scores(lm, graph, sub, lambda lg, rows, idx=idx: score(lg, torch.tensor(idx)[rows]),
-                         don[:, idx], steps=steps[0], interpolate=steps[1])
+                         don[:, idx], steps=steps[0], interpolate=steps[1], workspace=work,
+                         accumulate=steps[2] if len(steps) > 2 else True)
         circuits[name] = select(sc)
         out.append({"subset": name, "n_pairs": len(idx), "pairs": idx, "jaccard": jaccard(circuits[name], keep)})
     res = [x["jaccard"] for x in out if x["subset"].startswith("resample")]

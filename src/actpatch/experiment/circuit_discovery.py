@@ -64,6 +64,7 @@ class CircuitConfig:
     metric: str | None = None          # None: the task's
     method: str = "eap-ig"             # eap, eap-ig-inputs (= eap-ig), eap-ig-activations
     ig_steps: int = 5
+    ig_buffer: bool = True             # EAP-IG: sum the steps' gradients in one buffer (faster; False: less memory)
     compare: bool = False              # also score with the other methods, and exact edge patching, curve by curve
     exact_candidates: int = 353        # compare: exact single-edge patches of the union of each method's top-n
     select: str = "top"                # top: top-n then pruned; greedy: grown from the logits; exact: ACDC-style
@@ -88,6 +89,8 @@ class CircuitConfig:
             raise ConfigError(f"select (--select) must be one of {', '.join(SELECTIONS)}, got {self.select!r}")
         if not isinstance(self.ig_steps, int) or self.ig_steps < 1:
             raise ConfigError(f"ig_steps (--ig-steps) must be an int >= 1, got {self.ig_steps!r}")
+        if not isinstance(self.ig_buffer, bool):
+            raise ConfigError(f"ig_buffer (--ig-no-buffer) must be True or False, got {self.ig_buffer!r}")
         if self.metric is not None and self.metric not in TASK_METRICS:
             raise ConfigError(f"metric (--metric) must be one of {', '.join(TASK_METRICS)}, got {self.metric!r}")
         if self.edges is not None and (not self.edges or any(not isinstance(n, int) or n < 1 for n in self.edges)):
@@ -141,7 +144,8 @@ def run_circuit(config: CircuitConfig | None = None, *, lm: LoadedModel | None =
     grad_rows = min(rows, group_rows(batch))
     with tqdm(total=len(range(0, len(batch), grad_rows)) * (steps or 1), desc=f"{cfg.method} scores", disable=disable,
               dynamic_ncols=True) as bar:
-        scores = edge_scores(lm, graph, batch, score, don, steps=steps, max_rows=grad_rows, bar=bar, interpolate=what)
+        scores = edge_scores(lm, graph, batch, score, don, steps=steps, max_rows=grad_rows, bar=bar, interpolate=what,
+                              accumulate=cfg.ig_buffer)
     full, empty = score(rec_logits, slice(None)).float().cpu(), evaluate.per_pair(torch.zeros_like(graph.allowed))
     effects = head_effects(lm, graph, batch, score, float(full.mean()))
     with tqdm(total=len(MIB_FRACTIONS) + len(sizes) + min(10, len(effects)), desc="faithfulness", disable=disable,
@@ -155,7 +159,7 @@ def run_circuit(config: CircuitConfig | None = None, *, lm: LoadedModel | None =
     checks.append(check_no_hooks_left(lm, hooks_before))
     att = attribution_check(graph, scores, evaluate, full)
     select = lambda sc: _same_size(cfg, graph, sc, chosen)  # noqa: E731
-    stab = stability(lm, graph, batch, don, score, (steps, what), select, chosen["keep"], cfg.resamples, cfg.seed,
+    stab = stability(lm, graph, batch, don, score, (steps, what, cfg.ig_buffer), select, chosen["keep"], cfg.resamples, cfg.seed,
                      disable) if cfg.resamples and cfg.select != "exact" else {}
     return _result(cfg, pcfg.metric, lm, batch, graph, design, filtered, scores, chosen, curve + nodes + others, checks,
                    att, stab, full, empty, effects, head_classes(lm, batch))

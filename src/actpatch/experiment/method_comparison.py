@@ -54,10 +54,13 @@ def compare_methods(cfg, lm, graph: Graph, batch, don, score, evaluate, full, em
                     disable) -> list[dict]:
     """Faithfulness rows (``measure_curve``) of every method not in ``scored`` (which it fills in), then of exact
     edge patching on the candidates; each curve at MIB's fractions, without bisection."""
+    work: dict = {}  # the scoring's scratch memory, reused by every method
     for method in METHODS:
         if method not in scored:
             steps, what = steps_of(cfg, method)
-            scored[method] = edge_scores(lm, graph, batch, score, don, steps=steps, interpolate=what)
+            scored[method] = edge_scores(lm, graph, batch, score, don, steps=steps, interpolate=what, workspace=work,
+                                         accumulate=cfg.ig_buffer)
+    del work
     candidates = torch.zeros_like(graph.allowed)
     for sc in scored.values():
         candidates |= _top(graph, sc, cfg.exact_candidates)
