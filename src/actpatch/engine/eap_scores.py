@@ -78,6 +78,7 @@ def edge_scores(
             sl, keep = slice(lo, lo + len(part)), _scored(part).to(dev)  # (b, T): the positions scored
             diff, total = None, None  # diff (S, N, D): donor - recipient per sender; total (R, N, D): summed gradients
             later: list = []  # EAP-IG: per layer, the product of its heads' summed gradients, done once
+            _reserve(blocks, buffered, (len(graph.receivers), int(keep.sum()), donor.shape[-1]), lm.adapter.d_head, dev)
             for alpha in alphas:
                 with torch.enable_grad(), receiver_inputs(lm, graph, alpha, donor[:, sl], keep, diff is None, cache,
                                                           mix=interpolate == "activations", blocks=blocks) as flow:
@@ -102,6 +103,18 @@ def edge_scores(
                     _score_all(total, diff, reach, scores)
     scores = scores / (len(batch) * len(alphas))
     return (scores * graph.allowed).float()
+
+
+def _reserve(blocks: dict, buffered: bool, shape: tuple[int, int, int], d_head: int, device) -> None:
+    """Take the score phase's blocks before the forward pass: they are large enough to be fresh pages, while the
+    small tensors that the pass frees afterwards stay with the allocator; reserved after it, they would add to its
+    peak. ``shape``: (receivers R, scored positions N, d_model D)."""
+    R, N, D = shape
+    if buffered:
+        reused_block(blocks, "total", (R, N, D), torch.float32, device)
+        reused_block(blocks, "head sums", (R, N, d_head), torch.float32, device)
+    else:
+        reused_block(blocks, "chunk", (_CHUNK, N, D), torch.float32, device)
 
 
 def _scored(part: PairBatch) -> Tensor:
