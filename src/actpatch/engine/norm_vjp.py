@@ -1,7 +1,8 @@
 """A norm's vector-Jacobian product for many cotangents at once, in closed form where the norm's form is known.
 
     apply = projected_pullback(norm, x, cache)  # x (N, D): the norm's input; None where no closed form fits
-    apply(g, w, out, add=False)                  # out (R, N, D) = d/dx of <g[r] @ w[r], norm(x)> for each r
+    wg, wb = folded_rows(norm, lambda: w, cache, key)  # w (R, Dh, D) times the gain, kept; w itself is not
+    apply(g, wg, out, add=False)                 # out (R, N, D) = d/dx of <g[r] @ w[r], norm(x)> for each r
     vmap_pullback(norm, x)(u)                    # any norm: u (R, N, D) -> (R, N, D), by torch.func
 
 EAP needs, per layer, the input gradient of every head's q, k and v: the norm's VJP at the same x for R' cotangents.
@@ -55,28 +56,41 @@ def _gain(norm: nn.Module, kind: str, work: torch.dtype, device) -> Tensor | Non
 
 
 def projected_pullback(norm: nn.Module, x: Float[Tensor, "pos d_model"], cache: dict):
-    """None for a norm without a closed form; else ``apply(g, w, out, add, made)``: the norm's VJP at ``x`` of the
-    cotangents g @ w (g (R, N, Dh), w (R, Dh, D): d metric / d the projection's output, and its rows), written into
-    ``out`` (R, N, D), or added to it with ``add``. The gain folds into w and 1/rms into g, so ``out`` is written by
-    one batched product and one rank-one correction: no (R, N, D) temporaries (EAP-IG sums its steps this way).
-    ``made`` (R, N, Dh), optional: what the rows w made of norm(x) in the forward pass (the projection's output less
-    its bias), which holds w (gain x_hat) already; it is used only where it agrees with w (gain x_hat) recomputed on a
-    few positions (relative 1e-4), else that product is computed in full."""
+    """None for a norm without a closed form; else ``apply(g, wg, out, add, made, gr_sum, wb)``: the norm's VJP at
+    ``x`` of the cotangents g @ w (g (R, N, Dh): d metric / d the projection's output; w (R, Dh, D) its rows, given
+    as ``wg``, w times the norm's gain, from ``folded_rows``), written into ``out`` (R, N, D), or added to it with
+    ``add``. The gain is folded into w and 1/rms into g, so ``out`` is written by one batched product and one rank-one
+    correction: no (R, N, D) temporaries (EAP-IG sums its steps this way). ``made`` (R, N, Dh), optional: what the rows
+    w made of norm(x) in the forward pass (the projection's output less its bias), which holds w (gain x_hat) + w beta
+    (``wb``, LayerNorm's bias) already; it is used only where it agrees with wg x_hat recomputed on a few positions
+    (relative 1e-4), else that product is computed in full. ``gr_sum``: see ``finish``."""
     kind = _cached_kind(norm, x, cache)
-    return None if kind == "vmap" else _fused(norm, kind, x, cache)
+    return None if kind == "vmap" else _fused(norm, kind, x)
 
 
-def _fused(norm: nn.Module, kind: str, x: Tensor, cache: dict | None = None):
+def folded_rows(norm: nn.Module, rows: Callable[[], Tensor], cache: dict, key: tuple) -> tuple[Tensor, Tensor | None]:
+    """(wg, wb): the rows w = ``rows()`` (R, Dh, D) times the gain of ``norm`` (its form as ``projected_pullback``
+    found it), in float32 or wider, and w beta (R, Dh) for a norm with a bias (else None); kept in ``cache`` under
+    ``key``, which names the rows (the caller's: layer and receivers). w itself is not kept: it is only read here."""
+    key = ("gain-folded", id(norm), key)
+    if key not in cache:
+        kind, w = cache[("norm-kind", id(norm))], rows()
+        work = torch.promote_types(w.dtype, torch.float32)
+        gain, beta = _gain(norm, kind, work, w.device), getattr(norm, "bias", None)
+        wb = (w.to(work) @ beta.detach().to(w.device, work)) if isinstance(beta, Tensor) else None
+        cache[key] = (w.to(work) if gain is None else w.to(work) * gain, wb)
+    return cache[key]
+
+
+def _fused(norm: nn.Module, kind: str, x: Tensor):
     """``projected_pullback``'s ``apply`` for the closed form ``kind`` at ``x``."""
-    r, x_hat, gain, work = _stats(norm, kind, x)
+    r, x_hat, _, work = _stats(norm, kind, x)
     D = x_hat.shape[-1]
-    beta = getattr(norm, "bias", None)
-    beta = beta.detach().to(x.device, work) if isinstance(beta, Tensor) else None
 
-    def apply(g: Tensor, w: Tensor, out: Tensor, add: bool = False, made: Tensor | None = None,
-              gr_sum: Tensor | None = None) -> Tensor:
-        g, wg = g.to(work), _folded(w, gain, work, cache, ("gain-folded", id(w), id(norm)))  # (R, N, Dh), (R, Dh, D)
-        wx = _gain_part(made, w, wg, x_hat, beta, work)  # (R, N, Dh): each row of w (gain) against x_hat
+    def apply(g: Tensor, wg: Tensor, out: Tensor, add: bool = False, made: Tensor | None = None,
+              gr_sum: Tensor | None = None, wb: Tensor | None = None) -> Tensor:
+        g = g.to(work)  # (R, N, Dh); wg (R, Dh, D)
+        wx = _gain_part(made, wg, x_hat, wb, work)  # (R, N, Dh): each row of w (gain) against x_hat
         if gr_sum is not None:  # the correction only; g r @ (gain w) is linear in g r: summed, multiplied once
             inner = (g * wx).sum(-1) * (r.squeeze(-1) / D)  # (R, N): r mean(a x_hat)
             if add:
@@ -99,39 +113,27 @@ def _fused(norm: nn.Module, kind: str, x: Tensor, cache: dict | None = None):
     return apply
 
 
-def finish(norm: nn.Module, w: Tensor, gr_sum: Tensor, out: Tensor, cache: dict) -> Tensor:
+def finish(norm: nn.Module, wg: Tensor, gr_sum: Tensor, out: Tensor, cache: dict) -> Tensor:
     """Add to ``out`` (R, N, D) the part of the pullbacks applied with ``gr_sum`` (``apply(..., gr_sum=...)``, which
-    wrote only their correction to ``out`` and summed g r there) that is linear in g r: ``gr_sum`` (R, N, Dh) @ (gain
-    w), and for LayerNorm minus its mean over d_model. One batched product for all the steps."""
+    wrote only their correction to ``out`` and summed g r there) that is linear in g r: ``gr_sum`` (R, N, Dh) @ wg
+    (the gain-folded rows, ``folded_rows``), and for LayerNorm minus its mean over d_model. One batched product for
+    all the steps."""
     kind = cache[("norm-kind", id(norm))]
-    work = torch.promote_types(w.dtype, torch.float32)  # as apply's, whose w this is
-    wg = _folded(w, _gain(norm, kind, work, out.device), work, cache, ("gain-folded", id(w), id(norm)))
     out.baddbmm_(gr_sum.to(out.dtype), wg.to(out.dtype))
     if kind == "layer":  # minus r mean(a), summed over the steps
-        mean = torch.einsum("rnh,rh->rn", gr_sum.to(work), wg.sum(-1)) / wg.shape[-1]  # (R, N)
+        mean = torch.einsum("rnh,rh->rn", gr_sum.to(wg.dtype), wg.sum(-1)) / wg.shape[-1]  # (R, N)
         out.sub_(mean.unsqueeze(-1).to(out.dtype))
     return out
 
 
-def _folded(w: Tensor, gain: Tensor | None, work: torch.dtype, cache: dict | None, key: tuple) -> Tensor:
-    """w (R, Dh, D) times the norm's gain, in ``work``; kept in ``cache`` under ``key`` (w's and the norm's ids: w
-    is kept in the same cache, so its id is not reused while the cache lives)."""
-    if cache is not None and key in cache:
-        return cache[key]
-    wg = w.to(work) if gain is None else w.to(work) * gain
-    if cache is not None:
-        cache[key] = wg
-    return wg
-
-
-def _gain_part(made: Tensor | None, w: Tensor, wg: Tensor, x_hat: Tensor, beta: Tensor | None,
+def _gain_part(made: Tensor | None, wg: Tensor, x_hat: Tensor, wb: Tensor | None,
                work: torch.dtype) -> Float[Tensor, "receiver pos d_head"]:
-    """(R, N, Dh): wg @ x_hat per position. From ``made`` = w norm(x) = wg x_hat + w beta when it agrees with the
-    product recomputed on the first positions; else the full product (R x Dh x D x N multiply-adds)."""
+    """(R, N, Dh): wg @ x_hat per position. From ``made`` = w norm(x) = wg x_hat + w beta (``wb``) when it agrees with
+    the product recomputed on the first positions; else the full product (R x Dh x D x N multiply-adds)."""
     if made is not None and made.dtype in (torch.float32, torch.float64):
         wx = made.to(work)
-        if beta is not None:
-            wx = wx - (w.to(work) @ beta).unsqueeze(1)  # (R, 1, Dh): what the norm's bias adds
+        if wb is not None:
+            wx = wx - wb.unsqueeze(1).to(work)  # (R, 1, Dh): what the norm's bias adds
         few = torch.matmul(wg, x_hat[:4].T).transpose(1, 2)  # (R, 4, Dh)
         if float((wx[:, :4] - few).abs().max()) <= 1e-4 * max(float(few.abs().max()), 1e-12):
             return wx
@@ -160,7 +162,8 @@ def _kind(norm: nn.Module, x: Tensor) -> str:
     tol = 1e-4 if x.dtype in (torch.float32, torch.float64) else 2e-2
     eye = torch.eye(x.shape[-1], dtype=u.dtype, device=x.device).unsqueeze(0)  # g @ w = g: the cotangent itself
     for kind in ("rms", "rms1p", "layer"):
-        got = _fused(norm, kind, x)(u, eye, torch.empty_like(u))
+        gain = _gain(norm, kind, u.dtype, x.device)
+        got = _fused(norm, kind, x)(u, eye if gain is None else eye * gain, torch.empty_like(u))
         if float((got - want).abs().max()) <= tol * max(float(want.abs().max()), 1e-12):
             return kind
     return "vmap"
