@@ -164,16 +164,21 @@ class _GradFlow(_Flow):
         norm = self.a.attn_norm(layer)
         fused = projected_pullback(norm, x, self.layer_weights)
         if fused is not None:  # closed form: one batched product into out, and a rank-one correction
-            # the rows times the norm's gain (R', Dh, D), kept for the call; the rows themselves are not kept
-            wg, wb = folded_rows(norm, lambda: self._weights(layer, rows, keep=False).to(out.device),
-                                 self.layer_weights, (layer, tuple(rows)))
+            # the rows times the norm's gain (R', Dh, D), in a scratch block that every layer reuses: nothing of that
+            # size is kept (EAP-IG's finish folds them again); the rows are views of the weights
+            w_rows = [self._head_rows(layer, r)[0].to(out.device) for r in rows]
+            shape, work = (len(rows), Dh, x.shape[-1]), torch.promote_types(w_rows[0].dtype, torch.float32)
+            blocks, cache, key = self.blocks, self.layer_weights, (layer, tuple(rows))
+
+            def folded():  # captures no tensor of this pass: the finish of a later step must not keep it alive
+                return folded_rows(norm, w_rows, reused_block(blocks, "folded", shape, work, out.device), cache, key)
+            wg, wb = folded()
             made = {k: _positions(p.detach(), self.at) for k, p in made.items()}
             ys = _head_slices(made, parts, starts, Dh)  # (R', N, Dh)
             bias = self._biases(layer, rows)  # (R', Dh) or None: the projection's own, which w norm(x) lacks
             ys = ys if bias is None else ys - bias.unsqueeze(1).to(ys.dtype)
             fused(g_head, wg, out, add, ys, heads, wb)
-            cache = self.layer_weights
-            return out if heads is None else lambda: finish(norm, wg, heads, out, cache)
+            return out if heads is None else lambda: finish(norm, folded()[0], heads, out, cache)
         w = self._weights(layer, rows).to(out.device)  # (R', Dh, D)
         target = reused_block(self.blocks, "scratch", out.shape, out.dtype, out.device) if add else out
         torch.bmm(g_head.to(out.dtype), w.to(out.dtype), out=target)  # (R', N, Dh) @ (R', Dh, D): d m / d normed x
@@ -191,16 +196,13 @@ class _GradFlow(_Flow):
             self.layer_weights[key] = None if any(b is None for b in biases) else torch.stack(biases).detach()
         return self.layer_weights[key]
 
-    def _weights(self, layer: int, rows: list[int], keep: bool = True) -> Float[Tensor, "receiver d_head d_model"]:
+    def _weights(self, layer: int, rows: list[int]) -> Float[Tensor, "receiver d_head d_model"]:
         """The rows of the q/k/v projections that make receivers ``rows`` of ``layer``: (R', Dh, D), read once per
-        ``edge_scores`` call (the dict is shared by its passes), or, with ``keep`` False, read and not kept."""
+        ``edge_scores`` call (the dict is shared by its passes)."""
         key = (layer, tuple(rows))
-        if key in self.layer_weights:
-            return self.layer_weights[key]
-        w = torch.stack([self._head_rows(layer, r)[0] for r in rows])
-        if keep:
-            self.layer_weights[key] = w
-        return w
+        if key not in self.layer_weights:
+            self.layer_weights[key] = torch.stack([self._head_rows(layer, r)[0] for r in rows])
+        return self.layer_weights[key]
 
 
 def _head_slices(tensors: dict[int, Tensor], parts: list[tuple[int, Tensor]], starts: list[int],

@@ -1,7 +1,7 @@
 """A norm's vector-Jacobian product for many cotangents at once, in closed form where the norm's form is known.
 
     apply = projected_pullback(norm, x, cache)  # x (N, D): the norm's input; None where no closed form fits
-    wg, wb = folded_rows(norm, lambda: w, cache, key)  # w (R, Dh, D) times the gain, kept; w itself is not
+    wg, wb = folded_rows(norm, w_rows, block, cache, key)  # the R rows (Dh, D) times the gain, into block
     apply(g, wg, out, add=False)                 # out (R, N, D) = d/dx of <g[r] @ w[r], norm(x)> for each r
     vmap_pullback(norm, x)(u)                    # any norm: u (R, N, D) -> (R, N, D), by torch.func
 
@@ -68,18 +68,22 @@ def projected_pullback(norm: nn.Module, x: Float[Tensor, "pos d_model"], cache: 
     return None if kind == "vmap" else _fused(norm, kind, x)
 
 
-def folded_rows(norm: nn.Module, rows: Callable[[], Tensor], cache: dict, key: tuple) -> tuple[Tensor, Tensor | None]:
-    """(wg, wb): the rows w = ``rows()`` (R, Dh, D) times the gain of ``norm`` (its form as ``projected_pullback``
-    found it), in float32 or wider, and w beta (R, Dh) for a norm with a bias (else None); kept in ``cache`` under
-    ``key``, which names the rows (the caller's: layer and receivers). w itself is not kept: it is only read here."""
-    key = ("gain-folded", id(norm), key)
-    if key not in cache:
-        kind, w = cache[("norm-kind", id(norm))], rows()
-        work = torch.promote_types(w.dtype, torch.float32)
-        gain, beta = _gain(norm, kind, work, w.device), getattr(norm, "bias", None)
-        wb = (w.to(work) @ beta.detach().to(w.device, work)) if isinstance(beta, Tensor) else None
-        cache[key] = (w.to(work) if gain is None else w.to(work) * gain, wb)
-    return cache[key]
+def folded_rows(norm: nn.Module, rows: list[Tensor], block: Tensor, cache: dict,
+                key: tuple) -> tuple[Tensor, Tensor | None]:
+    """(wg, wb): the rows w (R of (Dh, D), views of the projection's weight) times the gain of ``norm`` (its form as
+    ``projected_pullback`` found it), written into ``block`` (R, Dh, D) in float32 or wider (a caller's scratch
+    block: nothing of size R x Dh x D is kept between layers), and w beta (R, Dh) for a norm with a bias (else None),
+    kept in ``cache`` under ``key`` (the caller's name for the rows: layer and receivers)."""
+    kind, work = cache[("norm-kind", id(norm))], block.dtype
+    gain = _gain(norm, kind, work, block.device)
+    for w, out in zip(rows, block):
+        out.copy_(w) if gain is None else torch.mul(w, gain, out=out)  # (Dh, D)
+    beta = getattr(norm, "bias", None)
+    if not isinstance(beta, Tensor):
+        return block, None
+    if ("w beta", id(norm), key) not in cache:
+        cache[("w beta", id(norm), key)] = torch.stack([w.to(work) @ beta.detach().to(w.device, work) for w in rows])
+    return block, cache[("w beta", id(norm), key)]
 
 
 def _fused(norm: nn.Module, kind: str, x: Tensor):
