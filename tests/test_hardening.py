@@ -116,6 +116,8 @@ def _bad_inputs(tmp_path: Path, gpt2_dir: Path) -> dict[str, tuple[list[str], st
                                "must be exactly one token"),
         "answer missing": (["--pairs-file", str(_pairs_file(tmp_path, json.dumps({k: v for k, v in GOOD.items() if k != "answer"}), "a.jsonl"))],
                            "missing field 'answer'"),
+        "answer null": (["--pairs-file", str(_pairs_file(tmp_path, json.dumps({**GOOD, "answer": None}), "n.jsonl"))],
+                        "field 'answer' is null"),
         "bad json": (["--pairs-file", str(_pairs_file(tmp_path, json.dumps(GOOD) + "\n{oops\n", "j.jsonl"))], "line 2: invalid JSON"),
         "only empty lines": (["--pairs-file", str(_pairs_file(tmp_path, "\n\n  \n", "e.jsonl"))], "contains no pairs"),
         "huge file": (["--pairs-file", str(huge)], "expected at most 256 MiB"),

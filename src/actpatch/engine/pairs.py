@@ -147,6 +147,9 @@ def _pair(obj: dict, where: str, line_no: int, require_answers: bool) -> PromptP
     for key in needed:
         if key not in obj:
             raise PairsFileError(where, line_no, f"missing field {key!r}; every line needs {', '.join(needed)}.")
+        if require_answers and key in ("answer", "wrong") and obj[key] is None:
+            raise PairsFileError(where, line_no, f"field {key!r} is null; give a string or a list of strings "
+                                 "(only a metric without answers, such as kl, lets answer and wrong be left out).")
     answers = {k: _answer(where, line_no, k, obj[k]) if obj.get(k) is not None else None for k in ("answer", "wrong")}
     positions = _positions(where, line_no, obj["positions"]) if "positions" in obj else ()
     noise = _noise(where, line_no, obj["noise"]) if obj.get("noise") is not None else None
