@@ -37,15 +37,14 @@ def _eps(norm: nn.Module) -> float | None:
     return None
 
 
-def _stats(norm: nn.Module, kind: str, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None, torch.dtype]:
-    """(r (N, 1), x_hat (N, D), gain (D,) or None, working dtype) of ``kind`` at ``x``."""
+def _stats(norm: nn.Module, kind: str, x: Tensor) -> tuple[Tensor, Tensor, torch.dtype]:
+    """(r (N, 1), x_hat (N, D), working dtype) of ``kind`` at ``x`` (the gain is folded into the rows instead)."""
     work = torch.promote_types(x.dtype, torch.float32)
     xf, eps = x.detach().to(work), _eps(norm)
-    gain = _gain(norm, kind, work, x.device)
     if kind == "layer":
         xf = xf - xf.mean(-1, keepdim=True)
     r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (N, 1)
-    return r, xf * r, gain, work
+    return r, xf * r, work
 
 
 def _gain(norm: nn.Module, kind: str, work: torch.dtype, device) -> Tensor | None:
@@ -88,7 +87,7 @@ def folded_rows(norm: nn.Module, rows: list[Tensor], block: Tensor, cache: dict,
 
 def _fused(norm: nn.Module, kind: str, x: Tensor):
     """``projected_pullback``'s ``apply`` for the closed form ``kind`` at ``x``."""
-    r, x_hat, _, work = _stats(norm, kind, x)
+    r, x_hat, work = _stats(norm, kind, x)
     D = x_hat.shape[-1]
 
     def apply(g: Tensor, wg: Tensor, out: Tensor, add: bool = False, made: Tensor | None = None,
